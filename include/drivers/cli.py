@@ -1,0 +1,262 @@
+"""The ``drivers`` command: one small verb per job over the shared model.
+
+Human-readable messages go to stderr, machine-readable output to stdout. Bad input
+exits with status 2 and a message naming the culprit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from drivers.config import Config, load_config
+from drivers.kernels import Kernel, parse_kernel, read_kernel_list
+from drivers.layout import PLANS_PREFIX, Buckets, kernel_from_bundle_object
+from drivers.names import CacheIndex, check_driver_version, check_kinds
+from drivers.selectors import parse_selector
+
+
+class UsageError(Exception):
+    """Bad input: reported as one message, exit status 2."""
+
+
+def _gs_names(uri: str) -> Iterator[str]:
+    """Object names under a gs:// URI, relative to its prefix."""
+    from drivers import storage  # google-cloud-storage only when a bucket is used
+
+    bucket, prefix = storage.parse_gs_uri(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    store = storage.ObjectStore(storage.client_from_environment(), bucket)
+    try:
+        for info in store.list(prefix):
+            yield info.name[len(prefix) :]
+    except storage.StorageError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_kernels(source: str) -> tuple[list[Kernel], list[str]]:
+    """Kernels from a list file (bad lines are fatal) or a bundle bucket listing (bad
+    bundle names are reported and skipped: one stray object must not stop a nightly)."""
+    if source.startswith("gs://"):
+        kernels, problems, seen = [], [], set()
+        for name in _gs_names(source):
+            release = kernel_from_bundle_object(name)
+            if release is None or release in seen:
+                continue
+            seen.add(release)
+            try:
+                kernels.append(parse_kernel(release))
+            except ValueError as e:
+                problems.append(f"{source}/{name}: {e}")
+        return kernels, problems
+    path = Path(source)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read kernel list {path}: {e.strerror}") from None
+    kernels, problems = read_kernel_list(lines, str(path))
+    bad = [p for p in problems if not p.message.startswith("duplicate")]
+    if bad:
+        shown = "\n".join(f"  {p}" for p in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise UsageError(f"{len(bad)} line(s) of {path} are not kernel releases:\n{shown}{more}")
+    return kernels, [str(p) for p in problems]
+
+
+def load_cache(source: str | None) -> CacheIndex:
+    """What a driver cache holds, from a bucket listing or a file of object names."""
+    index = CacheIndex()
+    if source is None:
+        return index
+    if source.startswith("gs://"):
+        return index.add_names(_gs_names(source))
+    try:
+        text = Path(source).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read cache listing {source}: {e.strerror}") from None
+    # One name per line: gs://<bucket>/<version>/<name> or <version>/<name>.
+    lines = (line.strip() for line in text.splitlines())
+    return index.add_names(
+        line[5:].partition("/")[2] if line.startswith("gs://") else line for line in lines if line
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from drivers.planner import plan
+
+    # A short-lived process that allocates up to millions of acyclic objects: the cyclic
+    # collector finds nothing to free and costs a third of the run.
+    gc.disable()
+    config: Config = load_config(args.config)
+    versions = args.driver_version or list(config.driver_versions)
+    if not versions:
+        raise UsageError(
+            "no driver version: pass --driver-version or list driver_versions in config"
+        )
+    for v in versions:
+        check_driver_version(v)
+    kinds = check_kinds(k.strip() for k in args.kinds.split(",") if k.strip())
+    if args.blocklist:
+        config = dataclasses.replace(config, blocklist_paths=tuple(map(Path, args.blocklist)))
+    if args.slots is not None and args.slots < 1:
+        raise UsageError(f"--slots must be at least 1, not {args.slots}")
+
+    kernels, problems = load_kernels(args.kernels)
+    if args.select:
+        kernels = parse_selector(args.select).filter(kernels)
+    cache = load_cache(args.cache)
+
+    result = plan(kernels, versions, kinds, cache.done, config, force=args.force, slots=args.slots)
+    out = result.to_json(config.builders)
+    out["inputs"] = {
+        "kernels": len(kernels),
+        "driver_versions": versions,
+        "kinds": list(kinds),
+        "select": args.select,
+        "force": args.force,
+        "kernel_problems": problems,
+        "cache_unknown_names": cache.unknown_count,
+        "cache_unknown_examples": cache.unknown_examples,
+    }
+    text = json.dumps(out)  # compact: the C encoder; pipe through jq to read
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    _print_summary(out, cache)
+    return 0
+
+
+def _print_summary(out: dict, cache: CacheIndex) -> None:
+    s, i = out["summary"], out["inputs"]
+    err = sys.stderr
+    print(
+        f"{i['kernels']} kernels x {len(i['driver_versions'])} driver versions x "
+        f"{len(i['kinds'])} kinds = {s['candidates']} candidates",
+        file=err,
+    )
+    forced = f" (+{s['forced']} cached, rebuilt by --force)" if s["forced"] else ""
+    print(
+        f"done {s['done']}, blocked {s['blocked']}, unroutable {s['unroutable']}, "
+        f"to_build={s['to_build']}{forced}",
+        file=err,
+    )
+    for name, b in out["builders"].items():
+        print(
+            f"  {name:8} mod {b['mod']:6}  bpf {b['bpf']:6}  kernels {b['kernels']:5}  "
+            f"shards {b['shards']:4}",
+            file=err,
+        )
+    if out["shards"]:
+        print(
+            f"makespan {out['makespan_s'] / 3600:.2f} h on {out['slots']} slots "
+            f"(lower bound {out['lower_bound_s'] / 3600:.2f} h)",
+            file=err,
+        )
+    for rule, n in list(out["blocked_by"].items())[:5]:
+        print(f"  blocked by {rule}: {n}", file=err)
+    if out["unroutable_kernels"]:
+        k = out["unroutable_kernels"]
+        print(f"  no builder takes {len(k)} kernel(s), e.g. {', '.join(k[:3])}", file=err)
+    for p in i["kernel_problems"][:10]:
+        print(f"  warning: {p}", file=err)
+    if cache.unknown_count:
+        print(
+            f"  warning: {cache.unknown_count} cache object(s) are not driver names, "
+            f"e.g. {cache.unknown_examples[0]}",
+            file=err,
+        )
+
+
+def cmd_gcs(args: argparse.Namespace) -> int:
+    """Start, stop or show the embedded GCS (fake-gcs-server, data under DRIVERS_GCS_ROOT)."""
+    from drivers.emulator import EmbeddedGCS
+
+    server = EmbeddedGCS(port=args.port)
+    if args.action == "down":
+        server.stop()
+        print(f"embedded GCS stopped (data kept in {server.root}/data)", file=sys.stderr)
+        return 0
+    if args.action == "status":
+        running = server.is_running()
+        print(f"embedded GCS {'running' if running else 'stopped'}, data in {server.root}/data")
+        return 0 if running else 1
+    server.ensure_running()
+    buckets = Buckets.from_env()
+    server.create_buckets(buckets.all())
+    print(f"embedded GCS at {server.url}, data in {server.root}/data", file=sys.stderr)
+    print(f"  buckets: {', '.join(buckets.all())}", file=sys.stderr)
+    print(f"export STORAGE_EMULATOR_HOST={server.url}")
+    return 0
+
+
+def cmd_nightly_plan(args: argparse.Namespace) -> int:
+    """Plan what the nightly run would build: the bundle bucket's kernels against the
+    driver cache, with the config's driver versions and blocklists; the plan is stored
+    in the work bucket."""
+    buckets = Buckets.from_env()
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["--kernels", f"gs://{buckets.bundles}", "--cache", f"gs://{buckets.drivers}"]
+    status = cmd_plan(build_parser().parse_args(["plan", *argv, "--output", str(out)]))
+    from drivers import storage
+
+    store = storage.ObjectStore(storage.client_from_environment(), buckets.work)
+    name = f"{PLANS_PREFIX}nightly-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    store.upload_new(name, out.read_bytes())
+    print(f"plan written to {out} and gs://{buckets.work}/{name}", file=sys.stderr)
+    if json.loads(out.read_text())["inputs"]["kernels"] == 0:
+        print(
+            f"the bundle bucket gs://{buckets.bundles} holds no bundle-<kernel>.tgz yet: "
+            "nothing to plan",
+            file=sys.stderr,
+        )
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="drivers", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="pipeline config (default: $DRIVERS_CONFIG or shipped)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="decide which drivers to build and split them into shards")
+    p.add_argument("--kernels", required=True, help="kernel list FILE or gs://BUCKET[/PREFIX]")
+    p.add_argument("--driver-version", action="append", help="repeatable; default: config")
+    p.add_argument("--blocklist", action="append", help="repeatable; replaces config's")
+    p.add_argument("--cache", help="cache listing FILE or gs://BUCKET[/PREFIX]")
+    p.add_argument("--select", help="kernel selector, e.g. 'el8:4.18.0-305..4.18.0-372'")
+    p.add_argument("--kinds", default="mod,bpf", help="mod,bpf (default both)")
+    p.add_argument("--force", action="store_true", help="rebuild drivers already cached")
+    p.add_argument("--slots", type=int, help="builder slots (default: config)")
+    p.add_argument("--output", help="write the plan JSON here instead of stdout")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("gcs", help="embedded GCS: up (start + create buckets), down, status")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--port", type=int, default=4443)
+    p.set_defaults(func=cmd_gcs)
+
+    p = sub.add_parser("nightly-plan", help="plan the nightly run against the configured buckets")
+    p.add_argument("--output", default=".gcs/nightly-plan.json")
+    p.set_defaults(func=cmd_nightly_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, ValueError) as e:
+        print(f"drivers {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The pipeline configuration: driver versions, blocklists, builders, routing and costs.
+
+One TOML file (shipped default: ``config/pipeline.toml`` in this package, replaced by
+``DRIVERS_CONFIG``). Routing is data: the first route whose kernel selector and kinds
+match a task names its builder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from drivers.blocklist import Blocklist
+from drivers.kernels import Kernel
+from drivers.names import KINDS, Kind, check_driver_version
+from drivers.selectors import Selector, SelectorError, parse_selector
+
+CONFIG_ENV = "DRIVERS_CONFIG"
+MAX_SHARDS = 1024  # Airflow's max_map_length
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Estimated seconds used to balance shards."""
+
+    shard_startup: float
+    bundle_fetch: float
+    task: dict[Kind, float]
+
+
+@dataclass(frozen=True)
+class Builder:
+    name: str
+    toolchain: str
+    task_costs: dict[Kind, float]
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    builder: str
+    kernels: Selector
+    kinds: tuple[Kind, ...]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    driver_versions: tuple[str, ...]
+    blocklist_paths: tuple[Path, ...]
+    slots: int
+    costs: Costs
+    builders: dict[str, Builder]
+    routes: tuple[Route, ...]
+
+    def route(self, kernel: Kernel, kind: Kind) -> str | None:
+        """The builder for a task, or None when no route takes it."""
+        for r in self.routes:
+            if kind in r.kinds and r.kernels.matches(kernel):
+                return r.builder
+        return None
+
+    @cached_property
+    def blocklist(self) -> Blocklist:
+        return Blocklist.from_files(self.blocklist_paths)
+
+
+def default_config_path() -> Path:
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).parent / "config" / "pipeline.toml"
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    path = Path(path) if path is not None else default_config_path()
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror} (set {CONFIG_ENV})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return _parse(path, data)
+    except ValueError as e:  # ConfigError, or a bad driver version
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _kinds(value: Any, where: str) -> tuple[Kind, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: kinds must be a non-empty list of mod/bpf")
+    unknown = [k for k in value if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown kind(s) {unknown}; use mod and/or bpf")
+    return tuple(k for k in KINDS if k in value)
+
+
+def _seconds(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{where} must be a number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
+def _parse(path: Path, data: dict[str, Any]) -> Config:
+    versions = data.get("driver_versions", [])
+    for v in versions:
+        check_driver_version(v)
+    if len(set(versions)) != len(versions):
+        raise ConfigError(f"driver_versions lists a version twice: {versions}")
+
+    slots = data.get("slots", 90)
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ConfigError(f"slots must be a positive integer, not {slots!r}")
+
+    c = data.get("costs", {})
+    costs = Costs(
+        shard_startup=_seconds(c.get("shard_startup", 60), "costs.shard_startup"),
+        bundle_fetch=_seconds(c.get("bundle_fetch", 15), "costs.bundle_fetch"),
+        task={k: _seconds(c.get(k, {"mod": 45, "bpf": 60}[k]), f"costs.{k}") for k in KINDS},
+    )
+
+    builders: dict[str, Builder] = {}
+    for i, b in enumerate(data.get("builders", [])):
+        name = b.get("name")
+        if not name or not isinstance(name, str):
+            raise ConfigError(f"builders[{i}] has no name")
+        if name in builders:
+            raise ConfigError(f"builder {name!r} is defined twice")
+        own = b.get("costs", {})
+        unknown = set(own) - set(KINDS)
+        if unknown:
+            raise ConfigError(f"builder {name!r}: unknown kind(s) {sorted(unknown)} in costs")
+        task_costs = {
+            k: _seconds(own.get(k, costs.task[k]), f"builder {name!r} costs.{k}") for k in KINDS
+        }
+        builders[name] = Builder(name, b.get("toolchain", ""), task_costs, b.get("image"))
+    if not builders:
+        raise ConfigError("no builders defined")
+
+    routes = []
+    for i, r in enumerate(data.get("routes", [])):
+        where = f"routes[{i}]"
+        builder = r.get("builder")
+        if builder not in builders:
+            raise ConfigError(f"{where}: builder {builder!r} is not one of {list(builders)}")
+        expr = r.get("kernels", "")
+        if not isinstance(expr, str) or not expr.strip():
+            raise ConfigError(f"{where} ({builder}): empty kernel selector")
+        try:
+            selector = parse_selector(expr)
+        except SelectorError as e:
+            raise ConfigError(f"{where} ({builder}): {e}") from None
+        routes.append(Route(builder, selector, _kinds(r.get("kinds"), f"{where} ({builder})")))
+    unused = set(builders) - {r.builder for r in routes}
+    if unused:
+        raise ConfigError(f"builder(s) {sorted(unused)} have no route: add one or remove them")
+
+    blocklists = tuple(path.parent / p for p in data.get("blocklists", []))
+    return Config(path, tuple(versions), blocklists, slots, costs, builders, tuple(routes))

@@ -1,0 +1,68 @@
+"""Buckets and prefixes: the one place that knows where every kind of object lives.
+
+Bucket names come from the environment (``DRIVERS_BUCKET_<ROLE>``) so production and
+the embedded default run the same code; the defaults are the embedded ones.
+Object *names* inside the driver cache are owned by :mod:`drivers.names`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ROLES = ("bundles", "kernel_images", "sources", "drivers", "cpaas_drivers", "work", "support")
+
+DEFAULT_BUCKETS = {
+    "bundles": "collector-bundles",
+    "kernel_images": "collector-kernel-images",
+    "sources": "collector-sources",
+    "drivers": "collector-drivers",
+    "cpaas_drivers": "collector-cpaas-drivers",
+    "work": "collector-work",
+    "support": "collector-support-packages",
+}
+
+BUNDLE_PREFIX = "bundle-"
+BUNDLE_SUFFIX = ".tgz"
+STAGING_PREFIX = "staging/"
+LEDGER_PREFIX = "ledger/"
+PLANS_PREFIX = "plans/"
+
+
+@dataclass(frozen=True)
+class Buckets:
+    bundles: str
+    kernel_images: str
+    sources: str
+    drivers: str
+    cpaas_drivers: str
+    work: str
+    support: str
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Buckets:
+        env = os.environ if env is None else env
+        return cls(**{r: env.get(f"DRIVERS_BUCKET_{r.upper()}", DEFAULT_BUCKETS[r]) for r in ROLES})
+
+    def all(self) -> list[str]:
+        return [getattr(self, r) for r in ROLES]
+
+
+def bundle_object(kernel: str) -> str:
+    return f"{BUNDLE_PREFIX}{kernel}{BUNDLE_SUFFIX}"
+
+
+def kernel_from_bundle_object(name: str) -> str | None:
+    """The kernel a bundle object is for, or None when the name is not a bundle."""
+    if name.startswith(BUNDLE_PREFIX) and name.endswith(BUNDLE_SUFFIX) and "/" not in name:
+        kernel = name[len(BUNDLE_PREFIX) : -len(BUNDLE_SUFFIX)]
+        return kernel or None
+    return None
+
+
+def staging_prefix(run_id: str) -> str:
+    return f"{STAGING_PREFIX}{run_id}/"
+
+
+def cpaas_prefix(arch: str, driver_version: str) -> str:
+    return f"cpaas/{arch}/{driver_version}/"

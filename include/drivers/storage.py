@@ -1,0 +1,291 @@
+"""Object storage adapter over a ``google.cloud.storage.Client``.
+
+No Airflow here: Airflow tasks pass ``GCSHook(gcp_conn_id=...).get_conn()``, the CLI and
+builder pods call :func:`client_from_environment`. The same code runs against GCS and
+against the embedded fake-gcs-server (see :mod:`drivers.emulator`).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import fnmatch
+import hashlib
+import mimetypes
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import google_crc32c
+import requests
+from google.api_core.exceptions import NotFound, PreconditionFailed
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from drivers.layout import ROLES, Buckets
+
+EMULATOR_PROJECT = "embedded"
+# Only what ObjectInfo needs: a full object resource is ~10x larger (ACLs, links, ...).
+LIST_FIELDS = "items(name,size,generation,crc32c,md5Hash,timeCreated),nextPageToken"
+# GCS returns at most 1,000 items per page whatever we ask, so asking for more costs
+# nothing there; fake-gcs-server honours any size and rescans the whole bucket for every
+# page, so big pages turn its quadratic listing into a few scans (see bench/).
+PAGE_SIZE = 5000
+_CHUNK = 1 << 20
+
+
+class StorageError(Exception):
+    """Base of the errors this module raises on purpose."""
+
+
+class BucketNotFound(StorageError):
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+        roles = [r for r in ROLES if getattr(Buckets.from_env(), r) == bucket]
+        setting = f"DRIVERS_BUCKET_{roles[0].upper()}" if roles else "DRIVERS_BUCKET_<ROLE>"
+        where = os.environ.get("STORAGE_EMULATOR_HOST")
+        super().__init__(
+            f"bucket {bucket!r} does not exist"
+            + (f" on the emulator at {where}" if where else "")
+            + f": create it, or check {setting} names the bucket you meant"
+        )
+
+
+class ObjectNotFound(StorageError):
+    def __init__(self, bucket: str, name: str) -> None:
+        self.bucket, self.name = bucket, name
+        super().__init__(f"object gs://{bucket}/{name} does not exist")
+
+
+def client_from_environment() -> storage.Client:
+    """A client for the CLI and builder pods: the emulator when STORAGE_EMULATOR_HOST is set
+    (the library reads that variable for the endpoint), else ambient credentials."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return storage.Client(credentials=AnonymousCredentials(), project=EMULATOR_PROJECT)
+    return storage.Client()
+
+
+def parse_gs_uri(uri: str) -> tuple[str, str]:
+    """``gs://bucket/some/prefix`` -> ``("bucket", "some/prefix")``; the prefix may be ''."""
+    bucket, _, prefix = uri.removeprefix("gs://").partition("/")
+    if not uri.startswith("gs://") or not bucket or any(c.isspace() for c in bucket):
+        raise ValueError(f"not a gs:// URI: {uri!r} (expected gs://<bucket>[/<prefix>])")
+    return bucket, prefix
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str
+    size: int
+    generation: int
+    crc32c: str | None  # base64, as GCS gives it
+    md5: str | None  # base64; absent on composite objects
+    created: datetime
+
+    @classmethod
+    def from_blob(cls, blob: storage.Blob) -> ObjectInfo:
+        return cls(
+            name=blob.name,
+            size=blob.size,
+            generation=blob.generation,
+            crc32c=blob.crc32c,
+            md5=blob.md5_hash,
+            created=blob.time_created,
+        )
+
+
+class UploadResult(enum.Enum):
+    CREATED = "created"
+    IDENTICAL = "identical"  # already there with our bytes: also a retry whose first try landed
+    DIFFERENT = "different"  # other bytes are published under that name: left untouched
+
+
+class ObjectStore:
+    """One bucket. Thread-safe for the parallel transfers below (one shared client)."""
+
+    def __init__(self, client: storage.Client, bucket: str, page_size: int = PAGE_SIZE) -> None:
+        self.client = client
+        self.bucket_name = bucket
+        self.page_size = page_size
+        self.requests_made = 0  # listing pages fetched, for benchmarks and logs
+        self._bucket = client.bucket(bucket)
+        self._bucket_seen = False
+
+    def __repr__(self) -> str:
+        return f"ObjectStore(gs://{self.bucket_name})"
+
+    # --- listing -------------------------------------------------------------------------
+
+    def list(self, prefix: str = "", glob: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` in one paged listing, with sizes and checksums.
+
+        ``glob`` is matched (fnmatch: ``*`` also crosses ``/``) against the full name on
+        our side: the emulator ignores ``matchGlob`` and GCS's glob dialect differs, so
+        filtering here gives the same answer everywhere.
+        """
+        pages = self.client.list_blobs(
+            self.bucket_name, prefix=prefix or None, fields=LIST_FIELDS, page_size=self.page_size
+        ).pages
+        while True:
+            try:
+                page = next(pages)
+            except StopIteration:
+                return
+            except NotFound as e:
+                raise BucketNotFound(self.bucket_name) from e
+            self.requests_made += 1
+            for blob in page:
+                if glob is None or fnmatch.fnmatchcase(blob.name, glob):
+                    yield ObjectInfo.from_blob(blob)
+
+    # --- single objects ------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        if self._bucket.blob(name).exists():
+            return True
+        self._require_bucket()  # a wrong bucket must not read as "nothing built yet"
+        return False
+
+    def info(self, name: str) -> ObjectInfo:
+        blob = self._bucket.get_blob(name)
+        if blob is None:
+            self._require_bucket()
+            raise ObjectNotFound(self.bucket_name, name)
+        return ObjectInfo.from_blob(blob)
+
+    def download(self, name: str) -> bytes:
+        try:
+            # raw: the stored bytes, never transcoded; the client checks their checksum.
+            return self._bucket.blob(name).download_as_bytes(raw_download=True)
+        except NotFound as e:
+            self._require_bucket()
+            raise ObjectNotFound(self.bucket_name, name) from e
+
+    def download_to(self, name: str, path: Path | str) -> Path:
+        """Download into ``path`` via a temporary file, so a half-written file never
+        appears under the final name."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self._bucket.blob(name).download_to_file(f, raw_download=True)
+            os.replace(tmp, path)
+        except NotFound as e:
+            self._require_bucket()
+            raise ObjectNotFound(self.bucket_name, name) from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def upload_new(self, name: str, data: bytes) -> UploadResult:
+        """Create ``name`` unless it exists; never overwrite (published drivers are final)."""
+        blob = self._bucket.blob(name)
+        try:
+            blob.upload_from_string(data, content_type=_content_type(name), if_generation_match=0)
+            return UploadResult.CREATED
+        except PreconditionFailed:
+            return self._compare(name, _digests([data]))
+        except NotFound as e:
+            raise BucketNotFound(self.bucket_name) from e
+
+    def upload_new_file(self, name: str, path: Path | str) -> UploadResult:
+        blob = self._bucket.blob(name)
+        try:
+            blob.upload_from_filename(
+                str(path), content_type=_content_type(name), if_generation_match=0
+            )
+            return UploadResult.CREATED
+        except PreconditionFailed:
+            with open(path, "rb") as f:
+                return self._compare(name, _digests(iter(lambda: f.read(_CHUNK), b"")))
+        except NotFound as e:
+            raise BucketNotFound(self.bucket_name) from e
+
+    # --- parallel transfers --------------------------------------------------------------
+
+    def upload_many(
+        self, items: Iterable[tuple[str, bytes | Path]], workers: int = 16
+    ) -> dict[str, UploadResult]:
+        """``upload_new``/``upload_new_file`` for each item; the first error is raised
+        once the others finished (a retry then sees IDENTICAL for what landed)."""
+
+        def one(item: tuple[str, bytes | Path]) -> tuple[str, UploadResult]:
+            name, data = item
+            if isinstance(data, bytes):
+                return name, self.upload_new(name, data)
+            return name, self.upload_new_file(name, data)
+
+        self._widen_connection_pool(workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="upload") as pool:
+            return dict(pool.map(one, items))
+
+    def download_many(
+        self, names: Iterable[str], dest_dir: Path | str, workers: int = 16
+    ) -> dict[str, Path]:
+        """Download each object to ``dest_dir/<name>`` (the object's prefixes become
+        directories)."""
+        dest_dir = Path(dest_dir).resolve()
+
+        def one(name: str) -> tuple[str, Path]:
+            path = (dest_dir / name).resolve()
+            if not path.is_relative_to(dest_dir):
+                raise ValueError(f"object name {name!r} would be written outside {dest_dir}")
+            return name, self.download_to(name, path)
+
+        self._widen_connection_pool(workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="download") as pool:
+            return dict(pool.map(one, names))
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _compare(self, name: str, digests: tuple[int, str, str]) -> UploadResult:
+        size, md5, crc32c = digests
+        existing = self.info(name)
+        known = [
+            (have, ours) for have, ours in ((existing.md5, md5), (existing.crc32c, crc32c)) if have
+        ]
+        same = existing.size == size and bool(known) and all(h == o for h, o in known)
+        return UploadResult.IDENTICAL if same else UploadResult.DIFFERENT
+
+    def _require_bucket(self) -> None:
+        """Turn a 404 into the right error: a missing bucket is a configuration problem."""
+        if not self._bucket_seen:
+            if not self._bucket.exists():
+                raise BucketNotFound(self.bucket_name)
+            self._bucket_seen = True
+
+    def _widen_connection_pool(self, workers: int) -> None:
+        # requests keeps 10 connections per host: more threads than that would open and
+        # drop a connection per request ("Connection pool is full" warnings).
+        session = self.client._http
+        if isinstance(session, requests.Session) and workers > getattr(
+            session, "_drivers_pool", 10
+        ):
+            adapter = requests.adapters.HTTPAdapter(pool_maxsize=workers)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+            session._drivers_pool = workers
+
+
+def _digests(chunks: Iterable[bytes]) -> tuple[int, str, str]:
+    """(size, base64 md5, base64 crc32c), the forms GCS reports."""
+    md5, crc, size = hashlib.md5(usedforsecurity=False), google_crc32c.Checksum(), 0
+    for chunk in chunks:
+        md5.update(chunk)
+        crc.update(chunk)
+        size += len(chunk)
+    return size, base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
+
+
+def _content_type(name: str) -> str:
+    # Never set Content-Encoding: GCS would then gunzip .gz drivers on download.
+    kind, encoding = mimetypes.guess_type(name)
+    if encoding == "gzip":
+        return "application/gzip"
+    return kind or "application/octet-stream"

@@ -1,0 +1,133 @@
+import dataclasses
+from collections import Counter
+
+import pytest
+from drivers.config import load_config
+from drivers.kernels import parse_kernel
+from drivers.names import CacheIndex, DriverKey
+from drivers.planner import KernelGroup, balance, makespan, plan
+from scenarios import BLOCKLISTS, SUPPORTED_2022, fully_built_cache, real_kernels
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return real_kernels()
+
+
+@pytest.fixture(scope="module")
+def config():
+    return dataclasses.replace(load_config(), blocklist_paths=())
+
+
+@pytest.fixture(scope="module")
+def config_blocked():
+    return dataclasses.replace(load_config(), blocklist_paths=BLOCKLISTS)
+
+
+def test_full_build_routes_the_real_list_exactly_as_the_original(kernels, config):
+    p = plan(kernels, ["2.3.0"], ("mod", "bpf"), set(), config)
+    assert p.builder_summary(config.builders) == {
+        "rhel7": {
+            "mod": 333,
+            "bpf": 4294,
+            "kernels": 4294,
+            "shards": p.builder_summary(config.builders)["rhel7"]["shards"],
+        },
+        "rhel8": {
+            "mod": 3961,
+            "bpf": 0,
+            "kernels": 3961,
+            "shards": p.builder_summary(config.builders)["rhel8"]["shards"],
+        },
+        "fc36": {
+            "mod": 1259,
+            "bpf": 1259,
+            "kernels": 1259,
+            "shards": p.builder_summary(config.builders)["fc36"]["shards"],
+        },
+    }
+    assert p.unroutable == 123 + 123 and len(p.unroutable_kernels) == 123
+    assert all(k.startswith("2.6.") for k in p.unroutable_kernels)
+    assert p.candidates == len(kernels) * 2 and p.done == 0 and p.blocked == 0
+    assert p.to_build == 333 + 4294 + 3961 + 1259 * 2
+
+
+def test_every_task_is_in_exactly_one_shard_and_kernels_are_never_split(kernels, config):
+    p = plan(kernels, ["2.3.0", "2.2.0"], ("mod", "bpf"), set(), config)
+    tasks = [t for s in p.shards for t in s.tasks]
+    assert len(tasks) == len(set(tasks)) == p.to_build
+    owner = {}
+    for s in p.shards:
+        for g in s.groups:
+            assert {t.kernel for t in g.tasks} == {g.kernel.release}
+            assert (s.builder, g.kernel.release) not in owner
+            owner[s.builder, g.kernel.release] = s.index
+            for t in g.tasks:
+                assert config.route(g.kernel, t.kind) == s.builder
+    assert len(p.shards) <= 90
+
+
+def test_done_drivers_and_unavail_markers_are_not_rebuilt(kernels, config):
+    cache = CacheIndex().add_names(fully_built_cache(kernels, ["2.2.0"], config))
+    p = plan(kernels, ["2.2.0", "2.3.0"], ("mod", "bpf"), cache.done, config)
+    assert p.done == len(cache.done) and cache.unavailable > 0
+    assert {t.driver_version for s in p.shards for t in s.tasks} == {"2.3.0"}
+    forced = plan(kernels, ["2.2.0"], ("mod", "bpf"), cache.done, config, force=True)
+    assert forced.done == 0 and forced.forced == len(cache.done)
+    assert forced.to_build == len(cache.done)
+
+
+def test_blocked_drivers_are_counted_by_rule(kernels, config_blocked):
+    p = plan(kernels, ["2.3.0-rc1"], ("mod", "bpf"), set(), config_blocked)
+    assert p.blocked == sum(p.blocked_by.values()) > 0
+    el7uek = [k for k in kernels if ".el7uek." in k.release]
+    mods_built = {t.kernel for s in p.shards for t in s.tasks if t.kind == "mod"}
+    assert el7uek and not mods_built & {k.release for k in el7uek}
+    assert p.candidates == p.done + p.blocked + p.unroutable + p.to_build
+
+
+def test_kinds_and_versions_limit_the_candidates(kernels, config):
+    p = plan(kernels, ["2.3.0"], ("bpf",), set(), config)
+    assert {t.kind for s in p.shards for t in s.tasks} == {"bpf"}
+    assert p.candidates == len(kernels)
+
+
+def test_plan_is_deterministic(kernels, config):
+    a = plan(kernels, SUPPORTED_2022, ("mod", "bpf"), set(), config).to_json(config.builders)
+    b = plan(list(reversed(kernels)), SUPPORTED_2022, ("mod", "bpf"), set(), config)
+    assert a == b.to_json(config.builders)
+
+
+def test_real_list_balance_is_within_ten_percent_of_the_lower_bound(kernels, config_blocked):
+    cache = CacheIndex().add_names(fully_built_cache(kernels, SUPPORTED_2022[:4], config_blocked))
+    p = plan(kernels, SUPPORTED_2022, ("mod", "bpf"), cache.done, config_blocked)
+    assert p.to_build > 0 and {t.driver_version for s in p.shards for t in s.tasks} == {"2.3.0-rc1"}
+    assert p.makespan <= 1.10 * p.lower_bound
+    assert len(p.shards) <= 90
+
+
+def test_small_plans_use_no_more_shards_than_kernels(config):
+    kernels = [parse_kernel("5.10.0-20-amd64"), parse_kernel("4.19.0-22-amd64")]
+    p = plan(kernels, ["2.3.0"], ("mod", "bpf"), set(), config)
+    assert Counter(s.builder for s in p.shards) == {"fc36": 1, "rhel7": 1, "rhel8": 1}
+    assert plan([], ["2.3.0"], ("mod",), set(), config).shards == []
+
+
+def test_shards_never_exceed_1024():
+    groups = {
+        "b": [
+            KernelGroup(
+                parse_kernel(f"5.4.0-{i}-generic"),
+                [DriverKey(f"5.4.0-{i}-generic", "1.0.0", "mod")],
+                10.0,
+            )
+            for i in range(3000)
+        ]
+    }
+    shards = balance(groups, slots=5000, startup=60)
+    assert len(shards) == 1024
+
+
+def test_makespan_is_list_scheduling_with_a_startup_per_shard():
+    assert makespan([100, 100, 100], slots=2, startup=10) == 220
+    assert makespan([50], slots=4, startup=10) == 60
