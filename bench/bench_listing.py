@@ -128,11 +128,14 @@ def main() -> None:
         print(f"machine: {machine()}")
         client = client_from_environment()
         names = object_names(args.objects)
-        gcs.create_buckets([BUCKET, "bench-upload-sample"])
-        present = sum(1 for _ in ObjectStore(client, BUCKET).list())
-        if present != len(names):
+        gcs.create_buckets([BUCKET, "bench-upload-sample", "bench-state"])
+        # A marker in another bucket, so a rerun on a kept --root skips populating cheaply.
+        populated = ObjectStore(client, "bench-state")
+        marker = f"populated-{len(names)}"
+        if not populated.exists(marker):
             rate = populate(gcs, BUCKET, names)
             print(f"populated {len(names):,} objects via raw JSON API: {rate:,.0f} objects/s")
+            populated.upload_new(marker, b"")
         sample = ObjectStore(client, "bench-upload-sample")
         if not any(True for _ in sample.list()):
             start = time.perf_counter()

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+
 from drivers.emulator import EmbeddedGCS, free_port
 from drivers.storage import ObjectStore, client_from_environment
 

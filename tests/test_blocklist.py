@@ -1,4 +1,5 @@
 import pytest
+
 from drivers.blocklist import Blocklist, BlocklistError, parse_rules
 from scenarios import BLOCKLISTS
 

@@ -1,4 +1,5 @@
 import pytest
+
 from drivers.config import ConfigError, load_config
 from drivers.kernels import parse_kernel
 

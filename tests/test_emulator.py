@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from drivers.emulator import EmbeddedGCS, EmulatorError, free_port
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
+
+from drivers.emulator import EmbeddedGCS, EmulatorError, free_port
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ from functools import cmp_to_key
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from drivers.kernels import (
     FAMILIES,
     FAMILY_RULES,
@@ -18,8 +21,6 @@ from drivers.kernels import (
     parse_kernel,
     read_kernel_list,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 KERNEL_LIST = Path("/work/shared/data/collector-2022-12/KERNEL_VERSIONS")
 

@@ -1,4 +1,7 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from drivers.names import (
     CacheIndex,
     DriverKey,
@@ -7,8 +10,6 @@ from drivers.names import (
     check_kinds,
     parse_object_name,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 SHA = "1123dde0458e72a49880b06922e135dbcd36fb784fed530ab84ddfa8924e5c05"
 

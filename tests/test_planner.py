@@ -2,6 +2,7 @@ import dataclasses
 from collections import Counter
 
 import pytest
+
 from drivers.config import load_config
 from drivers.kernels import parse_kernel
 from drivers.names import CacheIndex, DriverKey

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from drivers.kernels import FAMILIES, Kernel, parse_kernel
-from drivers.selectors import SelectorError, compile_field, parse_selector
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from drivers.kernels import FAMILIES, Kernel, parse_kernel
+from drivers.selectors import SelectorError, compile_field, parse_selector
 
 KERNEL_LIST = Path("/work/shared/data/collector-2022-12/KERNEL_VERSIONS")
 

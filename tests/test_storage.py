@@ -9,6 +9,7 @@ from pathlib import Path
 
 import google_crc32c
 import pytest
+
 from drivers.storage import (
     BucketNotFound,
     ObjectNotFound,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
 import json
 import sys
 import time
@@ -221,6 +222,49 @@ def cmd_nightly_plan(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List or fetch drivers in a cache (the embedded one or GCS)."""
+    from drivers import storage
+    from drivers.names import parse_object_name
+
+    uri = args.cache or f"gs://{Buckets.from_env().drivers}"
+    bucket, prefix = storage.parse_gs_uri(uri)
+    store = storage.ObjectStore(storage.client_from_environment(), bucket)
+    if args.action == "get":
+        if not args.names:
+            raise UsageError("drivers cache get: name the objects, e.g. 2.3.0/collector-<k>.ko.gz")
+        paths = store.download_many([prefix + n for n in args.names], args.out)
+        for path in paths.values():
+            print(path)
+        return 0
+    try:
+        for info in store.list(prefix + (f"{args.driver_version}/" if args.driver_version else "")):
+            entry = parse_object_name(info.name[len(prefix) :])
+            if entry is None or (args.kernel and entry.key.kernel != args.kernel):
+                continue
+            what = "unavailable" if entry.unavailable else f"{info.size:>9} B"
+            print(f"{info.name[len(prefix) :]}\t{what}\t{info.created:%Y-%m-%d %H:%M}")
+    except storage.StorageError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Summarize a run of upstream_drivers from its report in the work bucket."""
+    from drivers import report
+
+    return report.print_report(args.run_id)
+
+
+def _lazy(module: str, function: str):
+    """A verb implemented elsewhere, imported only when it runs (keeps `plan` fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="drivers", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="pipeline config (default: $DRIVERS_CONFIG or shipped)")
@@ -237,6 +281,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, help="builder slots (default: config)")
     p.add_argument("--output", help="write the plan JSON here instead of stdout")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("bundle", help="make kernel bundles")
+    p.add_argument("source", choices=["debian"], help="where the kernel headers come from")
+    p.add_argument("unames", nargs="+", metavar="UNAME", help="e.g. 6.1.0-47-cloud-amd64")
+    p.add_argument("--out", default=".cache/bundles", help="folder for bundle-<uname>.tgz")
+    p.add_argument("--deb-cache", default=".cache/debs", help="downloaded .deb packages")
+    p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
+    p.set_defaults(func=_lazy("drivers.bundles", "cmd_bundle"))
+
+    p = sub.add_parser("sources", help="prepared driver sources: publish")
+    p.add_argument("action", choices=["publish"])
+    p.add_argument("--dir", default=None, help="one folder per driver version (default: shipped)")
+    p.add_argument("--out", default=".cache/sources", help="folder for <driver_version>.tgz")
+    p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
+    p.set_defaults(func=_lazy("drivers.sources", "cmd_sources"))
+
+    p = sub.add_parser("build-shard", help="build one shard (what a builder image runs)")
+    p.add_argument("--shard", required=True, help="gs://WORK/staging/<run>/shards/<b>-<i>.json")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    p.set_defaults(func=_lazy("drivers.builder", "cmd_build_shard"))
+
+    p = sub.add_parser("cache", help="list (ls) or fetch (get) drivers in a cache")
+    p.add_argument("action", choices=["ls", "get"])
+    p.add_argument("names", nargs="*", help="get: object names, e.g. 2.3.0/collector-<k>.ko.gz")
+    p.add_argument("--cache", help="gs://BUCKET[/PREFIX] (default: the configured cache)")
+    p.add_argument("--driver-version", help="ls: only this driver version")
+    p.add_argument("--kernel", help="ls: only this kernel")
+    p.add_argument("--out", default=".", help="get: destination folder")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("report", help="summary of an upstream_drivers run")
+    p.add_argument("run_id", nargs="?", help="default: the newest run")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("gcs", help="embedded GCS: up (start + create buckets), down, status")
     p.add_argument("action", choices=["up", "down", "status"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,20 @@ from drivers.names import KINDS, Kind, check_driver_version
 from drivers.selectors import Selector, SelectorError, parse_selector
 
 CONFIG_ENV = "DRIVERS_CONFIG"
+RUNTIME_ENV = "DRIVERS_RUNTIME"
+RUNTIMES = ("local", "kubernetes", "docker")
 MAX_SHARDS = 1024  # Airflow's max_map_length
+
+
+# Builder pods (runtime "kubernetes"); the config's [kubernetes] table overrides these.
+POD_DEFAULTS: dict[str, Any] = {
+    "connection": "kubernetes_default",
+    "namespace": "collector-drivers",
+    "service_account": "drivers-builder",
+    "active_deadline_seconds": 4 * 3600,
+    "resources": {"cpu": "1", "memory": "2Gi"},
+    "node_selector": {},
+}
 
 
 class ConfigError(ValueError):
@@ -42,6 +55,7 @@ class Builder:
     toolchain: str
     task_costs: dict[Kind, float]
     image: str | None = None
+    resources: dict[str, str] = field(default_factory=dict)  # cpu, memory overrides
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,9 @@ class Config:
     costs: Costs
     builders: dict[str, Builder]
     routes: tuple[Route, ...]
+    runtime: str = "local"
+    shrink_tolerance: float = 0.02
+    kubernetes: dict[str, Any] = field(default_factory=dict)
 
     def route(self, kernel: Kernel, kind: Kind) -> str | None:
         """The builder for a task, or None when no route takes it."""
@@ -141,7 +158,9 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         task_costs = {
             k: _seconds(own.get(k, costs.task[k]), f"builder {name!r} costs.{k}") for k in KINDS
         }
-        builders[name] = Builder(name, b.get("toolchain", ""), task_costs, b.get("image"))
+        builders[name] = Builder(
+            name, b.get("toolchain", ""), task_costs, b.get("image"), b.get("resources", {})
+        )
     if not builders:
         raise ConfigError("no builders defined")
 
@@ -163,5 +182,27 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
     if unused:
         raise ConfigError(f"builder(s) {sorted(unused)} have no route: add one or remove them")
 
+    runtime = os.environ.get(RUNTIME_ENV) or data.get("runtime", "local")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r} is not one of {list(RUNTIMES)} ({RUNTIME_ENV})")
+    tolerance = data.get("shrink_tolerance", 0.02)
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int | float)
+        or not 0 <= tolerance < 1
+    ):
+        raise ConfigError(f"shrink_tolerance must be a fraction in [0, 1), not {tolerance!r}")
+
     blocklists = tuple(path.parent / p for p in data.get("blocklists", []))
-    return Config(path, tuple(versions), blocklists, slots, costs, builders, tuple(routes))
+    return Config(
+        path,
+        tuple(versions),
+        blocklists,
+        slots,
+        costs,
+        builders,
+        tuple(routes),
+        runtime,
+        float(tolerance),
+        POD_DEFAULTS | data.get("kubernetes", {}),
+    )

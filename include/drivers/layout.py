@@ -60,8 +60,34 @@ def kernel_from_bundle_object(name: str) -> str | None:
     return None
 
 
+def source_object(driver_version: str) -> str:
+    """Prepared driver sources of one version, in the sources bucket."""
+    return f"{driver_version}.tgz"
+
+
+# Run-scoped staging in the work bucket: builders write here; verify, the VM tests and
+# push read from here; push promotes into the cache; the prefix is removed at run end.
 def staging_prefix(run_id: str) -> str:
     return f"{STAGING_PREFIX}{run_id}/"
+
+
+def shard_object(run_id: str, builder: str, index: int) -> str:
+    """The task list of one shard (JSON), what `drivers build-shard` reads."""
+    return f"{staging_prefix(run_id)}shards/{builder}-{index:04d}.json"
+
+
+def shard_results_object(run_id: str, builder: str, index: int) -> str:
+    """One JSON record per task plus a final shard record (JSON lines)."""
+    return f"{staging_prefix(run_id)}results/{builder}-{index:04d}.jsonl"
+
+
+def staged_drivers_prefix(run_id: str) -> str:
+    """Built drivers, named inside it exactly as in the cache (drivers.names)."""
+    return f"{staging_prefix(run_id)}drivers/"
+
+
+def staged_log_object(run_id: str, kernel: str, driver_version: str, kind: str) -> str:
+    return f"{staging_prefix(run_id)}logs/{kernel}/{driver_version}/{kind}.log"
 
 
 def cpaas_prefix(arch: str, driver_version: str) -> str:

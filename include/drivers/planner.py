@@ -57,6 +57,7 @@ class Plan:
     forced: int = 0  # cached, but rebuilt because of force
     blocked: int = 0
     unroutable: int = 0
+    excluded: int = 0  # routed to a builder this run leaves out
     blocked_by: Counter[str] = field(default_factory=Counter)  # rule location -> tasks
     unroutable_kernels: list[str] = field(default_factory=list)
     groups: dict[str, list[KernelGroup]] = field(default_factory=dict)  # builder -> groups
@@ -99,6 +100,7 @@ class Plan:
                 "forced": self.forced,
                 "blocked": self.blocked,
                 "unroutable": self.unroutable,
+                "excluded": self.excluded,
                 "to_build": self.to_build,
             },
             "blocked_by": dict(self.blocked_by.most_common()),
@@ -122,6 +124,7 @@ def plan(
     *,
     force: bool = False,
     slots: int | None = None,
+    only_builders: set[str] | None = None,
 ) -> Plan:
     """Decide every candidate driver, then balance the tasks into shards."""
     slots = slots or config.slots
@@ -148,6 +151,8 @@ def plan(
                 elif builder is None:
                     result.unroutable += 1
                     unroutable_kernels.add(release)
+                elif only_builders is not None and builder not in only_builders:
+                    result.excluded += 1
                 else:
                     group = groups[builder].get(release)
                     if group is None:

@@ -1,0 +1,140 @@
+"""
+### Upstream drivers
+
+Every night at 02:00 UTC (and by hand): find the kernels in the bundle bucket that lack
+drivers, build them on the right toolchain, verify them, publish them to the driver
+cache **without ever overwriting** what agents already download, and refresh the
+support packages.
+
+`pre_build` plans (candidates − done − blocked − unroutable) and writes one shard file
+per builder pod → one task group per builder, mapped over its shards → `unify` merges
+the build records → `verify_drivers` checks every staged object → `push_drivers`
+promotes what verified → `update_support_packages` → `report` fails the run when an
+infrastructure step failed or compile failures exceed `max_failures`.
+`cleanup_staging` always runs. Reports stay in the work bucket under
+`reports/<run_id>/`.
+
+The DAG's shape (builders, runtime) comes from the shipped config (`DRIVERS_CONFIG`,
+`DRIVERS_RUNTIME`), never from trigger parameters.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from airflow.sdk import TriggerRule, chain, dag, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException
+
+from drivers import airflow_glue as glue
+from drivers import pipeline
+from drivers.config import load_config
+from drivers.pipeline import RunInputError, RunParams, ShrinkGuardError
+
+config = load_config()  # a local TOML file: cheap, and the DAG's shape depends on it
+
+
+def _params() -> RunParams:
+    return RunParams.from_params(get_current_context()["params"], config)
+
+
+def _run_id() -> str:
+    return get_current_context()["run_id"]
+
+
+@dag(
+    schedule="0 2 * * *",
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    params=glue.run_params(config),
+    tags=["drivers", "upstream"],
+    default_args={"owner": "drivers", "retries": 2, "retry_delay": timedelta(minutes=2)},
+    doc_md=__doc__,
+)
+def upstream_drivers():
+    @task
+    def pre_build() -> dict:
+        try:
+            return pipeline.pre_build(glue.stores(), config, _run_id(), _params())
+        except (RunInputError, ShrinkGuardError, ValueError) as e:
+            raise AirflowFailException(str(e)) from None
+
+    plan = pre_build()
+
+    builder_groups = []
+    for builder in config.builders:
+
+        @task_group(group_id=builder)
+        def build(plan: dict, builder: str = builder):
+            @task
+            def shards(plan: dict, builder: str) -> list[str]:
+                return plan["shards"].get(builder, [])
+
+            shard_uris = shards(plan, builder)
+            if config.runtime == "kubernetes":
+                from airflow.providers.cncf.kubernetes.operators.pod import (
+                    KubernetesPodOperator,
+                )
+
+                return KubernetesPodOperator.partial(
+                    **glue.builder_pod_kwargs(config, builder)
+                ).expand(arguments=shard_uris.map(glue.builder_arguments))
+
+            @task(pool=glue.BUILDER_POOL)
+            def build_shard(shard: str) -> None:
+                glue.run_local_shard(shard)
+
+            return build_shard.expand(shard=shard_uris)
+
+        builder_groups.append(build(plan))
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def unify(plan: dict | None) -> dict:
+        if plan is None:
+            raise AirflowFailException("pre_build produced no plan")
+        return pipeline.unify(glue.stores(), _run_id(), plan["shards"])
+
+    @task
+    def verify_drivers() -> dict:
+        return pipeline.verify_drivers(glue.stores(), _run_id())
+
+    @task
+    def push_drivers() -> dict:
+        return pipeline.push_drivers(glue.stores(), _run_id())
+
+    @task
+    def update_support_packages() -> dict:
+        return pipeline.update_support_packages(glue.stores(), list(_params().driver_versions))
+
+    @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+    def report(plan: dict | None, unified, verified, pushed, packages) -> dict:
+        context = get_current_context()
+        states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[_run_id()])
+        failed = sorted(
+            {t for t, s in states.get(_run_id(), {}).items() if s in ("failed", "upstream_failed")}
+        )
+        steps = {
+            "unify": unified,
+            "verify_drivers": verified,
+            "push_drivers": pushed,
+            "update_support_packages": packages,
+        }
+        verdict = pipeline.report(glue.stores(), _run_id(), _params(), plan, steps, failed)
+        if verdict["status"] != "success":
+            raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
+        return verdict
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def cleanup_staging() -> int:
+        return pipeline.cleanup_staging(glue.stores(), _run_id())
+
+    unified = unify(plan)
+    verified = verify_drivers()
+    pushed = push_drivers()
+    packages = update_support_packages()
+    verdict = report(plan, unified, verified, pushed, packages)
+    # report is the last task (the run's watcher), so its verdict is the run's state.
+    chain(plan, builder_groups, unified, verified, pushed, packages, cleanup_staging(), verdict)
+
+
+upstream_drivers()

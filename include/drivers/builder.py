@@ -1,0 +1,914 @@
+"""``drivers build-shard``: build one shard's drivers. The only thing a builder image runs,
+with the same arguments under every runtime (local subprocess, Kubernetes pod, Docker).
+
+A shard (JSON, written by the DAG's pre-build under the run's staging prefix)::
+
+    {"run_id": "...", "builder": "fc36", "index": 3, "cost": 412.0,
+     "buckets": {"bundles": "...", "sources": "...", "work": "..."},
+     "tasks": [["6.1.0-47-amd64", "2.3.0", "mod"], ...]}        # grouped by kernel
+
+One bundle is on disk at a time: per kernel, download ``bundle-<kernel>.tgz``, extract it
+safely, build every task of that kernel, delete it. Driver sources are fetched once per
+version per shard. Both kinds build with kbuild, ``make -C <BUNDLE_BUILD_DIR> M=<dir>
+modules``, from a fresh copy of the version's ``module/`` (gives ``*.ko``) or ``bpf/``
+(gives ``probe.o``) folder; kernels that cannot run eBPF get the empty ``.unavail`` marker.
+
+Outputs in the work bucket (names from :mod:`drivers.layout`): staged drivers, a log per
+failed task, and the results (JSON lines: one ``task`` record per task, then one ``shard``
+record). Exit status: 0 when the shard ran through (compile failures are data), 65 when
+some input is bad and a retry cannot help (malformed shard, missing or corrupt bundle or
+sources, missing bucket), 75 when storage was unreachable or another transient error
+stopped it (retry), 70 on a bug in this program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from drivers import layout
+from drivers.kernels import KernelParseError, ebpf_supported, parse_kernel
+from drivers.names import KINDS, DriverKey, DriverVersionError, check_driver_version
+from drivers.verify import read_vermagic, verify_driver, vermagic_matches
+
+EX_OK = 0
+EX_DATAERR = 65  # bad input (shard, bundle, sources, bucket): do not retry
+EX_SOFTWARE = 70  # a bug here
+EX_TEMPFAIL = 75  # storage unreachable, disk full, pod stopped: retry
+
+LOG_LIMIT = 64 * 1024  # a failed task's log keeps the tail of the compile output
+BUILD_TIMEOUT_S = 900  # per make run; a hung compile must not hold a builder forever
+# Bounds for an extracted archive: a bundle is ~80 MB and ~12,000 files unpacked.
+MAX_EXTRACTED_BYTES = 4 << 30
+MAX_MEMBERS = 500_000
+BUNDLE_FILES = ("UNAME", "BUILD_DIR", "DISTRO", "VERSION", "MAJOR", "MINOR", "CHECKSUM")
+WORKDIR_IN_LOGS = "$WORKDIR"
+TIMINGS = ("fetch_s", "extract_s", "build_s", "upload_s")  # the shard record's time split
+# The shard object's name, used to find where results go when the shard file is unreadable.
+_SHARD_NAME_RE = re.compile(
+    r"staging/(?P<run_id>[^/]+)/shards/(?P<builder>[^/]+)-(?P<index>\d+)\.json$"
+)
+
+
+# --- the shard file ----------------------------------------------------------------------
+
+
+class ShardFormatError(ValueError):
+    """The shard file is not what pre-build writes; the message names the culprit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    run_id: str
+    builder: str
+    index: int
+    cost: float
+    bundles: str  # bucket names
+    sources: str
+    work: str
+    tasks: tuple[DriverKey, ...]
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Shard:
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShardFormatError(f"{where}: not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise ShardFormatError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+
+        def field(name: str, kind: type | tuple[type, ...], within: dict = doc) -> Any:
+            value = within.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ShardFormatError(
+                    f"{where}: field {name!r} must be {getattr(kind, '__name__', kind)}, "
+                    f"got {value!r}"
+                )
+            return value
+
+        buckets = field("buckets", dict)
+        names = {}
+        for role in ("bundles", "sources", "work"):
+            value = field(role, str, buckets).removeprefix("gs://").rstrip("/")
+            if not value or "/" in value:
+                raise ShardFormatError(f"{where}: buckets.{role} {value!r} is not a bucket name")
+            names[role] = value
+        tasks, seen = [], set()
+        for n, task in enumerate(field("tasks", list)):
+            if not (
+                isinstance(task, list) and len(task) == 3 and all(isinstance(t, str) for t in task)
+            ):
+                raise ShardFormatError(
+                    f"{where}: tasks[{n}] must be [kernel, driver_version, kind], got {task!r}"
+                )
+            kernel, version, kind = task
+            try:
+                parse_kernel(kernel)
+                check_driver_version(version)
+            except (KernelParseError, DriverVersionError) as e:
+                raise ShardFormatError(f"{where}: tasks[{n}]: {e}") from None
+            if kind not in KINDS:
+                raise ShardFormatError(f"{where}: tasks[{n}]: kind {kind!r} is not mod or bpf")
+            key = DriverKey(kernel, version, kind)
+            if key not in seen:  # a repeated task is built once
+                seen.add(key)
+                tasks.append(key)
+        run_id, builder = field("run_id", str), field("builder", str)
+        for name, value in (("run_id", run_id), ("builder", builder)):
+            if not value or "/" in value:
+                raise ShardFormatError(f"{where}: {name} {value!r} must be non-empty, without '/'")
+        return cls(
+            run_id=run_id,
+            builder=builder,
+            index=field("index", int),
+            cost=float(field("cost", (int, float))),
+            tasks=tuple(tasks),
+            **names,
+        )
+
+    def by_kernel(self) -> list[tuple[str, list[DriverKey]]]:
+        """Tasks per kernel, kernels in first-seen order (one bundle download each)."""
+        groups: dict[str, list[DriverKey]] = {}
+        for key in self.tasks:
+            groups.setdefault(key.kernel, []).append(key)
+        return list(groups.items())
+
+
+# --- safe extraction ---------------------------------------------------------------------
+
+
+class UnsafeArchive(Exception):
+    """An archive that is not a clean tree: unreadable, or with a member that would land
+    outside the destination or is not a file, directory or in-tree link."""
+
+
+def safe_extract(archive: Path, dest: Path) -> int:
+    """Extract a .tgz into ``dest`` (streaming, one pass), refusing absolute names, ``..``,
+    devices, fifos and links leading outside ``dest``. Returns the number of members.
+    Raises :class:`UnsafeArchive`; an OSError with an errno (disk full) is passed on."""
+    dest.mkdir(parents=True, exist_ok=True)
+    state = {"members": 0, "bytes": 0}
+
+    def check(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
+        name = member.name
+        what = f"{archive.name}: member {name!r}"
+        if name.startswith("/") or ".." in PurePosixPath(name).parts:
+            raise UnsafeArchive(f"{what}: absolute or '..' path")
+        if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+            kind = "device" if member.isdev() else "fifo" if member.isfifo() else "special file"
+            raise UnsafeArchive(f"{what} is a {kind}")
+        if member.issym() or member.islnk():
+            target = member.linkname
+            if target.startswith("/") or (member.islnk() and ".." in PurePosixPath(target).parts):
+                raise UnsafeArchive(f"{what} links to {target!r}, outside the tree")
+        state["members"] += 1
+        state["bytes"] += member.size
+        if state["members"] > MAX_MEMBERS or state["bytes"] > MAX_EXTRACTED_BYTES:
+            raise UnsafeArchive(
+                f"{archive.name}: more than {MAX_MEMBERS} members or {MAX_EXTRACTED_BYTES} bytes"
+            )
+        try:
+            # The stdlib 'data' filter resolves links against what is already on disk, so a
+            # chain of in-tree-looking links cannot lead out either.
+            return tarfile.data_filter(member, dest_path)
+        except tarfile.FilterError as e:
+            raise UnsafeArchive(f"{what}: {e}") from None
+
+    try:
+        with tarfile.open(archive, "r|gz") as tf:
+            tf.extractall(dest, filter=check)
+    except UnsafeArchive:
+        raise
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
+        raise UnsafeArchive(f"{archive.name}: not a readable .tgz: {e}") from None
+    except OSError as e:
+        if e.errno is None:  # zlib/gzip errors without an errno: the data, not the disk
+            raise UnsafeArchive(f"{archive.name}: not a readable .tgz: {e}") from None
+        raise
+    except Exception as e:  # zlib.error and friends
+        raise UnsafeArchive(f"{archive.name}: not a readable .tgz: {e}") from None
+    return state["members"]
+
+
+# --- bundles -----------------------------------------------------------------------------
+
+
+class BundleCorrupt(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    root: Path
+    uname: str
+    build_dir: Path  # absolute, inside root
+    info: dict[str, str]  # every BUNDLE_* value, keyed by the suffix (UNAME, DISTRO, ...)
+
+
+def open_bundle(root: Path, kernel: str) -> Bundle:
+    """Read the BUNDLE_* files of an extracted bundle and check it is the kernel's."""
+    info = {}
+    for field in BUNDLE_FILES:
+        path = root / f"BUNDLE_{field}"
+        if path.is_file() and not path.is_symlink():
+            info[field] = path.read_text(errors="replace").strip()
+    uname = info.get("UNAME")
+    if not uname:
+        raise BundleCorrupt(f"bundle of {kernel} has no BUNDLE_UNAME")
+    if uname != kernel:
+        raise BundleCorrupt(f"bundle of {kernel} says BUNDLE_UNAME={uname!r}")
+    relative = info.get("BUILD_DIR")
+    if not relative:
+        raise BundleCorrupt(f"bundle of {kernel} has no BUNDLE_BUILD_DIR")
+    build_dir = (root / relative).resolve()
+    if relative.startswith("/") or not build_dir.is_relative_to(root.resolve()):
+        raise BundleCorrupt(f"bundle of {kernel}: BUNDLE_BUILD_DIR {relative!r} leaves the tree")
+    if not (build_dir / "Makefile").is_file():
+        raise BundleCorrupt(f"bundle of {kernel}: BUNDLE_BUILD_DIR {relative!r} has no Makefile")
+    return Bundle(root, uname, build_dir, info)
+
+
+# --- building ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Built:
+    """What building one driver gave: gzip'd bytes, or a failure class and its log."""
+
+    data: bytes | None = None
+    failure: str | None = None
+    message: str = ""
+    log: bytes = b""
+    make_s: float = 0.0  # the bare make, for the benchmark's overhead ratio
+
+
+def gzip_deterministic(data: bytes) -> bytes:
+    """gzip without a file name and with mtime 0: a rebuild gives the same bytes."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:
+        f.write(data)
+    return buf.getvalue()
+
+
+def make_command(build_dir: Path, src: Path, scratch: Path) -> list[str]:
+    """kbuild for an external folder. Paths under ``scratch`` are mapped away from debug
+    info, __FILE__ and BTF so the object does not depend on where the shard ran:
+    KCFLAGS for the module, BPF_CLANG (the probe Makefile's compiler variable) for eBPF."""
+    prefix_map = f"-ffile-prefix-map={scratch}/="
+    return [
+        "make",
+        "-C",
+        str(build_dir),
+        f"M={src}",
+        f"-j{os.cpu_count() or 1}",
+        f"KCFLAGS={prefix_map}",
+        f"BPF_CLANG=clang {prefix_map}",
+        "modules",
+    ]
+
+
+def _build_env() -> dict[str, str]:
+    env = dict(os.environ, LC_ALL="C")
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):  # e.g. run under make
+        env.pop(name, None)
+    return env
+
+
+def _run_make(cmd: list[str], log_path: Path) -> tuple[int | None, float]:
+    """Run make with its output in ``log_path``; (exit status or None on timeout, seconds)."""
+    started = time.perf_counter()
+    with open(log_path, "ab") as log:
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        try:
+            proc = subprocess.run(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_build_env(),
+                timeout=BUILD_TIMEOUT_S,
+                check=False,
+            )
+            status: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            status = None
+    return status, time.perf_counter() - started
+
+
+def _log_tail(log_path: Path, scratch: Path, extra: str = "") -> bytes:
+    with open(log_path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - LOG_LIMIT))
+        tail = f.read()
+    if size > LOG_LIMIT:
+        tail = b"[... %d earlier bytes cut ...]\n" % (size - LOG_LIMIT) + tail.split(b"\n", 1)[-1]
+    # The scratch folder is random per attempt: without it, a retry writes the same log.
+    return tail.replace(str(scratch).encode(), WORKDIR_IN_LOGS.encode()) + extra.encode()
+
+
+def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -> Built:
+    """Build one driver from a version's extracted sources against an extracted bundle.
+    ``scratch`` holds both (and is mapped out of the object's paths)."""
+    folder = "module" if key.kind == "mod" else "bpf"
+    if not (sources / folder).is_dir():
+        return Built(
+            failure="sources_missing",
+            message=f"sources of {key.driver_version} have no {folder}/ folder",
+        )
+    src = scratch / "build" / key.driver_version / key.kind
+    if src.exists():
+        shutil.rmtree(src)
+    shutil.copytree(sources / folder, src, symlinks=True)
+    log_path = scratch / "build" / f"{key.driver_version}-{key.kind}.log"
+    log_path.write_bytes(f"# {key.kernel} {key.driver_version} {key.kind}\n".encode())
+
+    status, make_s = _run_make(make_command(bundle.build_dir, src, scratch), log_path)
+    if status != 0:
+        why = f"timed out after {BUILD_TIMEOUT_S} s" if status is None else f"exit status {status}"
+        return Built(
+            failure="compile",
+            message=f"make {why}",
+            log=_log_tail(log_path, scratch),
+            make_s=make_s,
+        )
+
+    if key.kind == "mod":
+        return _finish_module(key, src, log_path, scratch, make_s)
+    return _finish_probe(key, src, log_path, scratch, make_s)
+
+
+def _failed(failure: str, msg: str, log_path: Path, scratch: Path, make_s: float) -> Built:
+    """A build whose make ran: the log ends with why the result was refused."""
+    return Built(
+        failure=failure,
+        message=msg[:300],
+        log=_log_tail(log_path, scratch, f"# {failure}: {msg}\n"),
+        make_s=make_s,
+    )
+
+
+def _finish_module(
+    key: DriverKey, src: Path, log_path: Path, scratch: Path, make_s: float
+) -> Built:
+    modules = sorted(src.glob("*.ko"))
+    if len(modules) != 1:
+        found = ", ".join(p.name for p in modules) or "none"
+        msg = f"make gave {len(modules)} .ko files ({found}); expected one"
+        return _failed("compile", msg, log_path, scratch, make_s)
+    stripped = src / "stripped.ko"
+    strip = subprocess.run(
+        ["strip", "--strip-debug", "-o", str(stripped), str(modules[0])],
+        capture_output=True,
+        env=_build_env(),
+        check=False,
+    )
+    if strip.returncode != 0:
+        msg = f"strip --strip-debug failed: {strip.stderr.decode(errors='replace').strip()}"
+        return _failed("compile", msg, log_path, scratch, make_s)
+    elf = stripped.read_bytes()
+    try:
+        vermagic = read_vermagic(elf)
+    except ValueError as e:
+        return _failed("compile", f"{modules[0].name}: {e}", log_path, scratch, make_s)
+    if not vermagic_matches(vermagic, key.kernel):
+        msg = (
+            f"vermagic {vermagic.strip()!r} does not start with {key.kernel!r}"
+            if vermagic is not None
+            else f"{modules[0].name} has no vermagic in .modinfo"
+        )
+        return _failed("vermagic", msg, log_path, scratch, make_s)
+    return Built(data=gzip_deterministic(elf), make_s=make_s)
+
+
+def _finish_probe(key: DriverKey, src: Path, log_path: Path, scratch: Path, make_s: float) -> Built:
+    probe = src / "probe.o"
+    if not probe.is_file():
+        return _failed("compile", "make gave no probe.o", log_path, scratch, make_s)
+    data = gzip_deterministic(probe.read_bytes())
+    problems = verify_driver(key, data, unavailable=False)
+    if problems:
+        return _failed("compile", "; ".join(problems), log_path, scratch, make_s)
+    return Built(data=data, make_s=make_s)
+
+
+# --- toolchain ---------------------------------------------------------------------------
+
+
+def toolchain_versions() -> dict[str, str | None]:
+    """First line of ``--version`` of each tool (None when missing), read once per shard."""
+    versions: dict[str, str | None] = {}
+    for tool in ("gcc", "clang", "make"):
+        try:
+            out = subprocess.run(
+                [tool, "--version"], capture_output=True, text=True, timeout=30, check=False
+            ).stdout
+            versions[tool] = out.splitlines()[0].strip() if out else None
+        except (OSError, subprocess.TimeoutExpired):
+            versions[tool] = None
+    return versions
+
+
+# --- running a shard ---------------------------------------------------------------------
+
+
+class ShardStopped(Exception):
+    """Something that stops the whole shard; ``exit_status`` says whether to retry."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+class Terminated(Exception):
+    """SIGTERM (a pod being stopped): clean up, write what we have, ask for a retry."""
+
+
+def storage_failure(exc: BaseException) -> ShardStopped | None:
+    """Classify a storage exception: transient (retry) or permanent; None if not storage."""
+    from google.api_core import exceptions as api
+    from google.auth.exceptions import TransportError
+    from requests.exceptions import RequestException
+
+    from drivers.storage import BucketNotFound, StorageError
+
+    if isinstance(exc, BucketNotFound):
+        return ShardStopped(str(exc), EX_DATAERR)
+    transient = (
+        api.ServerError,
+        api.TooManyRequests,
+        api.RequestTimeout,
+        api.RetryError,
+        RequestException,
+        TransportError,
+        ConnectionError,
+        TimeoutError,
+    )
+    if isinstance(exc, transient):
+        return ShardStopped(f"storage unreachable: {type(exc).__name__}: {exc}", EX_TEMPFAIL)
+    if isinstance(exc, api.GoogleAPICallError | StorageError):
+        return ShardStopped(f"storage refused: {type(exc).__name__}: {exc}", EX_DATAERR)
+    return None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ShardRun:
+    """One attempt at one shard. ``stores`` maps bucket name -> ObjectStore-like object."""
+
+    def __init__(
+        self,
+        shard: Shard,
+        store: Callable[[str], Any],
+        scratch: Path,
+        toolchain: dict[str, str | None] | None = None,
+        err: Any = None,
+    ) -> None:
+        self.shard = shard
+        self.bundles, self.sources, self.work = (
+            store(shard.bundles),
+            store(shard.sources),
+            store(shard.work),
+        )
+        self.scratch = scratch
+        self.toolchain = toolchain if toolchain is not None else toolchain_versions()
+        self.err = err if err is not None else sys.stderr
+        self.records: list[dict[str, Any]] = []
+        self.timings = dict.fromkeys(TIMINGS, 0.0)
+        self.data_error = False  # a missing/corrupt input: exit 65 at the end
+        self.completed = False  # every kernel was attempted
+        self._sources: dict[str, Path | str] = {}  # version -> extracted folder or problem
+
+    # records ---------------------------------------------------------------------------
+
+    def _record(
+        self,
+        key: DriverKey,
+        status: str,
+        *,
+        failure: str | None = None,
+        message: str = "",
+        obj: str | None = None,
+        data: bytes | None = None,
+        log: str | None = None,
+        duration_s: float = 0.0,
+    ) -> dict[str, Any]:
+        record = {
+            "type": "task",
+            "kernel": key.kernel,
+            "driver_version": key.driver_version,
+            "kind": key.kind,
+            "builder": self.shard.builder,
+            "status": status,
+            "object": obj,
+            "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
+            "size": len(data) if data is not None else None,
+            "duration_s": round(duration_s, 3),
+            "log": log,
+            "failure": failure,
+            "message": message,
+            "toolchain": self.toolchain,
+        }
+        self.records.append(record)
+        return record
+
+    def _infra_failed(self, keys: list[DriverKey], failure: str, message: str) -> None:
+        for key in keys:
+            self._record(key, "infra_failed", failure=failure, message=message)
+
+    # inputs ----------------------------------------------------------------------------
+
+    def _fetch(self, store: Any, name: str, path: Path) -> bool:
+        """Download; False when the object does not exist."""
+        from drivers.storage import ObjectNotFound
+
+        started = time.perf_counter()
+        try:
+            store.download_to(name, path)
+            return True
+        except ObjectNotFound:
+            return False
+        finally:
+            self.timings["fetch_s"] += time.perf_counter() - started
+
+    def _extract(self, archive: Path, dest: Path) -> None:
+        started = time.perf_counter()
+        try:
+            safe_extract(archive, dest)
+        finally:
+            archive.unlink(missing_ok=True)
+            self.timings["extract_s"] += time.perf_counter() - started
+
+    def sources_for(self, version: str) -> Path | str:
+        """The extracted sources of a driver version (once per shard), or why not."""
+        if version not in self._sources:
+            name = layout.source_object(version)
+            archive = self.scratch / "sources" / name
+            dest = self.scratch / "sources" / version
+            if not self._fetch(self.sources, name, archive):
+                self._sources[version] = f"gs://{self.shard.sources}/{name} does not exist"
+            else:
+                try:
+                    self._extract(archive, dest)
+                    self._sources[version] = _sources_root(dest)
+                except UnsafeArchive as e:
+                    self._sources[version] = f"gs://{self.shard.sources}/{name}: {e}"
+        return self._sources[version]
+
+    # outputs ---------------------------------------------------------------------------
+
+    def _upload(self, name: str, data: bytes) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.work.upload_new(name, data)
+        finally:
+            self.timings["upload_s"] += time.perf_counter() - started
+
+    def _stage(self, key: DriverKey, name: str, data: bytes, started: float, status: str) -> None:
+        from drivers.storage import UploadResult
+
+        obj = layout.staged_drivers_prefix(self.shard.run_id) + name
+        if self._upload(obj, data) is UploadResult.DIFFERENT:
+            self._record(
+                key,
+                "failed",
+                failure="nondeterministic",
+                data=data,
+                message=f"{obj} already staged with other bytes: the build is not reproducible",
+                duration_s=time.perf_counter() - started,
+            )
+            return
+        self._record(key, status, obj=obj, data=data, duration_s=time.perf_counter() - started)
+
+    def _fail(self, key: DriverKey, built: Built, started: float) -> None:
+        log = None
+        if built.log:
+            log = layout.staged_log_object(
+                self.shard.run_id, key.kernel, key.driver_version, key.kind
+            )
+            self._upload(log, built.log)  # an earlier attempt's log (DIFFERENT) is kept
+        status = "infra_failed" if built.failure == "sources_missing" else "failed"
+        self._record(
+            key,
+            status,
+            failure=built.failure,
+            message=built.message,
+            log=log,
+            duration_s=time.perf_counter() - started,
+        )
+
+    # the shard ------------------------------------------------------------------------
+
+    def run_kernel(self, kernel: str, keys: list[DriverKey]) -> None:
+        supported = ebpf_supported(parse_kernel(kernel))
+        to_build = []
+        for key in keys:
+            if key.kind == "bpf" and not supported:
+                self._stage(key, key.unavail_name(), b"", time.perf_counter(), "unavailable")
+            else:
+                to_build.append(key)
+        if not to_build:
+            return
+
+        name = layout.bundle_object(kernel)
+        archive = self.scratch / name
+        root = self.scratch / "bundle"
+        if not self._fetch(self.bundles, name, archive):
+            self.data_error = True
+            msg = f"gs://{self.shard.bundles}/{name} does not exist"
+            return self._infra_failed(to_build, "bundle_missing", msg)
+        try:
+            try:
+                self._extract(archive, root)
+                bundle = open_bundle(root, kernel)
+            except (UnsafeArchive, BundleCorrupt) as e:
+                self.data_error = True
+                return self._infra_failed(to_build, "bundle_corrupt", f"{name}: {e}")
+            for key in to_build:
+                self._build(key, bundle)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(self.scratch / "build", ignore_errors=True)
+
+    def _build(self, key: DriverKey, bundle: Bundle) -> None:
+        started = time.perf_counter()
+        sources = self.sources_for(key.driver_version)
+        if isinstance(sources, str):
+            self.data_error = True
+            return self._record(key, "infra_failed", failure="sources_missing", message=sources)
+        built = build_driver(key, sources, bundle, self.scratch)
+        self.timings["build_s"] += time.perf_counter() - started
+        if built.failure == "sources_missing":
+            self.data_error = True
+        if built.data is None:
+            return self._fail(key, built, started)
+        self._stage(key, key.object_name(), built.data, started, "built")
+
+    def run(self) -> tuple[int, str | None]:
+        """Build every kernel; (exit status, error that stopped the shard or None)."""
+        for kernel, keys in self.shard.by_kernel():
+            before = len(self.records)
+            started = time.perf_counter()
+            try:
+                self.run_kernel(kernel, keys)
+            except Exception as e:
+                stopped = _stopping(e)
+                self._not_attempted(stopped)
+                return stopped.exit_status, str(stopped)
+            self._print_kernel(kernel, self.records[before:], time.perf_counter() - started)
+        self.completed = True
+        if not self.data_error:
+            return EX_OK, None
+        bad = sorted(
+            {
+                f"{r['kernel']} {r['driver_version']} ({r['failure']})"
+                for r in self.records
+                if r["failure"] in ("bundle_missing", "bundle_corrupt", "sources_missing")
+            }
+        )
+        return EX_DATAERR, f"missing or corrupt inputs, do not retry: {', '.join(bad)}"
+
+    def _not_attempted(self, stopped: ShardStopped) -> None:
+        done = {(r["kernel"], r["driver_version"], r["kind"]) for r in self.records}
+        failure = "storage" if stopped.exit_status != EX_SOFTWARE else None
+        for key in self.shard.tasks:
+            if key not in done:
+                self._record(key, "infra_failed", failure=failure, message=f"stopped: {stopped}")
+
+    def _print_kernel(self, kernel: str, records: list[dict[str, Any]], seconds: float) -> None:
+        counts = _counts(records)
+        text = ", ".join(f"{n} {status}" for status, n in counts.items())
+        problems = "; ".join(
+            f"{r['driver_version']} {r['kind']}: {r['failure']}: {r['message']}"
+            for r in records
+            if r["failure"]
+        )
+        print(
+            f"{kernel}: {text} in {seconds:.1f} s" + (f" ({problems})" if problems else ""),
+            file=self.err,
+        )
+
+
+def _stopping(exc: Exception) -> ShardStopped:
+    if isinstance(exc, ShardStopped):
+        return exc
+    if isinstance(exc, Terminated):
+        return ShardStopped("terminated (SIGTERM)", EX_TEMPFAIL)
+    stopped = storage_failure(exc)
+    if stopped is not None:
+        return stopped
+    if isinstance(exc, OSError):  # disk full, I/O error: another attempt may land elsewhere
+        return ShardStopped(f"{type(exc).__name__}: {exc}", EX_TEMPFAIL)
+    return ShardStopped(f"internal error: {type(exc).__name__}: {exc}", EX_SOFTWARE)
+
+
+def _sources_root(dest: Path) -> Path:
+    """Sources are ``module/`` and ``bpf/`` at the archive root, or in its only folder."""
+    if (dest / "module").is_dir() or (dest / "bpf").is_dir():
+        return dest
+    entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+        return entries[0]
+    return dest
+
+
+def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def shard_record(
+    shard: Shard,
+    run: ShardRun | None,
+    exit_status: int,
+    error: str | None,
+    started: str,
+    started_s: float,
+) -> dict[str, Any]:
+    timings = run.timings if run else dict.fromkeys(TIMINGS, 0.0)
+    return {
+        "type": "shard",
+        "run_id": shard.run_id,
+        "builder": shard.builder,
+        "index": shard.index,
+        # ok: exit 0. infra_failed: some input was bad (65, completed) or the shard stopped.
+        "status": "ok" if exit_status == EX_OK else "infra_failed",
+        "error": error,
+        "exit_status": exit_status,
+        "completed": bool(run and run.completed),
+        "estimated_cost_s": shard.cost,
+        "measured_s": round(time.perf_counter() - started_s, 3),
+        **{k: round(v, 3) for k, v in timings.items()},
+        "kernels": len(shard.by_kernel()),
+        "tasks": len(shard.tasks),
+        "counts": _counts(run.records) if run else {},
+        "started": started,
+        "finished": _now(),
+    }
+
+
+def build_shard(
+    shard: Shard, store: Callable[[str], Any], workdir: Path | None = None, err: Any = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run one shard and write its results object; (exit status, records incl. the shard
+    record). ``store(bucket)`` gives an ObjectStore for a bucket name."""
+    err = err if err is not None else sys.stderr
+    started, started_s = _now(), time.perf_counter()
+    run: ShardRun | None = None
+    with _scratch(workdir) as scratch:
+        try:
+            run = ShardRun(shard, store, scratch, err=err)
+            status, error = run.run()
+        except Exception as e:  # before the first kernel, e.g. a client that cannot start
+            stopped = _stopping(e)
+            status, error = stopped.exit_status, str(stopped)
+    records = [
+        *(run.records if run else []),
+        shard_record(shard, run, status, error, started, started_s),
+    ]
+    final = records[-1]
+    print(
+        f"shard {shard.builder}-{shard.index:04d} of {shard.run_id}: {final['status']}, "
+        f"{final['tasks']} tasks on {final['kernels']} kernels "
+        f"({', '.join(f'{n} {s}' for s, n in final['counts'].items()) or 'none'}) "
+        f"in {final['measured_s']:.1f} s (fetch {final['fetch_s']:.1f}, "
+        f"extract {final['extract_s']:.1f}, build {final['build_s']:.1f}), exit {status}"
+        + (f": {error}" if error else ""),
+        file=err,
+    )
+    written = write_results(
+        store(shard.work), shard.run_id, shard.builder, shard.index, records, err
+    )
+    if not written and status == EX_OK:
+        status = EX_TEMPFAIL  # the DAG learns nothing from a shard without results
+    return status, records
+
+
+def write_results(
+    store: Any, run_id: str, builder: str, index: int, records: list[dict[str, Any]], err: Any
+) -> bool:
+    """Write the results object, replacing an earlier attempt's (the last attempt is the
+    truth). Best effort: False, with a message, when storage refuses."""
+    name = layout.shard_results_object(run_id, builder, index)
+    data = "".join(json.dumps(r, sort_keys=False) + "\n" for r in records).encode()
+    try:
+        # Not upload_new: results are run state that a retried shard must replace.
+        store.put(name, data, "application/x-ndjson")
+        return True
+    except Exception as e:
+        print(f"cannot write results gs://{store.bucket_name}/{name}: {e}", file=err)
+        return False
+
+
+@contextlib.contextmanager
+def _scratch(workdir: Path | None) -> Iterator[Path]:
+    """A fresh folder for the attempt, inside ``workdir`` when given; always removed."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="build-shard-", dir=workdir)).resolve()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into an exception so clean-up and the results upload still happen."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cmd_build_shard(args: argparse.Namespace) -> int:
+    from drivers.storage import ObjectNotFound, ObjectStore, client_from_environment, parse_gs_uri
+
+    bucket, name = parse_gs_uri(args.shard)
+    workdir = Path(args.workdir) if args.workdir else None
+    with _sigterm_raises():
+        try:
+            client = client_from_environment()
+            stores: dict[str, ObjectStore] = {}
+
+            def store(bucket_name: str) -> ObjectStore:
+                if bucket_name not in stores:
+                    stores[bucket_name] = ObjectStore(client, bucket_name)
+                return stores[bucket_name]
+
+            try:
+                data = store(bucket).download(name)
+            except ObjectNotFound as e:
+                return _bad_shard(store(bucket), name, f"{e}: the shard file is missing")
+            try:
+                shard = Shard.from_json(data, args.shard)
+            except ShardFormatError as e:
+                return _bad_shard(store(bucket), name, str(e))
+            status, _records = build_shard(shard, store, workdir)
+            return status
+        except Terminated:
+            print("build-shard: terminated (SIGTERM)", file=sys.stderr)
+            return EX_TEMPFAIL
+        except Exception as e:
+            stopped = _stopping(e)
+            print(f"build-shard {args.shard}: {stopped}", file=sys.stderr)
+            return stopped.exit_status
+
+
+def _bad_shard(store: Any, name: str, error: str) -> int:
+    """A shard file we cannot use: say so, and (when its name tells where) write a results
+    object with only a failed shard record, so the DAG sees why."""
+    print(f"build-shard: {error}", file=sys.stderr)
+    m = _SHARD_NAME_RE.search(name)
+    if m:
+        record = {
+            "type": "shard",
+            "run_id": m["run_id"],
+            "builder": m["builder"],
+            "index": int(m["index"]),
+            "status": "infra_failed",
+            "error": error,
+            "exit_status": EX_DATAERR,
+            "completed": False,
+            "estimated_cost_s": None,
+            "measured_s": 0.0,
+            **dict.fromkeys(TIMINGS, 0.0),
+            "kernels": 0,
+            "tasks": 0,
+            "counts": {},
+            "started": _now(),
+            "finished": _now(),
+        }
+        write_results(store, m["run_id"], m["builder"], int(m["index"]), [record], sys.stderr)
+    return EX_DATAERR

@@ -1,0 +1,131 @@
+"""The embedded default's Airflow: run a DAG for real on one machine.
+
+`airflow dags test --use-executor` runs the DAG with the LocalExecutor (shards really run
+in parallel) on SQLite; its tasks talk to an `airflow api-server` started here. Everything
+lives under one AIRFLOW_HOME (default `.airflow/`, git-ignored). The buckets are the
+embedded GCS (:mod:`drivers.emulator`), reached through an anonymous
+`google_cloud_platform` connection given by environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from drivers.config import load_config
+from drivers.emulator import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+READY_TIMEOUT = 90.0
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class EmbeddedAirflow:
+    def __init__(
+        self, home: Path | str | None = None, dags_folder: Path | None = None, parallelism: int = 4
+    ) -> None:
+        self.home = Path(home or os.environ.get("DRIVERS_AIRFLOW_HOME", REPO / ".airflow"))
+        self.home = self.home.absolute()
+        self.dags_folder = dags_folder or REPO / "dags"
+        self.parallelism = parallelism
+        self.port = free_port()
+        self._api: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        airflow = shutil.which("airflow", path=str(Path(sys.executable).parent))
+        env = dict(os.environ)
+        env |= {
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": env.get(
+                "AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING"
+            ),
+            "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
+                {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True}}
+            ),
+            "PATH": f"{Path(airflow or sys.executable).parent}:{env.get('PATH', '')}",
+        }
+        return env
+
+    def airflow(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        command = [str(Path(sys.executable).parent / "airflow"), *args]
+        result = subprocess.run(command, env=self.env(), check=False, **kwargs)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {result.returncode}")
+        return result
+
+    def prepare(self) -> None:
+        """Metadata database and the builder pool sized from the config's slots."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        log = open(self.home / "setup.log", "ab")
+        self.airflow("db", "migrate", stdout=log, stderr=log)
+        slots = str(load_config().slots)
+        self.airflow(
+            "pools",
+            "set",
+            "builders",
+            slots,
+            "builder pods/processes (config slots)",
+            "--include-deferred",
+            stdout=log,
+            stderr=log,
+        )
+
+    def start_api_server(self) -> None:
+        log = open(self.home / "api-server.log", "ab")
+        self._api = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "api-server", "--port", str(self.port)],
+            env=self.env(),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._api.poll() is not None:
+                raise RuntimeError(f"airflow api-server exited; see {self.home}/api-server.log")
+            try:
+                _OPENER.open(f"http://127.0.0.1:{self.port}/api/v2/version", timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"airflow api-server not ready after {READY_TIMEOUT:.0f} s")
+
+    def stop(self) -> None:
+        if self._api and self._api.poll() is None:
+            os.killpg(self._api.pid, signal.SIGTERM)
+            try:
+                self._api.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._api.pid, signal.SIGKILL)
+                self._api.wait()
+        self._api = None
+
+    def dags_test(self, dag_id: str, conf: dict | None = None, log: Path | None = None) -> int:
+        """Run one DAG run to its end; the exit status says whether it succeeded."""
+        args = ["dags", "test", dag_id, "--use-executor"]
+        if conf:
+            args += ["--conf", json.dumps(conf)]
+        out = open(log, "ab") if log else None
+        return self.airflow(*args, check=False, stdout=out, stderr=out).returncode
+
+    def __enter__(self) -> EmbeddedAirflow:
+        self.prepare()
+        self.start_api_server()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

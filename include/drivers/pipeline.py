@@ -1,0 +1,396 @@
+"""The upstream drivers run, step by step, without Airflow.
+
+Each public function is one DAG task's work; the DAG file only wires them. Big data
+(plan, shard task lists, build records, reports) lives in the work bucket under the
+run's staging prefix or ``reports/<run_id>/``; the functions return small dicts (URIs
+and counts) that fit in XCom.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.cloud import storage as gcs
+
+from drivers import layout
+from drivers.config import Config
+from drivers.kernels import Kernel, parse_kernel
+from drivers.names import KINDS, CacheIndex, check_driver_version, parse_object_name
+from drivers.planner import plan
+from drivers.selectors import parse_selector
+from drivers.storage import ObjectNotFound, ObjectStore, UploadResult
+
+DAG_ID = "upstream_drivers"
+STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the shrink guard's reference
+
+
+class RunInputError(ValueError):
+    """Bad trigger parameters or run-time inputs: retrying cannot help."""
+
+
+class ShrinkGuardError(RuntimeError):
+    """The bundle listing lost kernels: stop before building, delete nothing."""
+
+
+def report_prefix(run_id: str) -> str:
+    return f"reports/{run_id}/"
+
+
+# --- inputs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """Trigger parameters, checked beyond what the JSON schema of the form can say."""
+
+    driver_versions: tuple[str, ...]
+    select: str | None = None
+    kinds: tuple[str, ...] = KINDS
+    builders: tuple[str, ...] = ()
+    force: bool = False
+    dry_run: bool = False
+    max_failures: int = 0
+    accept_shrink: bool = False
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], config: Config) -> RunParams:
+        versions = tuple(params.get("driver_versions") or config.driver_versions)
+        if not versions:
+            raise RunInputError("no driver version: set driver_versions in the trigger or config")
+        for v in versions:
+            check_driver_version(v)
+        kinds = tuple(k for k in KINDS if k in (params.get("kinds") or KINDS))
+        if set(params.get("kinds") or KINDS) - set(KINDS) or not kinds:
+            raise RunInputError(f"kinds must be a non-empty subset of {list(KINDS)}")
+        builders = tuple(params.get("builders") or ())
+        unknown = set(builders) - set(config.builders)
+        if unknown:
+            raise RunInputError(
+                f"unknown builder(s) {sorted(unknown)}: configured are {list(config.builders)}"
+            )
+        select = (params.get("select") or "").strip() or None
+        if select:
+            parse_selector(select)  # raises SelectorError (a ValueError) with an example
+        max_failures = params.get("max_failures", 0)
+        if not isinstance(max_failures, int) or max_failures < 0:
+            raise RunInputError(f"max_failures must be an integer >= 0, not {max_failures!r}")
+        return cls(
+            driver_versions=versions,
+            select=select,
+            kinds=kinds,
+            builders=builders,
+            force=bool(params.get("force")),
+            dry_run=bool(params.get("dry_run")),
+            max_failures=max_failures,
+            accept_shrink=bool(params.get("accept_shrink")),
+        )
+
+
+@dataclass
+class Stores:
+    """One ObjectStore per bucket role, over one client."""
+
+    client: gcs.Client
+    buckets: layout.Buckets = field(default_factory=layout.Buckets.from_env)
+
+    def __getattr__(self, role: str) -> ObjectStore:
+        if role not in layout.ROLES:
+            raise AttributeError(role)
+        store = ObjectStore(self.client, getattr(self.buckets, role))
+        self.__dict__[role] = store  # cached: later lookups skip __getattr__
+        return store
+
+
+def read_json(store: ObjectStore, name: str) -> Any:
+    return json.loads(store.download(name))
+
+
+def write_json(store: ObjectStore, name: str, value: Any) -> str:
+    """Write (or replace) a small JSON document; returns its gs:// URI."""
+    store.put(name, json.dumps(value, indent=1, sort_keys=True).encode(), "application/json")
+    return f"gs://{store.bucket_name}/{name}"
+
+
+def list_kernels(stores: Stores) -> tuple[list[Kernel], list[str]]:
+    """The kernel list is the bundle bucket's listing. Names that are not kernels are
+    reported, not fatal: one stray object must not stop the nightly."""
+    kernels, problems = [], []
+    for info in stores.bundles.list(layout.BUNDLE_PREFIX):
+        release = layout.kernel_from_bundle_object(info.name)
+        if release is None:
+            continue
+        try:
+            kernels.append(parse_kernel(release))
+        except ValueError as e:
+            problems.append(f"gs://{stores.bundles.bucket_name}/{info.name}: {e}")
+    return kernels, problems
+
+
+def check_shrink(stores: Stores, kernels: list[Kernel], config: Config) -> dict[str, Any]:
+    """Stop when the listing lost more kernels than the config tolerates since the last
+    successful run: a broken crawl must not look like "nothing left to build"."""
+    try:
+        last = read_json(stores.work, STATE_OBJECT)
+    except ObjectNotFound:
+        return {"reference": None, "missing": 0}
+    missing = sorted(set(last["kernels"]) - {k.release for k in kernels})
+    allowed = int(len(last["kernels"]) * config.shrink_tolerance)
+    if len(missing) > allowed:
+        shown = ", ".join(missing[:20]) + (
+            f" ... (+{len(missing) - 20})" if len(missing) > 20 else ""
+        )
+        raise ShrinkGuardError(
+            f"the bundle bucket gs://{stores.bundles.bucket_name} lists {len(kernels)} kernels, "
+            f"{len(missing)} fewer than the last successful run {last['run_id']} "
+            f"({len(last['kernels'])}; tolerated: {allowed}). Missing: {shown}. Nothing was "
+            "built or deleted. Restore the bundles, or trigger with accept_shrink=true if "
+            "they were removed on purpose."
+        )
+    return {"reference": last["run_id"], "missing": len(missing)}
+
+
+# --- steps -------------------------------------------------------------------------------
+
+
+def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) -> dict[str, Any]:
+    """Find what is missing and split it into shards; write the plan and shard files."""
+    kernels, problems = list_kernels(stores)
+    guard = {"reference": None, "missing": 0, "accepted": params.accept_shrink}
+    if not params.accept_shrink:
+        guard |= check_shrink(stores, kernels, config)
+    selected = parse_selector(params.select).filter(kernels) if params.select else kernels
+    cache = CacheIndex().add_names(info.name for info in stores.drivers.list())
+    result = plan(
+        selected,
+        params.driver_versions,
+        params.kinds,
+        cache.done,
+        config,
+        force=params.force,
+        only_builders=set(params.builders) or None,
+    )
+    plan_json = result.to_json(config.builders)
+    plan_json["inputs"] = {
+        "run_id": run_id,
+        "kernels_listed": len(kernels),
+        "kernels_selected": len(selected),
+        "params": params.__dict__,
+        "kernel_problems": problems,
+        "cache_unknown_names": cache.unknown_count,
+        "shrink_guard": guard,
+    }
+    staging = layout.staging_prefix(run_id)
+    plan_uri = write_json(stores.work, f"{staging}plan.json", plan_json)
+    shards: dict[str, list[str]] = {name: [] for name in config.builders}
+    if not params.dry_run:
+        for shard in result.shards:
+            name = layout.shard_object(run_id, shard.builder, shard.index)
+            doc = shard.to_json() | {
+                "run_id": run_id,
+                "buckets": {
+                    "bundles": stores.buckets.bundles,
+                    "sources": stores.buckets.sources,
+                    "work": stores.buckets.work,
+                },
+            }
+            shards[shard.builder].append(write_json(stores.work, name, doc))
+    return {
+        "plan": plan_uri,
+        "summary": plan_json["summary"],
+        "kernels": len(kernels),
+        "shards": shards,
+        "dry_run": params.dry_run,
+    }
+
+
+def unify(stores: Stores, run_id: str, expected_shards: dict[str, list[str]]) -> dict[str, Any]:
+    """Merge every shard's records into one build report; a shard without its results
+    (pod lost, crash) is an infrastructure failure."""
+    results_prefix = f"{layout.staging_prefix(run_id)}results/"
+    records, shard_records = [], []
+    for info in stores.work.list(results_prefix):
+        for line in stores.work.download(info.name).decode().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                (shard_records if record.get("type") == "shard" else records).append(record)
+    reported = {(s["builder"], s["index"]) for s in shard_records}
+    lost = []
+    for builder, uris in expected_shards.items():
+        for uri in uris:
+            index = int(re.search(r"-(\d+)\.json$", uri).group(1))
+            if (builder, index) not in reported:
+                lost.append({"builder": builder, "index": index, "shard": uri})
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in records:
+        counts[f"{r['builder']}/{r['kind']}"][r["status"]] += 1
+    failures = [r for r in records if r["status"] in ("failed", "infra_failed")]
+    logs = _keep_failure_logs(stores, run_id, failures)
+    build = {
+        "counts": {k: dict(v) for k, v in sorted(counts.items())},
+        "compile_failures": sum(1 for r in records if r["status"] == "failed"),
+        "infra_failures": sum(1 for r in records if r["status"] == "infra_failed"),
+        "failures": failures,
+        "failure_logs": logs,
+        "shards": shard_records,
+        "lost_shards": lost,
+        "calibration": [
+            {
+                "builder": s["builder"],
+                "index": s["index"],
+                "estimated_s": s.get("estimated_cost_s"),
+                "measured_s": s.get("measured_s"),
+            }
+            for s in shard_records
+        ],
+    }
+    write_json(stores.work, f"{report_prefix(run_id)}build.json", build)
+    return {
+        "built": sum(1 for r in records if r["status"] == "built"),
+        "unavailable": sum(1 for r in records if r["status"] == "unavailable"),
+        "compile_failures": build["compile_failures"],
+        "infra_failures": build["infra_failures"] + len(lost),
+        "shards_reported": len(shard_records),
+        "shards_lost": len(lost),
+    }
+
+
+def _keep_failure_logs(stores: Stores, run_id: str, failures: list[dict]) -> list[str]:
+    """Copy failure logs out of staging (which is deleted at run end) into the report."""
+    kept = []
+    staging = layout.staging_prefix(run_id)
+    for r in failures:
+        if r.get("log"):
+            name = report_prefix(run_id) + r["log"].removeprefix(staging)
+            try:
+                stores.work.put(name, stores.work.download(r["log"]), "text/plain")
+            except ObjectNotFound:
+                continue
+            kept.append(name)
+    return kept
+
+
+def verify_drivers(stores: Stores, run_id: str) -> dict[str, Any]:
+    """Check every staged driver; only what passes is pushed."""
+    from drivers.verify import verify_driver
+
+    prefix = layout.staged_drivers_prefix(run_id)
+    staged = [info.name for info in stores.work.list(prefix)]
+    verified, rejected = [], []
+    for name in staged:
+        entry = parse_object_name(name.removeprefix(prefix))
+        problems = (
+            ["not a driver object name"]
+            if entry is None
+            else verify_driver(entry.key, stores.work.download(name), entry.unavailable)
+        )
+        if problems:
+            rejected.append({"object": name.removeprefix(prefix), "problems": problems})
+        else:
+            verified.append(name.removeprefix(prefix))
+    write_json(stores.work, f"{layout.staging_prefix(run_id)}verified.json", verified)
+    write_json(stores.work, f"{report_prefix(run_id)}verify.json", {"rejected": rejected})
+    return {"staged": len(staged), "verified": len(verified), "rejected": len(rejected)}
+
+
+def push_drivers(stores: Stores, run_id: str) -> dict[str, Any]:
+    """Promote verified drivers into the cache, never overwriting. A rebuilt object
+    whose bytes differ from the published one is counted and listed; the published one
+    stays."""
+    prefix = layout.staged_drivers_prefix(run_id)
+    try:
+        verified = read_json(stores.work, f"{layout.staging_prefix(run_id)}verified.json")
+    except ObjectNotFound:
+        verified = []
+
+    def promote(name: str) -> tuple[str, UploadResult]:
+        return name, stores.drivers.upload_new(name, stores.work.download(prefix + name))
+
+    results = dict(_parallel(promote, verified))
+    by_result = Counter(r.value for r in results.values())
+    different = sorted(n for n, r in results.items() if r is UploadResult.DIFFERENT)
+    changed_versions = sorted(
+        {n.split("/", 1)[0] for n, r in results.items() if r is UploadResult.CREATED}
+    )
+    write_json(
+        stores.work,
+        f"{report_prefix(run_id)}push.json",
+        {"counts": dict(by_result), "different": different, "versions": changed_versions},
+    )
+    return {
+        "created": by_result["created"],
+        "identical": by_result["identical"],
+        "different": by_result["different"],
+        "changed_versions": changed_versions,
+    }
+
+
+def _parallel(function, items, workers: int = 16):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, items))
+
+
+def update_support_packages(
+    stores: Stores, versions: list[str], now: datetime | None = None
+) -> dict[str, Any]:
+    """Rebuild the support packages of the versions whose driver set changed."""
+    from drivers.packages import publish_support_packages
+
+    return publish_support_packages(
+        stores.drivers, stores.support, versions, timestamp=now or datetime.now(UTC)
+    )
+
+
+def report(
+    stores: Stores,
+    run_id: str,
+    params: RunParams,
+    pre: dict[str, Any] | None,
+    steps: dict[str, Any],
+    failed_tasks: list[str],
+) -> dict[str, Any]:
+    """The run's verdict, written to ``reports/<run_id>/report.json``. Never green while
+    wrong: an infrastructure failure, a failed task or more compile failures than
+    ``max_failures`` fail the run (after everything that succeeded was published)."""
+    build = steps.get("unify") or {}
+    reasons = []
+    if failed_tasks:
+        reasons.append(f"task(s) failed: {', '.join(sorted(failed_tasks))}")
+    if build.get("infra_failures"):
+        reasons.append(f"{build['infra_failures']} infrastructure failure(s) in builders")
+    if build.get("compile_failures", 0) > params.max_failures:
+        reasons.append(
+            f"{build['compile_failures']} compile failure(s) > max_failures={params.max_failures}"
+        )
+    if (steps.get("verify_drivers") or {}).get("rejected"):
+        reasons.append(
+            f"{steps['verify_drivers']['rejected']} staged driver(s) failed verification"
+        )
+    status = "failed" if reasons else "success"
+    doc = {
+        "run_id": run_id,
+        "status": status,
+        "reasons": reasons,
+        "params": params.__dict__,
+        "plan": pre,
+        "steps": steps,
+        "finished": datetime.now(UTC).isoformat(),
+        "buckets": stores.buckets.__dict__,
+    }
+    uri = write_json(stores.work, f"{report_prefix(run_id)}report.json", doc)
+    if status == "success" and pre and not params.dry_run and not params.select:
+        # Only a full, successful listing becomes the shrink guard's new reference.
+        kernels = [k.release for k in list_kernels(stores)[0]]
+        write_json(stores.work, STATE_OBJECT, {"run_id": run_id, "kernels": kernels})
+    return {"status": status, "reasons": reasons, "report": uri}
+
+
+def cleanup_staging(stores: Stores, run_id: str) -> int:
+    """Delete the run's staging prefix; reports stay."""
+    return stores.work.delete_prefix(layout.staging_prefix(run_id))

@@ -1,0 +1,71 @@
+"""Human summary of an upstream_drivers run, read from its report in the work bucket."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from drivers import storage
+from drivers.layout import Buckets
+from drivers.pipeline import report_prefix
+
+
+def newest_run_id(work: storage.ObjectStore) -> str | None:
+    reports = [i for i in work.list("reports/") if i.name.endswith("/report.json")]
+    if not reports:
+        return None
+    newest = max(reports, key=lambda i: i.created)
+    return newest.name.removeprefix("reports/").removesuffix("/report.json")
+
+
+def print_report(run_id: str | None = None, out=sys.stdout) -> int:
+    buckets = Buckets.from_env()
+    work = storage.ObjectStore(storage.client_from_environment(), buckets.work)
+    run_id = run_id or newest_run_id(work)
+    if run_id is None:
+        print(f"no run report in gs://{buckets.work}/reports/ yet", file=out)
+        return 1
+    prefix = report_prefix(run_id)
+    doc = json.loads(work.download(prefix + "report.json"))
+    plan = doc.get("plan") or {}
+    summary = plan.get("summary", {})
+    print(f"run {run_id}: {doc['status'].upper()}", file=out)
+    for reason in doc.get("reasons", []):
+        print(f"  reason: {reason}", file=out)
+    if summary:
+        print(
+            f"  plan: {plan.get('kernels', '?')} kernels, candidates {summary['candidates']}, "
+            f"done {summary['done']}, blocked {summary['blocked']}, "
+            f"unroutable {summary['unroutable']}, to_build={summary['to_build']}",
+            file=out,
+        )
+    try:
+        build = json.loads(work.download(prefix + "build.json"))
+    except storage.ObjectNotFound:
+        build = None
+    if build and build["counts"]:
+        print("  builds (builder/kind: built / unavailable / failed / infra_failed):", file=out)
+        for key, counts in build["counts"].items():
+            print(
+                f"    {key:12} {counts.get('built', 0):5} / {counts.get('unavailable', 0):5} / "
+                f"{counts.get('failed', 0):5} / {counts.get('infra_failed', 0):5}",
+                file=out,
+            )
+        for failure in build["failures"][:10]:
+            print(
+                f"    FAILED {failure['kernel']} {failure['driver_version']} {failure['kind']}: "
+                f"{failure.get('failure')} {failure.get('message', '')}",
+                file=out,
+            )
+    steps = doc.get("steps", {})
+    push = steps.get("push_drivers") or {}
+    if push:
+        print(
+            f"  push: {push['created']} new, {push['identical']} already published, "
+            f"{push['different']} differing from the published copy (kept)",
+            file=out,
+        )
+    print(f"  drivers:  gs://{buckets.drivers}/<version>/", file=out)
+    print(f"  packages: gs://{buckets.support}/index.html", file=out)
+    print(f"  report:   gs://{buckets.work}/{prefix}report.json", file=out)
+    return 0 if doc["status"] == "success" else 1

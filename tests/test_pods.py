@@ -1,0 +1,75 @@
+"""Builder pods, rendered offline and checked as Kubernetes objects (no API server here)."""
+
+import pytest
+
+DUMMY_KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: dummy}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+
+
+@pytest.fixture
+def rendered(tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(DUMMY_KUBECONFIG)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import ApiClient
+
+    from drivers import airflow_glue as glue
+    from drivers.config import load_config
+
+    def render(builder: str, shard: str = "gs://collector-work/staging/r1/shards/x-0000.json"):
+        kwargs = glue.builder_pod_kwargs(load_config(), builder)
+        kwargs.pop("pool"), kwargs.pop("retries"), kwargs.pop("retry_delay")
+        operator = KubernetesPodOperator(arguments=glue.builder_arguments(shard), **kwargs)
+        pod = operator.build_pod_request_obj()
+        return operator, ApiClient().sanitize_for_serialization(pod)
+
+    return render
+
+
+def test_builder_pod_runs_the_entrypoint_with_the_shard(rendered):
+    operator, pod = rendered("fc36", "gs://w/staging/run/shards/fc36-0003.json")
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "quay.io/stackrox-io/collector-drivers-builder-fc36:0.1.0"
+    assert container["command"] == ["drivers"]
+    assert container["args"] == [
+        "build-shard",
+        "--shard",
+        "gs://w/staging/run/shards/fc36-0003.json",
+    ]
+    assert container["resources"] == {
+        "limits": {"memory": "4Gi"},
+        "requests": {"cpu": "2", "memory": "4Gi"},
+    }
+    assert pod["spec"]["serviceAccountName"] == "drivers-builder"
+    assert pod["spec"]["activeDeadlineSeconds"] == 14400
+    assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "builders"}
+    assert pod["metadata"]["namespace"] == "collector-drivers"
+    assert pod["metadata"]["labels"]["builder"] == "fc36"
+    assert operator.deferrable and operator.on_finish_action.value == "delete_pod"
+
+
+def test_builder_pod_carries_no_credentials(rendered):
+    _, pod = rendered("rhel7")
+    env = pod["spec"]["containers"][0].get("env") or []
+    assert not [
+        e
+        for e in env
+        if any(w in e["name"].upper() for w in ("KEY", "SECRET", "TOKEN", "CREDENTIAL"))
+    ]
+    assert "volumes" not in pod["spec"] or not pod["spec"]["volumes"]
+
+
+@pytest.mark.parametrize("builder", ["rhel7", "rhel8", "fc36"])
+def test_builder_pod_is_a_valid_kubernetes_object(rendered, builder):
+    import kubernetes_validate
+
+    _, pod = rendered(builder)
+    kubernetes_validate.validate(pod, "1.33", strict=True)
