@@ -10,9 +10,14 @@ GCS_PORT ?= 4443
 export DRIVERS_GCS_ROOT ?= $(CURDIR)/.gcs
 export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 
+# Debian kernels the embedded default builds drivers for (two header versions x 3 flavours).
+DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
+                6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64 6.12.115+deb12-rt-amd64
+
 .PHONY: setup run test lint bench gcs-up gcs-down
 
 setup: $(STAMP)
+	@scripts/host-deps.sh
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -26,8 +31,12 @@ gcs-up: setup
 gcs-down: setup
 	$(BIN)/drivers gcs down
 
+# The main job: bundles and sources into the embedded buckets, one real upstream_drivers
+# run (parallel builder shards), then its summary. A second run builds nothing.
 run: gcs-up
-	$(BIN)/drivers nightly-plan
+	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles
+	$(BIN)/drivers sources publish --upload gs://collector-sources
+	$(BIN)/drivers run-dag upstream_drivers
 
 test: setup
 	$(BIN)/pytest -q

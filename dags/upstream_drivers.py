@@ -48,7 +48,11 @@ def _run_id() -> str:
     max_active_runs=1,
     params=glue.run_params(config),
     tags=["drivers", "upstream"],
-    default_args={"owner": "drivers", "retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={
+        "owner": "drivers",
+        "retries": config.retries,
+        "retry_delay": timedelta(seconds=config.retry_delay_s),
+    },
     doc_md=__doc__,
 )
 def upstream_drivers():

@@ -1,25 +1,28 @@
 #!/bin/sh
-# Install the Debian packages the embedded builders need on the host, only those missing.
-# Idempotent and quick when everything is there (one dpkg-query, no apt). Needs root
-# (or sudo) only when something must be installed.
+# Install the Debian packages that building drivers on this host needs, only those missing.
+# Idempotent; when everything is there it is one dpkg-query and no apt. Installing needs
+# root (or sudo).
 #
-#   make, gcc-12       kernel modules: Debian's headers ask for gcc-12 by name
-#                      (6.12: x86_64-linux-gnu-gcc-12, also in gcc-12)
-#   libelf1 libssl3    run-time libraries of the prebuilt kbuild tools shipped in the
-#   zlib1g             bundles (modpost, objtool, resolve_btfids, sign-file)
-#   pahole             (Debian dwarves): 6.12 bundles carry vmlinux, so kbuild adds BTF to every
-#                      module and fails with "pahole: not found" without it
-#   kmod               modinfo, to read a module's vermagic
-#   clang llvm         eBPF probes (clang -target bpf; llvm-strip)
-#   libbpf-dev         bpf/bpf_helpers.h for the eBPF probes
+#   make gcc-12          kernel modules: Debian's header trees ask for gcc-12 by name
+#                        (6.12 ones for x86_64-linux-gnu-gcc-12, also in gcc-12)
+#   libelf1 libssl3      run-time libraries of the prebuilt kbuild tools inside the bundles
+#   zlib1g               (modpost, objtool, resolve_btfids, sign-file)
+#   pahole               (Debian's dwarves): 6.12 header trees carry vmlinux, so kbuild adds
+#                        BTF to every module and fails with "pahole: not found" without it
+#   kmod                 modinfo, to check a module's vermagic
+#   clang llvm           eBPF probes: clang -target bpf, llvm-strip
+#   libbpf-dev           <bpf/bpf_helpers.h> for the eBPF probes
+# Bundles are made with apt-get download and dpkg-deb, which every Debian system has.
 set -eu
 
 PACKAGES="make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev"
 
+# shellcheck disable=SC2086  # the package list is split on purpose
+installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |
+    awk '$1 == "installed" { print $2 }')
 missing=""
 for p in $PACKAGES; do
-    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-    [ "$status" = installed ] || missing="$missing $p"
+    echo "$installed" | grep -qx "$p" || missing="$missing $p"
 done
 [ -z "$missing" ] && exit 0
 
@@ -28,5 +31,5 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-# shellcheck disable=SC2086  # word splitting of the package list is intended
+# shellcheck disable=SC2086
 $SUDO apt-get install -y -qq --no-install-recommends $missing

@@ -72,6 +72,21 @@ def test_same_driver_set_gives_byte_identical_zips_whatever_the_order_or_source(
     assert info == info_again == on_disk == ZipInfo(sha256(first), len(first), len(DRIVERS))
 
 
+def test_zip_is_written_front_to_back_to_a_stream_that_cannot_seek():
+    class Pipe:  # e.g. a pipe or a streaming upload: write() only
+        def __init__(self) -> None:
+            self.chunks: list[bytes] = []
+
+        def write(self, data: bytes) -> int:
+            self.chunks.append(bytes(data))
+            return len(data)
+
+    pipe = Pipe()
+    info = build_zip(V, DRIVERS.items(), pipe)
+    expected, expected_info = zip_bytes(DRIVERS.items())
+    assert b"".join(pipe.chunks) == expected and info == expected_info
+
+
 def test_zip_holds_every_driver_as_stored_plus_license_with_fixed_attributes():
     data, _ = zip_bytes(DRIVERS.items(), license_text="the license\n")
     with zipfile.ZipFile(io.BytesIO(data)) as z:
@@ -537,3 +552,12 @@ def test_bad_root_and_version_are_refused(store):
         publish_support_packages(cache, support, [V], timestamp=T1, root="cpaas/x86_64")
     with pytest.raises(ValueError, match="neither semver"):
         publish_support_packages(cache, support, ["latest"], timestamp=T1)
+
+
+def test_package_names_use_the_utc_timestamp():
+    plus_one = timezone(timedelta(hours=1))
+    assert packages.package_name(V, T1) == "support-pkg-2.3.0-20221201100000.zip"
+    assert packages.package_name(V, T1.astimezone(plus_one)) == (
+        "support-pkg-2.3.0-20221201100000.zip"
+    )
+    assert packages.latest_package_name(V) == "support-pkg-2.3.0-latest.zip"

@@ -288,7 +288,7 @@ def check_unames(unames: Iterable[str], deb_cache: Path) -> list[Kernel]:
     missing = [k.release for k in kernels if not _cached(HEADERS_PREFIX + k.release, deb_cache)]
     if missing:
         available = available_unames()
-        unknown = [u for u in missing if u not in set(available)]
+        unknown = [u for u in missing if u not in available]
         if unknown:
             raise UnknownKernel(
                 f"no Debian package linux-headers-<uname> for {', '.join(unknown)}; "
@@ -538,6 +538,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     unames = list(dict.fromkeys(args.unames))
     out_dir, deb_cache = Path(args.out), Path(args.deb_cache)
     store = _bundle_store(args.upload) if args.upload else None
+    if store is not None:  # a bundle already published is final: do not make it again
+        for uname in [u for u in unames if store.exists(bundle_object(u))]:
+            print(
+                f"gs://{store.bucket_name}/{bundle_object(uname)}: already there", file=sys.stderr
+            )
+            unames.remove(uname)
     check_unames(unames, deb_cache)  # every bad name at once, before any slow work
 
     status = 0
@@ -573,15 +579,21 @@ def _bundle_store(uri: str):
     return storage.ObjectStore(storage.client_from_environment(), bucket)
 
 
+def publish_new_file(store, name: str, path: Path):
+    from drivers import storage
+
+    try:
+        return store.upload_new_file(name, path)
+    except storage.StorageError as e:  # e.g. a missing bucket: a configuration problem
+        raise ValueError(str(e)) from None
+
+
 def _upload(store, uname: str, path: Path) -> str:
     from drivers import storage
 
     name = bundle_object(uname)
     where = f"gs://{store.bucket_name}/{name}"
-    try:
-        result = store.upload_new_file(name, path)
-    except storage.StorageError as e:
-        raise ValueError(str(e)) from None
+    result = publish_new_file(store, name, path)
     if result is storage.UploadResult.CREATED:
         print(f"  uploaded to {where}", file=sys.stderr)
     elif result is storage.UploadResult.IDENTICAL:
@@ -589,7 +601,7 @@ def _upload(store, uname: str, path: Path) -> str:
     else:
         print(
             f"  error: {where} already exists with other bytes (DIFFERENT) and was left "
-            f"untouched; bundles are never overwritten (compare BUNDLE_CHECKSUM, and delete "
+            "untouched; bundles are never overwritten (compare BUNDLE_CHECKSUM, and delete "
             "the object first if it really must be replaced)",
             file=sys.stderr,
         )

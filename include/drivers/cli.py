@@ -12,13 +12,13 @@ import gc
 import importlib
 import json
 import sys
-import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from drivers.config import Config, load_config
 from drivers.kernels import Kernel, parse_kernel, read_kernel_list
-from drivers.layout import PLANS_PREFIX, Buckets, kernel_from_bundle_object
+from drivers.layout import Buckets, kernel_from_bundle_object
 from drivers.names import CacheIndex, check_driver_version, check_kinds
 from drivers.selectors import parse_selector
 
@@ -198,30 +198,6 @@ def cmd_gcs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_nightly_plan(args: argparse.Namespace) -> int:
-    """Plan what the nightly run would build: the bundle bucket's kernels against the
-    driver cache, with the config's driver versions and blocklists; the plan is stored
-    in the work bucket."""
-    buckets = Buckets.from_env()
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["--kernels", f"gs://{buckets.bundles}", "--cache", f"gs://{buckets.drivers}"]
-    status = cmd_plan(build_parser().parse_args(["plan", *argv, "--output", str(out)]))
-    from drivers import storage
-
-    store = storage.ObjectStore(storage.client_from_environment(), buckets.work)
-    name = f"{PLANS_PREFIX}nightly-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    store.upload_new(name, out.read_bytes())
-    print(f"plan written to {out} and gs://{buckets.work}/{name}", file=sys.stderr)
-    if json.loads(out.read_text())["inputs"]["kernels"] == 0:
-        print(
-            f"the bundle bucket gs://{buckets.bundles} holds no bundle-<kernel>.tgz yet: "
-            "nothing to plan",
-            file=sys.stderr,
-        )
-    return status
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     """List or fetch drivers in a cache (the embedded one or GCS)."""
     from drivers import storage
@@ -254,6 +230,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     from drivers import report
 
     return report.print_report(args.run_id)
+
+
+def cmd_run_dag(args: argparse.Namespace) -> int:
+    """One real run of a DAG on the embedded default (LocalExecutor, parallel tasks)."""
+    from drivers import report
+    from drivers.embedded import EmbeddedAirflow
+
+    conf = json.loads(args.conf) if args.conf else None
+    started = datetime.now(UTC)
+    with EmbeddedAirflow() as airflow:
+        log = airflow.home / f"{args.dag_id}.log"
+        print(f"running {args.dag_id} (Airflow log: {log})", file=sys.stderr)
+        status = airflow.dags_test(args.dag_id, conf, log=log)
+    print(f"{args.dag_id}: {'success' if status == 0 else 'FAILED'}", file=sys.stderr)
+    if args.dag_id == "upstream_drivers":
+        if report.print_report(since=started) == 1 and status == 0:
+            status = 1
+    return status
 
 
 def _lazy(module: str, function: str):
@@ -315,14 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?", help="default: the newest run")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("run-dag", help="run a DAG once on the embedded Airflow")
+    p.add_argument("dag_id")
+    p.add_argument("--conf", help="trigger parameters as JSON")
+    p.set_defaults(func=cmd_run_dag)
+
     p = sub.add_parser("gcs", help="embedded GCS: up (start + create buckets), down, status")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--port", type=int, default=4443)
     p.set_defaults(func=cmd_gcs)
 
-    p = sub.add_parser("nightly-plan", help="plan the nightly run against the configured buckets")
-    p.add_argument("--output", default=".gcs/nightly-plan.json")
-    p.set_defaults(func=cmd_nightly_plan)
     return parser
 
 

@@ -77,6 +77,8 @@ class Config:
     runtime: str = "local"
     shrink_tolerance: float = 0.02
     kubernetes: dict[str, Any] = field(default_factory=dict)
+    retries: int = 2
+    retry_delay_s: float = 120.0
 
     def route(self, kernel: Kernel, kind: Kind) -> str | None:
         """The builder for a task, or None when no route takes it."""
@@ -205,4 +207,6 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         runtime,
         float(tolerance),
         POD_DEFAULTS | data.get("kubernetes", {}),
+        int(data.get("retries", 2)),
+        _seconds(data.get("retry_delay_s", 120), "retry_delay_s"),
     )

@@ -26,7 +26,6 @@ BUNDLE_PREFIX = "bundle-"
 BUNDLE_SUFFIX = ".tgz"
 STAGING_PREFIX = "staging/"
 LEDGER_PREFIX = "ledger/"
-PLANS_PREFIX = "plans/"
 
 
 @dataclass(frozen=True)

@@ -93,8 +93,10 @@ class PackageConflict(Exception):
 # ---------------------------------------------------------------------------------------
 
 
-def package_name(driver_version: str, timestamp: datetime) -> str:
-    return f"support-pkg-{driver_version}-{format_timestamp(timestamp)}.zip"
+def package_name(driver_version: str, timestamp: datetime | str) -> str:
+    """``support-pkg-<version>-<YYYYmmddHHMMSS>.zip``; a str timestamp is used as is."""
+    stamp = timestamp if isinstance(timestamp, str) else format_timestamp(timestamp)
+    return f"support-pkg-{driver_version}-{stamp}.zip"
 
 
 def latest_package_name(driver_version: str) -> str:
@@ -544,7 +546,9 @@ def publish_support_packages(
             metadata.update(driver_set_digest=digest, license_sha256=license_sha256)
             # metadata.json goes last: when it names a package, the package, its checksum
             # and the pointers are all in place.
-            _put(support_store, folder + METADATA, _json_bytes(metadata), "application/json")
+            support_store.put(
+                folder + METADATA, _json_bytes(metadata), "application/json", POINTER_CACHE_CONTROL
+            )
             report_versions[version] = {
                 "status": "built",
                 **{k: metadata[k] for k in ("package", "sha256", "size", "drivers")},
@@ -552,7 +556,12 @@ def publish_support_packages(
 
     index_entries = _index_entries(support_store, root)
     title = "Collector support packages" + (f" ({root.rstrip('/')})" if root else "")
-    _put(support_store, root + INDEX, render_index(index_entries, title).encode(), "text/html")
+    support_store.put(
+        root + INDEX,
+        render_index(index_entries, title).encode(),
+        "text/html",
+        POINTER_CACHE_CONTROL,
+    )
     if downstream_store is not None:
         matrix = driver_matrix(
             (i.name[len(drivers_prefix) :] for i in upstream_infos),
@@ -561,7 +570,7 @@ def publish_support_packages(
     else:
         names = (i.name[len(drivers_prefix) :] for i in upstream_infos)
         matrix = driver_matrix(*((names, ()) if drivers_source == "upstream" else ((), names)))
-    _put(support_store, root + MATRIX, _json_bytes(matrix), "application/json")
+    support_store.put(root + MATRIX, _json_bytes(matrix), "application/json", POINTER_CACHE_CONTROL)
 
     statuses = [v["status"] for v in report_versions.values()]
     return {
@@ -596,7 +605,7 @@ def _build_and_upload(
             names = [d.info.name for d in drivers if d.store is store]
             got = store.download_many(names, work / f"from-{n}", workers=workers)
             paths.update({name.rpartition("/")[2]: path for name, path in got.items()})
-        zip_name = f"support-pkg-{version}-{stamp}.zip"
+        zip_name = package_name(version, stamp)
         zip_path = work / zip_name
         info = build_zip(version, paths.items(), zip_path, license_text)
 
@@ -618,10 +627,14 @@ def _build_and_upload(
         # The pointers below are the only objects ever replaced (plain, overwriting
         # uploads): they must follow the newest package. Everything else is upload_new.
         latest_zip = latest_package_name(version)
-        _copy(support_store, folder + zip_name, folder + latest_zip)
+        support_store.copy(folder + zip_name, folder + latest_zip, POINTER_CACHE_CONTROL)
         latest_sha = sha256_line(info.sha256, latest_zip).encode()
-        _put(support_store, folder + latest_zip + ".sha256", latest_sha, "text/plain")
-        _put(support_store, folder + LATEST_POINTER, f"{zip_name}\n".encode(), "text/plain")
+        support_store.put(
+            folder + latest_zip + ".sha256", latest_sha, "text/plain", POINTER_CACHE_CONTROL
+        )
+        support_store.put(
+            folder + LATEST_POINTER, f"{zip_name}\n".encode(), "text/plain", POINTER_CACHE_CONTROL
+        )
     finally:
         shutil.rmtree(work)  # disk holds one version's drivers and zip at a time
 
@@ -680,25 +693,6 @@ def _index_entries(store: ObjectStore, root: str) -> list[IndexEntry]:
 # ---------------------------------------------------------------------------------------
 # Storage helpers storage.py does not have (yet): overwriting writes, for pointers only
 # ---------------------------------------------------------------------------------------
-
-
-def _put(store: ObjectStore, name: str, data: bytes, content_type: str) -> None:
-    """Overwrite ``name``: only for the mutable pointers (latest, metadata, index, matrix)."""
-    blob = store.client.bucket(store.bucket_name).blob(name)
-    blob.cache_control = POINTER_CACHE_CONTROL
-    blob.upload_from_string(data, content_type=content_type)
-
-
-def _copy(store: ObjectStore, source: str, dest: str) -> None:
-    """Server-side copy over ``dest`` (the ``-latest.zip``): no second upload of the zip.
-    rewrite() loops with a token, which large objects need on real GCS."""
-    bucket = store.client.bucket(store.bucket_name)
-    target = bucket.blob(dest)
-    target.cache_control = POINTER_CACHE_CONTROL
-    target.content_type = "application/zip"
-    token, _, _ = target.rewrite(bucket.blob(source))
-    while token is not None:
-        token, _, _ = target.rewrite(bucket.blob(source), token=token)
 
 
 def _read_json(store: ObjectStore, name: str) -> dict | None:

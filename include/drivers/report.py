@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 
 from drivers import storage
 from drivers.layout import Buckets
 from drivers.pipeline import report_prefix
 
 
-def newest_run_id(work: storage.ObjectStore) -> str | None:
-    reports = [i for i in work.list("reports/") if i.name.endswith("/report.json")]
+def newest_run_id(work: storage.ObjectStore, since: datetime | None = None) -> str | None:
+    reports = [
+        i
+        for i in work.list("reports/")
+        if i.name.endswith("/report.json") and (since is None or i.created >= since)
+    ]
     if not reports:
         return None
     newest = max(reports, key=lambda i: i.created)
     return newest.name.removeprefix("reports/").removesuffix("/report.json")
 
 
-def print_report(run_id: str | None = None, out=sys.stdout) -> int:
+def print_report(run_id: str | None = None, since: datetime | None = None, out=sys.stdout) -> int:
+    """Print a run's summary (default: the newest run, or the newest since ``since``);
+    returns 0 when that run succeeded."""
     buckets = Buckets.from_env()
     work = storage.ObjectStore(storage.client_from_environment(), buckets.work)
-    run_id = run_id or newest_run_id(work)
+    run_id = run_id or newest_run_id(work, since)
     if run_id is None:
-        print(f"no run report in gs://{buckets.work}/reports/ yet", file=out)
+        when = f" since {since:%H:%M:%S}" if since else ""
+        print(f"no run report in gs://{buckets.work}/reports/{when}", file=out)
         return 1
     prefix = report_prefix(run_id)
     doc = json.loads(work.download(prefix + "report.json"))

@@ -1,0 +1,226 @@
+"""Builder benchmark: what `drivers build-shard` adds around the compiler and GNU tar.
+
+Not a test. Per kernel (Debian 6.1.0-47 and 6.1.0-56 in amd64, cloud-amd64, rt-amd64;
+bundles made with drivers.bundles.make_debian_bundle):
+
+- fetch: ``ObjectStore.download_to`` of the bundle from the embedded GCS;
+- extraction: ``builder.safe_extract`` vs ``tar xzf`` of the same bundle into an empty
+  folder on the same file system (alternating, so both see the same cache state);
+- build: ``builder.build_driver`` for the kernel module (fresh copy of the sources, make,
+  strip --strip-debug, vermagic check, deterministic gzip) vs the bare
+  ``make -C <BUNDLE_BUILD_DIR> M=<fresh copy> modules`` on the same extracted headers.
+
+Then one real ``drivers build-shard`` over every kernel x both example versions x both
+kinds, for its fetch/extract/build split.
+
+Usage: .venv/bin/python bench/bench_builder.py [--runs 3] [--bundles DIR] [--kernels K,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from drivers import builder, layout
+from drivers.builder import build_driver, open_bundle, safe_extract
+from drivers.bundles import make_debian_bundle
+from drivers.emulator import EmbeddedGCS, free_port
+from drivers.names import DriverKey
+from drivers.storage import ObjectStore, client_from_environment
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = REPO / "include/drivers/driver_sources"
+KERNELS = [
+    f"6.1.0-{abi}-{flavour}" for abi in (47, 56) for flavour in ("amd64", "cloud-amd64", "rt-amd64")
+]
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def pack_sources(version_dir: Path, out_dir: Path) -> Path:
+    try:
+        from drivers.sources import package_sources
+    except ImportError:
+        out = out_dir / layout.source_object(version_dir.name)
+        with tarfile.open(out, "w:gz") as tf:
+            for child in sorted(version_dir.iterdir()):
+                tf.add(child, arcname=child.name)
+        return out
+    return package_sources(version_dir, out_dir)
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    tools = builder.toolchain_versions()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), load average {os.getloadavg()[0]:.1f} at start, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, "
+        f"{tools['gcc']}, {tools['clang']}, {tools['make']}"
+    )
+
+
+def bench_kernel(kernel: str, bundle: Path, store: ObjectStore, scratch: Path, runs: int) -> dict:
+    out: dict = {"kernel": kernel, "bundle_mb": round(bundle.stat().st_size / 1e6, 1)}
+    fetch, ours, tar = [], [], []
+    for _ in range(runs):
+        target = scratch / "fetched.tgz"
+        fetch.append(timed(store.download_to, layout.bundle_object(kernel), target)[0])
+        target.unlink()
+        ours.append(timed(safe_extract, bundle, fresh(scratch / "x-ours"))[0])
+        tar_cmd = ["tar", "xzf", str(bundle), "-C", str(fresh(scratch / "x-tar"))]
+        tar.append(timed(subprocess.run, tar_cmd, check=True)[0])
+    shutil.rmtree(scratch / "x-tar")
+
+    # Build on the tree extracted by safe_extract, inside a scratch root like the builder's.
+    root = scratch / "x-ours"
+    info = open_bundle(root, kernel)
+    key = DriverKey(kernel, "2.3.0", "mod")
+    sources = SOURCES / "2.3.0"
+    ours_build, bare, make_inside = [], [], []
+    for _ in range(runs):
+        bare_dir = scratch / "bare"
+        shutil.rmtree(bare_dir, ignore_errors=True)
+        shutil.copytree(sources / "module", bare_dir)
+        make_cmd = ["make", "-C", str(info.build_dir), f"M={bare_dir}", "modules"]
+        bare.append(timed(subprocess.run, make_cmd, check=True, capture_output=True)[0])
+        seconds, built = timed(build_driver, key, sources, info, scratch)
+        assert built.data is not None, built.message
+        ours_build.append(seconds)
+        make_inside.append(built.make_s)
+    shutil.rmtree(root)
+    shutil.rmtree(scratch / "build", ignore_errors=True)
+    shutil.rmtree(scratch / "bare", ignore_errors=True)
+
+    med = statistics.median
+    out.update(
+        fetch_s=med(fetch),
+        extract_s=med(ours),
+        tar_s=med(tar),
+        extract_ratio=med(ours) / med(tar),
+        build_s=med(ours_build),
+        build_make_s=med(make_inside),
+        bare_make_s=med(bare),
+        build_ratio=med(ours_build) / med(bare),
+        runs={"fetch": fetch, "extract": ours, "tar": tar, "build": ours_build, "bare": bare},
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--bundles", type=Path, default=REPO / ".cache/bundles")
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--json", type=Path, default=REPO / "bench/out/builder.json")
+    args = parser.parse_args()
+    kernels = args.kernels.split(",")
+    print(machine())
+
+    bundles = {}
+    for kernel in kernels:
+        bundles[kernel] = args.bundles / layout.bundle_object(kernel)
+        if not bundles[kernel].exists():
+            print(f"making {bundles[kernel]}")
+            make_debian_bundle(kernel, args.bundles, REPO / ".cache/debs")
+
+    with tempfile.TemporaryDirectory(prefix="bench-builder-", dir=REPO / ".cache") as tmp:
+        tmp = Path(tmp)
+        server = EmbeddedGCS(tmp / "gcs", port=free_port())
+        server.ensure_running()
+        os.environ.update(server.env())
+        try:
+            names = {r: f"bench-builder-{r}" for r in ("bundles", "sources", "work")}
+            server.create_buckets(names.values())
+            client = client_from_environment()
+            stores = {r: ObjectStore(client, n) for r, n in names.items()}
+            for kernel, path in bundles.items():
+                stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
+            for version in ("2.3.0", "2.4.0-rc1"):
+                archive = pack_sources(SOURCES / version, tmp)
+                stores["sources"].upload_new_file(layout.source_object(version), archive)
+
+            results = []
+            for kernel in kernels:
+                r = bench_kernel(kernel, bundles[kernel], stores["bundles"], tmp / "s", args.runs)
+                results.append(r)
+                print(
+                    f"{kernel:22} fetch {r['fetch_s']:.2f}s  extract {r['extract_s']:.2f}s "
+                    f"vs tar {r['tar_s']:.2f}s = {r['extract_ratio']:.2f}x  build "
+                    f"{r['build_s']:.2f}s (make inside {r['build_make_s']:.2f}s) vs bare make "
+                    f"{r['bare_make_s']:.2f}s = {r['build_ratio']:.2f}x",
+                    flush=True,
+                )
+
+            shard = {
+                "run_id": "bench",
+                "builder": "fc36",
+                "index": 0,
+                "cost": 0.0,
+                "buckets": names,
+                "tasks": [
+                    [k, v, kind]
+                    for k in kernels
+                    for v in ("2.3.0", "2.4.0-rc1")
+                    for kind in ("mod", "bpf")
+                ],  # fmt: skip
+            }
+            name = layout.shard_object("bench", "fc36", 0)
+            stores["work"].put(name, json.dumps(shard).encode())
+            started = time.perf_counter()
+            status = subprocess.run(
+                [str(REPO / ".venv/bin/drivers"), "build-shard", "--shard",
+                 f"gs://{names['work']}/{name}", "--workdir", str(tmp / "shard")],
+                check=False,
+            ).returncode  # fmt: skip
+            wall = time.perf_counter() - started
+            lines = stores["work"].download(layout.shard_results_object("bench", "fc36", 0))
+            records = [json.loads(line) for line in lines.decode().splitlines()]
+        finally:
+            server.stop()
+
+    shard_record = records[-1]
+    per_kind: dict[str, list[float]] = {}
+    for r in records[:-1]:
+        per_kind.setdefault(r["kind"], []).append(r["duration_s"])
+    summary = {
+        "machine": machine(),
+        "runs": args.runs,
+        "kernels": results,
+        "shard": {
+            "exit_status": status,
+            "wall_s": wall,
+            "record": shard_record,
+            "task_median_s": {k: statistics.median(v) for k, v in per_kind.items()},
+        },
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary["shard"], indent=1))
+    print(f"written {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""upstream_drivers end to end: real Airflow (LocalExecutor + api-server), the real GCS
+emulator, real Debian bundles, real compilers. Runs share one set of buckets in order:
+build, no-op rerun, a broken driver version, then the shrink guard."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from drivers import layout
+from drivers.bundles import make_debian_bundle
+from drivers.embedded import EmbeddedAirflow
+from drivers.sources import package_sources, shipped_sources_dir
+from drivers.storage import ObjectStore, client_from_environment
+
+REPO = Path(__file__).resolve().parents[1]
+# Two kernels on two builders, so the multi-builder path runs for real.
+KERNELS = ("6.1.0-56-cloud-amd64", "6.12.115+deb12-cloud-amd64")
+VERSIONS = ("2.3.0", "2.4.0-rc1")
+CONFIG = """
+driver_versions = ["2.3.0", "2.4.0-rc1"]
+blocklists = []
+slots = 4
+retries = 1
+retry_delay_s = 5
+[[builders]]
+name = "deb61"
+toolchain = "host gcc-12 + clang (Debian 12)"
+[[builders]]
+name = "deb612"
+toolchain = "host gcc-12 + clang (Debian 12)"
+[[routes]]
+builder = "deb612"
+kernels = ">=6.12"
+kinds = ["mod", "bpf"]
+[[routes]]
+builder = "deb61"
+kernels = ">=3"
+kinds = ["mod", "bpf"]
+"""
+BROKEN = 'MODULE_LICENSE("GPL");\nthis does not compile;\n'
+
+
+@pytest.fixture(scope="module")
+def env(gcs, tmp_path_factory):
+    """Unique buckets, a two-builder config, bundles and sources published."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    tag = uuid.uuid4().hex[:8]
+    buckets = {role: f"e2e-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
+    gcs.create_buckets(buckets.values())
+    config = tmp / "pipeline.toml"
+    config.write_text(CONFIG)
+    with pytest.MonkeyPatch.context() as mp:
+        for role, name in buckets.items():
+            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", name)
+        mp.setenv("DRIVERS_CONFIG", str(config))
+        mp.setenv("DRIVERS_RUNTIME", "local")
+        client = client_from_environment()
+        stores = {role: ObjectStore(client, name) for role, name in buckets.items()}
+        for kernel in KERNELS:
+            path = make_debian_bundle(kernel, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
+            stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
+        for version in VERSIONS:
+            path = package_sources(shipped_sources_dir() / version, tmp / "sources")
+            stores["sources"].upload_new_file(layout.source_object(version), path)
+        airflow = EmbeddedAirflow(home=tmp / "airflow")
+        with airflow:
+            yield airflow, stores
+
+
+def run(airflow: EmbeddedAirflow, stores, conf: dict | None = None) -> dict:
+    """Trigger one run to its end; return its report (the newest in the work bucket)."""
+    started = datetime.now().astimezone()
+    status = airflow.dags_test("upstream_drivers", conf, log=airflow.home / "runs.log")
+    reports = [
+        i
+        for i in stores["work"].list("reports/")
+        if i.name.endswith("/report.json") and i.created >= started
+    ]
+    assert len(reports) == 1, f"no report; see {airflow.home}/runs.log"
+    doc = json.loads(stores["work"].download(reports[0].name))
+    doc["exit_status"] = status
+    prefix = reports[0].name.removesuffix("report.json")
+    for part in ("build", "push"):
+        name = f"{prefix}{part}.json"
+        doc[part] = (
+            json.loads(stores["work"].download(name)) if stores["work"].exists(name) else None
+        )
+    return doc
+
+
+def cache_names(stores) -> dict[str, int]:
+    return {i.name: i.generation for i in stores["drivers"].list()}
+
+
+@pytest.fixture(scope="module")
+def first_run(env):
+    airflow, stores = env
+    return run(airflow, stores)
+
+
+def test_first_run_builds_verifies_and_publishes_real_drivers(env, first_run):
+    _, stores = env
+    assert first_run["status"] == "success" and first_run["exit_status"] == 0, first_run["reasons"]
+    expected = {f"{v}/collector-{k}.ko.gz" for k in KERNELS for v in VERSIONS} | {
+        f"{v}/collector-ebpf-{k}.o.gz" for k in KERNELS for v in VERSIONS
+    }
+    assert set(cache_names(stores)) == expected
+    counts = first_run["build"]["counts"]
+    assert counts == {
+        "deb61/bpf": {"built": 2},
+        "deb61/mod": {"built": 2},
+        "deb612/bpf": {"built": 2},
+        "deb612/mod": {"built": 2},
+    }
+    assert first_run["push"]["counts"] == {"created": 8}
+    # staging is gone, reports stay
+    assert not list(stores["work"].list(layout.STAGING_PREFIX))
+
+
+def test_builder_shards_ran_in_parallel(first_run):
+    shards = first_run["build"]["shards"]
+    assert {s["builder"] for s in shards} == {"deb61", "deb612"}
+    a, b = (
+        (datetime.fromisoformat(s["started"]), datetime.fromisoformat(s["finished"]))
+        for s in shards
+    )
+    assert a[0] < b[1] and b[0] < a[1], f"shards did not overlap: {a} {b}"
+
+
+def test_support_packages_are_published(env, first_run):
+    _, stores = env
+    names = {i.name for i in stores["support"].list()}
+    for version in VERSIONS:
+        assert f"{version}/latest" in names
+        assert f"{version}/support-pkg-{version}-latest.zip" in names
+        assert f"{version}/metadata.json" in names
+    assert "index.html" in names and "driver-matrix.json" in names
+
+
+def test_second_run_builds_nothing(env, first_run):
+    airflow, stores = env
+    before = cache_names(stores)
+    second = run(airflow, stores)
+    assert second["status"] == "success", second["reasons"]
+    assert second["plan"]["summary"]["to_build"] == 0
+    assert second["plan"]["summary"]["done"] == 8
+    assert cache_names(stores) == before  # same objects, same generations
+
+
+def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first_run, tmp_path):
+    airflow, stores = env
+    broken = tmp_path / "9.9.9-rc1"
+    (broken / "module").mkdir(parents=True)
+    for kind_dir in ("module", "bpf"):
+        source = shipped_sources_dir() / "2.4.0-rc1" / kind_dir
+        target = broken / kind_dir
+        target.mkdir(exist_ok=True)
+        for f in source.iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+    for f in (broken / "module").glob("*.c"):
+        f.write_text(BROKEN)
+    (broken / "build.json").write_bytes(
+        (shipped_sources_dir() / "2.4.0-rc1" / "build.json").read_bytes()
+    )
+    path = package_sources(broken, tmp_path / "out")
+    stores["sources"].upload_new_file(layout.source_object("9.9.9-rc1"), path)
+
+    failed = run(airflow, stores, {"driver_versions": ["9.9.9-rc1"], "max_failures": 1})
+    assert failed["status"] == "failed" and failed["exit_status"] != 0
+    assert any("compile failure" in r for r in failed["reasons"]), failed["reasons"]
+    assert failed["build"]["compile_failures"] == 2
+    assert all(f["failure"] == "compile" for f in failed["build"]["failures"])
+    assert failed["build"]["failure_logs"]  # logs kept after staging is cleaned
+    log = stores["work"].download(failed["build"]["failure_logs"][0]).decode()
+    assert "error" in log
+    # the probes of that version compiled: they are published despite the failures
+    published = set(cache_names(stores))
+    assert {f"9.9.9-rc1/collector-ebpf-{k}.o.gz" for k in KERNELS} <= published
+    assert not any(n.startswith("9.9.9-rc1/collector-6") for n in published)
+
+
+def test_shrink_guard_stops_before_building_and_deletes_nothing(env, first_run):
+    airflow, stores = env
+    before = cache_names(stores)
+    missing = layout.bundle_object(KERNELS[1])
+    data = stores["bundles"].download(missing)
+    stores["bundles"].client.bucket(stores["bundles"].bucket_name).blob(missing).delete()
+    try:
+        guarded = run(airflow, stores)
+    finally:
+        stores["bundles"].upload_new(missing, data)
+    assert guarded["status"] == "failed"
+    assert any("pre_build" in r for r in guarded["reasons"])
+    assert guarded["build"] is None or not guarded["build"]["shards"]
+    assert cache_names(stores) == before
+    log = (airflow.home / "runs.log").read_text()
+    assert f"Missing: {KERNELS[1]}" in log
