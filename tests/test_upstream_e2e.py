@@ -5,6 +5,7 @@ build, no-op rerun, a broken driver version, then the shrink guard."""
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -155,18 +156,9 @@ def test_second_run_builds_nothing(env, first_run):
 def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first_run, tmp_path):
     airflow, stores = env
     broken = tmp_path / "9.9.9-rc1"
-    (broken / "module").mkdir(parents=True)
-    for kind_dir in ("module", "bpf"):
-        source = shipped_sources_dir() / "2.4.0-rc1" / kind_dir
-        target = broken / kind_dir
-        target.mkdir(exist_ok=True)
-        for f in source.iterdir():
-            (target / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", broken)
     for f in (broken / "module").glob("*.c"):
         f.write_text(BROKEN)
-    (broken / "build.json").write_bytes(
-        (shipped_sources_dir() / "2.4.0-rc1" / "build.json").read_bytes()
-    )
     path = package_sources(broken, tmp_path / "out")
     stores["sources"].upload_new_file(layout.source_object("9.9.9-rc1"), path)
 
