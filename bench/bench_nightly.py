@@ -71,9 +71,8 @@ def main() -> None:
     runs = [one_run(log) for _ in range(int(os.environ.get("RUNS", "3")))]
     for key in runs[0]:
         values = [r[key] for r in runs]
-        print(
-            f"{key:12} median {statistics.median(values):6.1f} s  runs {[round(v, 1) for v in values]}"
-        )
+        runs_s = [round(v, 1) for v in values]
+        print(f"{key:12} median {statistics.median(values):6.1f} s  runs {runs_s}")
     fixed = [r["dags_test_s"] - r["dag_run_s"] for r in runs]
     print(f"{'fixed':12} median {statistics.median(fixed):6.1f} s  (dags test outside the DAG run)")
     parses = parse_time()
