@@ -14,7 +14,7 @@ export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
                 6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64 6.12.115+deb12-rt-amd64
 
-.PHONY: setup run test lint bench gcs-up gcs-down
+.PHONY: setup run test lint bench bench-nightly bench-listing gcs-up gcs-down
 
 setup: $(STAMP)
 	@scripts/host-deps.sh
@@ -44,5 +44,15 @@ test: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# Benchmarks, never part of `make test`; figures go to bench/RESULTS.md.
+# bench-nightly needs the state `make run` leaves; bench-listing takes ~10 min.
 bench: setup
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_plan.py
+	$(BIN)/python bench/bench_packages.py
+	$(BIN)/python bench/bench_builder.py
+
+bench-nightly: run
+	$(BIN)/python bench/bench_nightly.py
+
+bench-listing: setup
+	$(BIN)/python bench/bench_listing.py

@@ -163,7 +163,6 @@ def main() -> None:
         *blocklists,
         "--cache",
         str(cache_b),
-        "--compact",
         "--output",
         str(OUT / "plan-b.json"),
     ]

@@ -21,19 +21,24 @@ The DAG's shape (builders, runtime) comes from the shipped config (`DRIVERS_CONF
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from airflow.sdk import TriggerRule, chain, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
 
 from drivers import airflow_glue as glue
-from drivers import pipeline
 from drivers.config import load_config
-from drivers.pipeline import RunInputError, RunParams, ShrinkGuardError
+
+if TYPE_CHECKING:
+    from drivers.pipeline import RunParams
 
 config = load_config()  # a local TOML file: cheap, and the DAG's shape depends on it
+# drivers.pipeline (and google-cloud-storage) is imported inside tasks: parsing stays cheap.
 
 
 def _params() -> RunParams:
+    from drivers.pipeline import RunParams
+
     return RunParams.from_params(get_current_context()["params"], config)
 
 
@@ -58,9 +63,11 @@ def _run_id() -> str:
 def upstream_drivers():
     @task
     def pre_build() -> dict:
+        from drivers import pipeline
+
         try:
             return pipeline.pre_build(glue.stores(), config, _run_id(), _params())
-        except (RunInputError, ShrinkGuardError, ValueError) as e:
+        except (pipeline.ShrinkGuardError, ValueError) as e:  # bad input: retrying cannot help
             raise AirflowFailException(str(e)) from None
 
     plan = pre_build()
@@ -94,24 +101,34 @@ def upstream_drivers():
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def unify(plan: dict | None) -> dict:
+        from drivers import pipeline
+
         if plan is None:
             raise AirflowFailException("pre_build produced no plan")
         return pipeline.unify(glue.stores(), _run_id(), plan["shards"])
 
     @task
     def verify_drivers() -> dict:
+        from drivers import pipeline
+
         return pipeline.verify_drivers(glue.stores(), _run_id())
 
     @task
     def push_drivers() -> dict:
+        from drivers import pipeline
+
         return pipeline.push_drivers(glue.stores(), _run_id())
 
     @task
     def update_support_packages() -> dict:
+        from drivers import pipeline
+
         return pipeline.update_support_packages(glue.stores(), list(_params().driver_versions))
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
     def report(plan: dict | None, unified, verified, pushed, packages) -> dict:
+        from drivers import pipeline
+
         context = get_current_context()
         states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[_run_id()])
         failed = sorted(
@@ -130,6 +147,8 @@ def upstream_drivers():
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def cleanup_staging() -> int:
+        from drivers import pipeline
+
         return pipeline.cleanup_staging(glue.stores(), _run_id())
 
     unified = unify(plan)

@@ -38,8 +38,9 @@ from drivers.builder import (
 )
 from drivers.cli import main
 from drivers.names import DriverKey
+from drivers.sources import package_sources
 from drivers.storage import ObjectStore
-from drivers.verify import read_vermagic, verify_driver
+from drivers.verify import elf_sections, read_vermagic, verify_driver
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-47-cloud-amd64"
@@ -80,19 +81,6 @@ def relabelled_bundle(real_bundle: Path, tmp_path_factory: pytest.TempPathFactor
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
     return out.getvalue()
-
-
-def pack_sources(version_dir: Path, out_dir: Path) -> Path:
-    """``<version>.tgz`` as the sources bucket holds it."""
-    try:
-        from drivers.sources import package_sources
-    except ImportError:  # until drivers.sources lands: module/ and bpf/ at the root
-        out = out_dir / layout.source_object(version_dir.name)
-        with tarfile.open(out, "w:gz") as tf:
-            for child in sorted(version_dir.iterdir()):
-                tf.add(child, arcname=child.name)
-        return out
-    return package_sources(version_dir, out_dir)
 
 
 def tgz(*members: tuple[str, str, bytes | str]) -> bytes:
@@ -141,7 +129,7 @@ class Env:
         out = self.tmp_path / "sources-out"
         out.mkdir(exist_ok=True)
         self.sources.upload_new_file(
-            layout.source_object(version_dir.name), pack_sources(version_dir, out)
+            layout.source_object(version_dir.name), package_sources(version_dir, out)
         )
 
     def add_bundle(self, kernel: str, data: bytes | Path) -> None:
@@ -231,6 +219,9 @@ def test_a_real_kernel_builds_both_kinds_of_both_versions_and_stages_them(first_
         assert r["size"] == len(data)
         assert r["sha256"] == __import__("hashlib").sha256(data).hexdigest()
         assert verify_driver(key, data, unavailable=False) == []
+        sections = elf_sections(gzip.decompress(data))
+        assert ".debug_info" not in sections  # stripped
+        assert kind == "mod" or ".BTF" in sections  # libbpf needs it for the maps
         assert data[4:8] == b"\0\0\0\0" and not data[3] & 0x08  # gzip: mtime 0, no name
         assert set(r["toolchain"]) == {"gcc", "clang", "make"}
         assert r["toolchain"]["gcc"] and r["toolchain"]["clang"] and r["toolchain"]["make"]
@@ -317,7 +308,9 @@ def test_bad_bundles_fail_their_kernels_as_infra_while_the_shard_goes_on(env, re
             env.add_bundle(kernel, data)
     env.add_bundle(KERNEL, real_bundle)
     tasks = [(k, "2.3.0", kind) for k in BAD_BUNDLES for kind in ("mod", "bpf")]
-    tasks += [(KERNEL, "2.3.0", "mod"), (KERNEL, "7.7.7", "mod")]  # 7.7.7: no sources
+    # 7.7.7: no sources; 8.8.8: sources without build.json
+    env.sources.upload_new(layout.source_object("8.8.8"), tgz(("module/Makefile", "file", "")))
+    tasks += [(KERNEL, "2.3.0", "mod"), (KERNEL, "7.7.7", "mod"), (KERNEL, "8.8.8", "mod")]
 
     status, records, workdir = env.build(tasks)
 
@@ -333,6 +326,9 @@ def test_bad_bundles_fail_their_kernels_as_infra_while_the_shard_goes_on(env, re
     no_sources = results[(KERNEL, "7.7.7", "mod")]
     assert (no_sources["status"], no_sources["failure"]) == ("infra_failed", "sources_missing")
     assert "7.7.7.tgz does not exist" in no_sources["message"]
+    no_spec = results[(KERNEL, "8.8.8", "mod")]
+    assert (no_spec["status"], no_spec["failure"]) == ("infra_failed", "sources_missing")
+    assert "build.json is missing" in no_spec["message"]
     shard = records[-1]
     assert (shard["status"], shard["exit_status"], shard["completed"]) == (
         "infra_failed",
@@ -514,6 +510,22 @@ def test_a_missing_work_bucket_is_not_retried(env):
     assert main(["build-shard", "--shard", uri]) == EX_DATAERR
 
 
+def test_a_builder_image_without_make_stops_with_65(env, real_bundle, tmp_path, monkeypatch):
+    env.add_bundle(KERNEL, real_bundle)
+    uri, _ = env.shard([(KERNEL, "2.3.0", "mod"), (KERNEL, "2.3.0", "bpf")])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no make, gcc, strip, clang
+
+    assert main(["build-shard", "--shard", uri]) == EX_DATAERR
+
+    records = env.results()
+    assert [(r["status"], r["failure"]) for r in records[:-1]] == [
+        ("infra_failed", "toolchain")
+    ] * 2
+    assert "make is not installed" in records[0]["message"]
+    assert records[0]["toolchain"] == {"gcc": None, "clang": None, "make": None}
+    assert records[-1]["exit_status"] == EX_DATAERR and records[-1]["completed"] is False
+
+
 def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle, tmp_path):
     env.add_bundle(KERNEL, real_bundle)
     uri, _ = env.shard([(KERNEL, "2.3.0", "mod")])
@@ -582,6 +594,84 @@ def test_safe_extract_keeps_in_tree_links_and_executable_bits(tmp_path):
     assert safe_extract(archive, tmp_path / "out") == 2
     assert (tmp_path / "out/tree/other/scripts/run").read_text() == "hi\n"
     assert os.access(tmp_path / "out/tree/scripts/run", os.X_OK)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_safe_extract_reads_long_names_in_every_tar_format_like_tarfile(tmp_path, fmt):
+    long_dir = "/".join(["folder-with-a-long-name"] * 5)  # 119 characters
+    files = {f"{long_dir}/header-{i}.h": f"#define N{i} {i}\n".encode() * (i + 1) for i in range(3)}
+    if fmt != tarfile.USTAR_FORMAT:  # ustar cannot hold a last part over 100 characters
+        files[f"{long_dir}/{'x' * 120}.h"] = b"long\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 315_532_800
+            tf.addfile(info, io.BytesIO(data))
+        if fmt != tarfile.USTAR_FORMAT:
+            link = tarfile.TarInfo("short-link")
+            link.type, link.linkname = tarfile.SYMTYPE, f"{long_dir}/{'x' * 120}.h"
+            tf.addfile(link)
+    archive = tmp_path / "formats.tgz"
+    archive.write_bytes(buf.getvalue())
+
+    safe_extract(archive, tmp_path / "out")
+
+    for name, data in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+        assert (tmp_path / "out" / name).stat().st_mtime == 315_532_800
+    if fmt != tarfile.USTAR_FORMAT:
+        assert (tmp_path / "out/short-link").read_bytes() == b"long\n"
+
+
+def test_safe_extract_streams_a_large_member_and_lets_a_later_duplicate_win(tmp_path):
+    big = os.urandom(9 << 20)  # above the size written while inflating
+    archive = tmp_path / "big.tgz"
+    archive.write_bytes(
+        tgz(
+            ("vmlinux", "file", big),
+            ("dup", "file", "first"),
+            ("dup", "file", "second"),
+            ("hard", "hardlink", "dup"),
+        )
+    )
+
+    assert safe_extract(archive, tmp_path / "out") == 4
+    assert (tmp_path / "out/vmlinux").read_bytes() == big
+    assert (tmp_path / "out/dup").read_text() == "second"
+    assert (tmp_path / "out/hard").read_text() == "second"
+
+
+def test_safe_extract_refuses_a_link_re_aimed_out_of_the_tree_by_a_later_member(tmp_path):
+    # a -> c/.. is inside while c -> d/e; once c is replaced by c -> ., a points above.
+    archive = tmp_path / "reaim.tgz"
+    archive.write_bytes(
+        tgz(
+            ("d/e", "dir", ""),
+            ("c", "symlink", "d/e"),
+            ("a", "symlink", "c/.."),
+            ("c", "symlink", "."),
+        )
+    )
+    with pytest.raises(UnsafeArchive, match="'a' ends outside the tree"):
+        safe_extract(archive, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (gzip.compress(b""), "truncated"),
+        (gzip.compress(os.urandom(4096)), "checksum"),
+        (gzip.compress(tgz(("f", "file", os.urandom(2048)))), "checksum"),  # gzip in gzip
+        (tgz(("f", "file", os.urandom(100_000)))[:50_000], "truncated"),
+    ],
+)
+def test_safe_extract_reports_data_that_is_not_a_tar_archive(tmp_path, data, words):
+    archive = tmp_path / "junk.tgz"
+    archive.write_bytes(data)
+    with pytest.raises(UnsafeArchive, match="not a readable .tgz") as e:
+        safe_extract(archive, tmp_path / "out")
+    assert words in str(e.value)
 
 
 def test_a_truncated_bundle_is_corrupt(tmp_path, real_bundle):

@@ -243,8 +243,10 @@ def test_upload_never_overwrites(
     assert fresh.upload_new_file(name, report.path) is UploadResult.IDENTICAL
 
     taken.upload_new(name, b"someone else's bundle")
-    assert main([*argv, "--upload", f"gs://{taken.bucket_name}"]) == 1
-    assert "DIFFERENT" in capsys.readouterr().err
+    assert taken.upload_new_file(name, report.path) is UploadResult.DIFFERENT
+    # A bundle already published is final: the command neither rebuilds nor replaces it.
+    assert main([*argv, "--upload", f"gs://{taken.bucket_name}"]) == 0
+    assert "already there" in capsys.readouterr().err
     assert taken.download(name) == b"someone else's bundle"
 
     assert main([*argv, "--upload", f"gs://{fresh.bucket_name}/some/prefix"]) == 2

@@ -11,14 +11,16 @@ import os
 import subprocess
 import sys
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from drivers.config import Config
 from drivers.names import DRIVER_VERSION_RE, KINDS
-from drivers.pipeline import Stores
+
+if TYPE_CHECKING:
+    from drivers.pipeline import Stores
 
 GCP_CONN_ID = os.environ.get("DRIVERS_GCP_CONN_ID", "google_cloud_default")
 BUILDER_POOL = "builders"  # sized from the config's `slots` by `make run` / deployment
@@ -28,6 +30,8 @@ EX_DATAERR, EX_TEMPFAIL = 65, 75  # drivers build-shard: bad input / transient f
 def stores() -> Stores:
     """Object stores over the Airflow connection's client (GCSHook)."""
     from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+    from drivers.pipeline import Stores
 
     return Stores(GCSHook(gcp_conn_id=GCP_CONN_ID).get_conn())
 

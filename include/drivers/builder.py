@@ -10,8 +10,10 @@ A shard (JSON, written by the DAG's pre-build under the run's staging prefix)::
 One bundle is on disk at a time: per kernel, download ``bundle-<kernel>.tgz``, extract it
 safely, build every task of that kernel, delete it. Driver sources are fetched once per
 version per shard. Both kinds build with kbuild, ``make -C <BUNDLE_BUILD_DIR> M=<dir>
-modules``, from a fresh copy of the version's ``module/`` (gives ``*.ko``) or ``bpf/``
-(gives ``probe.o``) folder; kernels that cannot run eBPF get the empty ``.unavail`` marker.
+modules``, in a fresh copy of the folder the sources' ``build.json`` names for the kind,
+which also names the output (driver_sources/README.md); the module is then stripped of
+debug info and its vermagic checked, the probe stripped of DWARF (its BTF stays). Kernels
+that cannot run eBPF get the empty ``.unavail`` marker without any bundle.
 
 Outputs in the work bucket (names from :mod:`drivers.layout`): staged drivers, a log per
 failed task, and the results (JSON lines: one ``task`` record per task, then one ``shard``
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +55,7 @@ from typing import Any
 from drivers import layout
 from drivers.kernels import KernelParseError, ebpf_supported, parse_kernel
 from drivers.names import KINDS, DriverKey, DriverVersionError, check_driver_version
+from drivers.sources import read_build_spec
 from drivers.verify import read_vermagic, verify_driver, vermagic_matches
 
 EX_OK = 0
@@ -61,12 +65,13 @@ EX_TEMPFAIL = 75  # storage unreachable, disk full, pod stopped: retry
 
 LOG_LIMIT = 64 * 1024  # a failed task's log keeps the tail of the compile output
 BUILD_TIMEOUT_S = 900  # per make run; a hung compile must not hold a builder forever
-# Bounds for an extracted archive: a bundle is ~80 MB and ~12,000 files unpacked.
+# Bounds for an extracted archive: a Debian 6.1 bundle is ~45 MB in ~10,000 files.
 MAX_EXTRACTED_BYTES = 4 << 30
 MAX_MEMBERS = 500_000
 BUNDLE_FILES = ("UNAME", "BUILD_DIR", "DISTRO", "VERSION", "MAJOR", "MINOR", "CHECKSUM")
 WORKDIR_IN_LOGS = "$WORKDIR"
-TIMINGS = ("fetch_s", "extract_s", "build_s", "upload_s")  # the shard record's time split
+# The shard record's split of its time (the rest is start-up and the results upload).
+TIMINGS = ("fetch_s", "extract_s", "build_s", "upload_s", "cleanup_s")
 # The shard object's name, used to find where results go when the shard file is unreadable.
 _SHARD_NAME_RE = re.compile(
     r"staging/(?P<run_id>[^/]+)/shards/(?P<builder>[^/]+)-(?P<index>\d+)\.json$"
@@ -74,6 +79,10 @@ _SHARD_NAME_RE = re.compile(
 
 
 # --- the shard file ----------------------------------------------------------------------
+
+
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "an integer",
+               (int, float): "a number"}  # fmt: skip
 
 
 class ShardFormatError(ValueError):
@@ -103,10 +112,8 @@ class Shard:
         def field(name: str, kind: type | tuple[type, ...], within: dict = doc) -> Any:
             value = within.get(name)
             if not isinstance(value, kind) or isinstance(value, bool):
-                raise ShardFormatError(
-                    f"{where}: field {name!r} must be {getattr(kind, '__name__', kind)}, "
-                    f"got {value!r}"
-                )
+                what = _JSON_TYPES.get(kind, str(kind))
+                raise ShardFormatError(f"{where}: field {name!r} must be {what}, got {value!r}")
             return value
 
         buckets = field("buckets", dict)
@@ -140,10 +147,13 @@ class Shard:
         for name, value in (("run_id", run_id), ("builder", builder)):
             if not value or "/" in value:
                 raise ShardFormatError(f"{where}: {name} {value!r} must be non-empty, without '/'")
+        index = field("index", int)
+        if index < 0:
+            raise ShardFormatError(f"{where}: field 'index' must not be negative, got {index}")
         return cls(
             run_id=run_id,
             builder=builder,
-            index=field("index", int),
+            index=index,
             cost=float(field("cost", (int, float))),
             tasks=tuple(tasks),
             **names,
@@ -167,7 +177,8 @@ class Shard:
 # headers are read. Measured in bench/results_builder.md.
 
 EXTRACT_WRITERS = 4
-_MAX_PENDING_WRITES = 512
+_BATCH_FILES, _BATCH_BYTES = 64, 1 << 20  # files handed to a writer thread at once
+_MAX_PENDING_BATCHES = 32  # bounds the memory held by queued writes
 _STREAM_ABOVE = 8 << 20  # members larger than this are written as they are inflated
 _GZIP_CHUNK = 1 << 20
 _TAR_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
@@ -297,7 +308,7 @@ class _TarReader:
             name, mode, _u, _g, size, mtime, chksum, kind, link, magic, *_, prefix = (
                 _TAR_HEADER.unpack(block)
             )
-            if _octal(chksum) != sum(block) - sum(block[148:156]) + 256:
+            if not _checksum_ok(block, chksum):
                 raise ValueError(f"bad tar header checksum at byte {at}: not a tar archive")
             self.unread = (_octal(size) + 511) & ~511
             if kind in (b"x", b"L", b"K", b"g"):  # metadata for the next member
@@ -321,6 +332,14 @@ class _TarReader:
                 size=_octal(size),
             )
             pax, gnu = {}, {}
+
+
+def _checksum_ok(block: bytes, field: bytes) -> bool:
+    """The header's checksum: the sum of its bytes, counting the field itself as spaces."""
+    try:
+        return _octal(field) == sum(block) - sum(block[148:156]) + 256
+    except ValueError:
+        return False
 
 
 def _octal(field: bytes) -> int:
@@ -352,15 +371,26 @@ def _pax_records(raw: bytes) -> dict[str, str]:
     return out
 
 
-def _write_file(path: str, data: memoryview, mode: int, mtime: int, done: Any) -> None:
+class _WriteFailed(Exception):
+    def __init__(self, name: str, error: OSError) -> None:
+        super().__init__(name, error)
+        self.name, self.error = name, error
+
+
+def _write_files(batch: list[tuple[str, str, memoryview, int, int]], done: Any) -> None:
+    """Write (name, path, data, mode, mtime) files; runs in a writer thread."""
     try:
-        fd = os.open(path, _WRITE_FLAGS, mode)
-        try:
-            while data:
-                data = data[os.write(fd, data) :]
-            os.utime(fd, (mtime, mtime))
-        finally:
-            os.close(fd)
+        for name, path, data, mode, mtime in batch:
+            try:
+                fd = os.open(path, _WRITE_FLAGS, mode)
+                try:
+                    while data:
+                        data = data[os.write(fd, data) :]
+                    os.utime(fd, (mtime, mtime))
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise _WriteFailed(name, e) from None
     finally:
         done.release()
 
@@ -378,8 +408,10 @@ class _Extractor:
         self.members = 0
         self.bytes = 0
         self.pool = ThreadPoolExecutor(EXTRACT_WRITERS, thread_name_prefix="extract")
-        self.pending: list[tuple[str, Future[None]]] = []
-        self.slots = threading.BoundedSemaphore(_MAX_PENDING_WRITES)
+        self.pending: list[Future[None]] = []
+        self.batch: list[tuple[str, str, memoryview, int, int]] = []
+        self.batch_bytes = 0
+        self.slots = threading.BoundedSemaphore(_MAX_PENDING_BATCHES)
 
     def _inside(self, real: str) -> bool:
         return real == self.root or real.startswith(self.root + os.sep)
@@ -424,13 +456,24 @@ class _Extractor:
 
     def _real_dir(self, rel: str, name: str) -> str:
         real = self.real_dirs.get(rel)
+        if real is not None:
+            return real
+        parent, _, last = rel.rpartition("/")
+        real_parent = self.real_dirs.get(parent)
+        if real_parent is not None:  # the common case: one mkdir, nothing to resolve
+            real = os.path.join(real_parent, last)
+            try:
+                os.mkdir(real)
+            except FileExistsError:
+                if os.path.islink(real) or not os.path.isdir(real):
+                    real = None
         if real is None:
             # Resolve first, create after: makedirs must not follow a link out of the tree.
             real = os.path.realpath(os.path.join(self.root, rel))
             if not self._inside(real):
                 raise self._refuse(name, f"lies outside the tree (through a link, at {real})")
             os.makedirs(real, exist_ok=True)
-            self.real_dirs[rel] = real
+        self.real_dirs[rel] = real
         return real
 
     def _file(self, m: _Member, rel: str, path: str, reader: _TarReader) -> None:
@@ -447,11 +490,18 @@ class _Extractor:
             finally:
                 os.close(fd)
             return
-        self.slots.acquire()  # bounds the memory held by queued writes
-        future = self.pool.submit(_write_file, path, reader.data(m.size), mode, m.mtime, self.slots)
-        self.pending.append((m.name, future))
-        if len(self.pending) >= 2 * _MAX_PENDING_WRITES:
-            self._reap(only_done=True)
+        self.batch.append((m.name, path, reader.data(m.size), mode, m.mtime))
+        self.batch_bytes += m.size
+        if len(self.batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.batch:
+            self.slots.acquire()
+            self.pending.append(self.pool.submit(_write_files, self.batch, self.slots))
+            self.batch, self.batch_bytes = [], 0
+            if len(self.pending) >= 2 * _MAX_PENDING_BATCHES:
+                self._reap(only_done=True)
 
     def _symlink(self, m: _Member, parent: str, path: str) -> None:
         self.drain()  # a new link changes how paths resolve: nothing may be in flight
@@ -483,18 +533,23 @@ class _Extractor:
 
     def _reap(self, only_done: bool = False) -> None:
         waiting = []
-        for name, future in self.pending:
+        for future in self.pending:
             if only_done and not future.done():
-                waiting.append((name, future))
+                waiting.append(future)
                 continue
             error = future.exception()
-            if isinstance(error, OSError) and error.errno in _CONFLICT:
-                raise self._refuse(name, f"clashes with an earlier member: {error.strerror}")
+            if isinstance(error, _WriteFailed):
+                if error.error.errno not in _CONFLICT:
+                    raise error.error
+                why = f"clashes with an earlier member: {error.error.strerror}"
+                raise self._refuse(error.name, why)
             if error is not None:
                 raise error
         self.pending = waiting
 
     def drain(self) -> None:
+        """Wait for every queued write (before links, which change how paths resolve)."""
+        self._submit()
         self._reap(only_done=False)
 
     def finish(self) -> None:
@@ -592,18 +647,17 @@ def gzip_deterministic(data: bytes) -> bytes:
 
 
 def make_command(build_dir: Path, src: Path, scratch: Path) -> list[str]:
-    """kbuild for an external folder. Paths under ``scratch`` are mapped away from debug
-    info, __FILE__ and BTF so the object does not depend on where the shard ran:
-    KCFLAGS for the module, BPF_CLANG (the probe Makefile's compiler variable) for eBPF."""
-    prefix_map = f"-ffile-prefix-map={scratch}/="
+    """kbuild for an external folder (what driver_sources/README.md says builds both
+    kinds). KCFLAGS maps the scratch folder out of the module's debug info and __FILE__,
+    so its bytes (build-id included) do not depend on where the shard ran; the probe
+    Makefile maps its own paths."""
     return [
         "make",
         "-C",
         str(build_dir),
         f"M={src}",
         f"-j{len(os.sched_getaffinity(0))}",
-        f"KCFLAGS={prefix_map}",
-        f"BPF_CLANG=clang {prefix_map}",
+        f"KCFLAGS=-ffile-prefix-map={scratch}/=",
         "modules",
     ]
 
@@ -613,6 +667,22 @@ def _build_env() -> dict[str, str]:
     for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):  # e.g. run under make
         env.pop(name, None)
     return env
+
+
+def _run_tool(cmd: list[str]) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(cmd, capture_output=True, env=_build_env(), check=False)
+    except FileNotFoundError:
+        raise _missing_tool(cmd[0]) from None
+
+
+def _missing_tool(tool: str) -> ShardStopped:
+    # Every build would fail the same way: this builder image is incomplete.
+    return ShardStopped(
+        f"{tool} is not installed in this builder image (see scripts/host-deps.sh)",
+        EX_DATAERR,
+        "toolchain",
+    )
 
 
 def _run_make(cmd: list[str], log_path: Path) -> tuple[int | None, float]:
@@ -638,13 +708,6 @@ def _run_make(cmd: list[str], log_path: Path) -> tuple[int | None, float]:
     return status, time.perf_counter() - started
 
 
-def _missing_tool(tool: str) -> ShardStopped:
-    # Every build would fail the same way: this builder image is incomplete.
-    return ShardStopped(
-        f"{tool} is not installed in this builder image (see scripts/host-deps.sh)", EX_DATAERR
-    )
-
-
 def _log_tail(log_path: Path, scratch: Path, extra: str = "") -> bytes:
     with open(log_path, "rb") as f:
         f.seek(0, os.SEEK_END)
@@ -658,18 +721,22 @@ def _log_tail(log_path: Path, scratch: Path, extra: str = "") -> bytes:
 
 
 def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -> Built:
-    """Build one driver from a version's extracted sources against an extracted bundle.
-    ``scratch`` holds both (and is mapped out of the object's paths)."""
-    folder = "module" if key.kind == "mod" else "bpf"
-    if not (sources / folder).is_dir():
+    """Build one driver from a version's extracted sources (``build.json`` says which
+    folder and which output file) against an extracted bundle. ``scratch`` holds both
+    and is mapped out of the object's paths."""
+    try:
+        spec = read_build_spec(sources).get(key.kind)
+    except ValueError as e:
+        return Built(failure="sources_missing", message=f"sources of {key.driver_version}: {e}")
+    if spec is None:
         return Built(
             failure="sources_missing",
-            message=f"sources of {key.driver_version} have no {folder}/ folder",
+            message=f"sources of {key.driver_version}: build.json has no {key.kind!r} entry",
         )
     src = scratch / "build" / key.driver_version / key.kind
     if src.exists():
         shutil.rmtree(src)
-    shutil.copytree(sources / folder, src, symlinks=True)
+    shutil.copytree(sources / spec["dir"], src, symlinks=True)  # kbuild writes next to them
     log_path = scratch / "build" / f"{key.driver_version}-{key.kind}.log"
     log_path.write_bytes(f"# {key.kernel} {key.driver_version} {key.kind}\n".encode())
 
@@ -680,10 +747,13 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
         return Built(
             failure="compile", message=_first_error(log, f"make {why}"), log=log, make_s=make_s
         )
-
+    output = src / spec["output"]
+    if not output.is_file():
+        msg = f"make succeeded but left no {spec['dir']}/{spec['output']} (build.json's output)"
+        return _failed("compile", msg, log_path, scratch, make_s)
     if key.kind == "mod":
-        return _finish_module(key, src, log_path, scratch, make_s)
-    return _finish_probe(key, src, log_path, scratch, make_s)
+        return _finish_module(key, output, log_path, scratch, make_s)
+    return _finish_probe(key, output, log_path, scratch, make_s)
 
 
 def _first_error(log: bytes, fallback: str) -> str:
@@ -705,23 +775,10 @@ def _failed(failure: str, msg: str, log_path: Path, scratch: Path, make_s: float
 
 
 def _finish_module(
-    key: DriverKey, src: Path, log_path: Path, scratch: Path, make_s: float
+    key: DriverKey, module: Path, log_path: Path, scratch: Path, make_s: float
 ) -> Built:
-    modules = sorted(src.glob("*.ko"))
-    if len(modules) != 1:
-        found = ", ".join(p.name for p in modules) or "none"
-        msg = f"make gave {len(modules)} .ko files ({found}); expected one"
-        return _failed("compile", msg, log_path, scratch, make_s)
-    stripped = src / "stripped.ko"
-    try:
-        strip = subprocess.run(
-            ["strip", "--strip-debug", "-o", str(stripped), str(modules[0])],
-            capture_output=True,
-            env=_build_env(),
-            check=False,
-        )
-    except FileNotFoundError:
-        raise _missing_tool("strip") from None
+    stripped = module.with_name(module.name + ".stripped")
+    strip = _run_tool(["strip", "--strip-debug", "-o", str(stripped), str(module)])
     if strip.returncode != 0:
         msg = f"strip --strip-debug failed: {strip.stderr.decode(errors='replace').strip()}"
         return _failed("compile", msg, log_path, scratch, make_s)
@@ -729,22 +786,27 @@ def _finish_module(
     try:
         vermagic = read_vermagic(elf)
     except ValueError as e:
-        return _failed("compile", f"{modules[0].name}: {e}", log_path, scratch, make_s)
+        return _failed("compile", f"{module.name}: {e}", log_path, scratch, make_s)
     if not vermagic_matches(vermagic, key.kernel):
         msg = (
             f"vermagic {vermagic.strip()!r} does not start with {key.kernel!r}"
             if vermagic is not None
-            else f"{modules[0].name} has no vermagic in .modinfo"
+            else f"{module.name} has no vermagic in .modinfo"
         )
         return _failed("vermagic", msg, log_path, scratch, make_s)
     return Built(data=gzip_deterministic(elf), make_s=make_s)
 
 
-def _finish_probe(key: DriverKey, src: Path, log_path: Path, scratch: Path, make_s: float) -> Built:
-    probe = src / "probe.o"
-    if not probe.is_file():
-        return _failed("compile", "make gave no probe.o", log_path, scratch, make_s)
-    data = gzip_deterministic(probe.read_bytes())
+def _finish_probe(
+    key: DriverKey, probe: Path, log_path: Path, scratch: Path, make_s: float
+) -> Built:
+    # -g drops DWARF but keeps .BTF, which libbpf needs for the maps.
+    stripped = probe.with_name(probe.name + ".stripped")
+    strip = _run_tool(["llvm-strip", "-g", "-o", str(stripped), str(probe)])
+    if strip.returncode != 0:
+        msg = f"llvm-strip -g failed: {strip.stderr.decode(errors='replace').strip()}"
+        return _failed("compile", msg, log_path, scratch, make_s)
+    data = gzip_deterministic(stripped.read_bytes())
     problems = verify_driver(key, data, unavailable=False)
     if problems:
         return _failed("compile", "; ".join(problems), log_path, scratch, make_s)
@@ -772,11 +834,12 @@ def toolchain_versions() -> dict[str, str | None]:
 
 
 class ShardStopped(Exception):
-    """Something that stops the whole shard; ``exit_status`` says whether to retry."""
+    """Something that stops the whole shard: ``exit_status`` says whether to retry,
+    ``failure`` is the class recorded for the tasks it left unbuilt."""
 
-    def __init__(self, message: str, exit_status: int) -> None:
+    def __init__(self, message: str, exit_status: int, failure: str) -> None:
         super().__init__(message)
-        self.exit_status = exit_status
+        self.exit_status, self.failure = exit_status, failure
 
 
 class Terminated(BaseException):
@@ -793,7 +856,7 @@ def storage_failure(exc: BaseException) -> ShardStopped | None:
     from drivers.storage import BucketNotFound, StorageError
 
     if isinstance(exc, BucketNotFound):
-        return ShardStopped(str(exc), EX_DATAERR)
+        return ShardStopped(str(exc), EX_DATAERR, "storage")
     transient = (
         api.ServerError,
         api.TooManyRequests,
@@ -804,9 +867,11 @@ def storage_failure(exc: BaseException) -> ShardStopped | None:
         TimeoutError,
     )
     if isinstance(exc, transient):
-        return ShardStopped(f"storage unreachable: {type(exc).__name__}: {exc}", EX_TEMPFAIL)
+        return ShardStopped(
+            f"storage unreachable: {type(exc).__name__}: {exc}", EX_TEMPFAIL, "storage"
+        )
     if isinstance(exc, api.GoogleAPICallError | StorageError):
-        return ShardStopped(f"storage refused: {type(exc).__name__}: {exc}", EX_DATAERR)
+        return ShardStopped(f"storage refused: {type(exc).__name__}: {exc}", EX_DATAERR, "storage")
     return None
 
 
@@ -815,7 +880,7 @@ def _now() -> str:
 
 
 class ShardRun:
-    """One attempt at one shard. ``stores`` maps bucket name -> ObjectStore-like object."""
+    """One attempt at one shard. ``store(bucket_name)`` gives the ObjectStore to use."""
 
     def __init__(
         self,
@@ -913,7 +978,7 @@ class ShardRun:
                     self._extract(archive, dest)
                     self._sources[version] = _sources_root(dest)
                 except UnsafeArchive as e:
-                    self._sources[version] = f"gs://{self.shard.sources}/{name}: {e}"
+                    self._sources[version] = f"gs://{self.shard.sources}/{e}"
         return self._sources[version]
 
     # outputs ---------------------------------------------------------------------------
@@ -984,12 +1049,15 @@ class ShardRun:
                 bundle = open_bundle(root, kernel)
             except (UnsafeArchive, BundleCorrupt) as e:
                 self.data_error = True
-                return self._infra_failed(to_build, "bundle_corrupt", str(e))
+                msg = f"gs://{self.shard.bundles}/{e}"
+                return self._infra_failed(to_build, "bundle_corrupt", msg)
             for key in to_build:
                 self._build(key, bundle)
         finally:
+            started = time.perf_counter()
             shutil.rmtree(root, ignore_errors=True)
             shutil.rmtree(self.scratch / "build", ignore_errors=True)
+            self.timings["cleanup_s"] += time.perf_counter() - started
 
     def _build(self, key: DriverKey, bundle: Bundle) -> None:
         started = time.perf_counter()
@@ -1031,10 +1099,10 @@ class ShardRun:
 
     def _not_attempted(self, stopped: ShardStopped) -> None:
         done = {(r["kernel"], r["driver_version"], r["kind"]) for r in self.records}
-        failure = "storage" if stopped.exit_status != EX_SOFTWARE else None
         for key in self.shard.tasks:
             if key not in done:
-                self._record(key, "infra_failed", failure=failure, message=f"stopped: {stopped}")
+                msg = f"stopped: {stopped}"
+                self._record(key, "infra_failed", failure=stopped.failure, message=msg)
 
     def _print_kernel(self, kernel: str, records: list[dict[str, Any]], seconds: float) -> None:
         counts = _counts(records)
@@ -1054,18 +1122,20 @@ def _stopping(exc: BaseException) -> ShardStopped:
     if isinstance(exc, ShardStopped):
         return exc
     if isinstance(exc, Terminated):
-        return ShardStopped("terminated (SIGTERM)", EX_TEMPFAIL)
+        return ShardStopped("terminated (SIGTERM)", EX_TEMPFAIL, "terminated")
     stopped = storage_failure(exc)
     if stopped is not None:
         return stopped
     if isinstance(exc, OSError):  # disk full, I/O error: another attempt may land elsewhere
-        return ShardStopped(f"{type(exc).__name__}: {exc}", EX_TEMPFAIL)
-    return ShardStopped(f"internal error: {type(exc).__name__}: {exc}", EX_SOFTWARE)
+        return ShardStopped(f"{type(exc).__name__}: {exc}", EX_TEMPFAIL, "host")
+    traceback.print_exception(exc, file=sys.stderr)  # a bug: show where
+    return ShardStopped(f"internal error: {type(exc).__name__}: {exc}", EX_SOFTWARE, "internal")
 
 
 def _sources_root(dest: Path) -> Path:
-    """Sources are ``module/`` and ``bpf/`` at the archive root, or in its only folder."""
-    if (dest / "module").is_dir() or (dest / "bpf").is_dir():
+    """Where ``build.json`` is: at the archive root (drivers.sources), or in its only
+    folder (a tarball of the version folder itself)."""
+    if (dest / "build.json").exists():
         return dest
     entries = [p for p in dest.iterdir() if not p.name.startswith(".")]
     if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
@@ -1218,6 +1288,8 @@ def cmd_build_shard(args: argparse.Namespace) -> int:
             except ShardFormatError as e:
                 return _bad_shard(store(bucket), name, str(e))
             status, _records = build_shard(shard, store, workdir)
+            results = layout.shard_results_object(shard.run_id, shard.builder, shard.index)
+            print(f"gs://{shard.work}/{results}")  # stdout: where the records are
             return status
         except Terminated:
             print("build-shard: terminated (SIGTERM)", file=sys.stderr)

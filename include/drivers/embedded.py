@@ -68,11 +68,18 @@ class EmbeddedAirflow:
         return result
 
     def prepare(self) -> None:
-        """Metadata database and the builder pool sized from the config's slots."""
+        """Metadata database and the builder pool sized from the config's slots; skipped
+        (7 s) when this home was already prepared by the same Airflow for the same slots."""
+        from importlib.metadata import version
+
         self.home.mkdir(parents=True, exist_ok=True)
+        slots = str(load_config().slots)
+        stamp = self.home / ".prepared"
+        wanted = f"airflow {version('apache-airflow')} slots {slots}\n"
+        if (self.home / "airflow.db").exists() and stamp.exists() and stamp.read_text() == wanted:
+            return
         log = open(self.home / "setup.log", "ab")
         self.airflow("db", "migrate", stdout=log, stderr=log)
-        slots = str(load_config().slots)
         self.airflow(
             "pools",
             "set",
@@ -83,6 +90,7 @@ class EmbeddedAirflow:
             stdout=log,
             stderr=log,
         )
+        stamp.write_text(wanted)
 
     def start_api_server(self) -> None:
         log = open(self.home / "api-server.log", "ab")
