@@ -14,6 +14,8 @@ Then one real ``drivers build-shard`` over every kernel x both example versions 
 kinds, for its fetch/extract/build split.
 
 Usage: .venv/bin/python bench/bench_builder.py [--runs 5] [--bundles DIR] [--kernels K,...]
+       [--no-sync] [--extract-only] [--json OUT]
+Results and how to read them: bench/results_builder.md.
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+SYNC = True  # --no-sync: start extractions right after deleting the previous tree
+
+
 def fresh(path: Path) -> Path:
-    """An empty folder, with the previous tree's deletion written out (both extractors
-    start from the same state)."""
+    """An empty folder; with SYNC, the previous tree's deletion is written out first, so
+    both extractors start from the same, settled state."""
     shutil.rmtree(path, ignore_errors=True)
-    os.sync()
+    if SYNC:
+        os.sync()
     path.mkdir(parents=True)
     return path
 
@@ -73,7 +79,9 @@ def machine() -> str:
     )
 
 
-def bench_kernel(kernel: str, bundle: Path, store: ObjectStore, scratch: Path, runs: int) -> dict:
+def bench_kernel(
+    kernel: str, bundle: Path, store: ObjectStore, scratch: Path, runs: int, builds: bool = True
+) -> dict:
     out: dict = {"kernel": kernel, "bundle_mb": round(bundle.stat().st_size / 1e6, 1)}
     fetch, ours, tar = [], [], []
     for run in range(runs):
@@ -87,6 +95,17 @@ def bench_kernel(kernel: str, bundle: Path, store: ObjectStore, scratch: Path, r
                 tar_cmd = ["tar", "xzf", str(bundle), "-C", str(fresh(scratch / "x-tar"))]
                 tar.append(timed(subprocess.run, tar_cmd, check=True)[0])
     shutil.rmtree(scratch / "x-tar")
+    med = statistics.median
+    out.update(
+        fetch_s=med(fetch),
+        extract_s=med(ours),
+        tar_s=med(tar),
+        extract_ratio=med(ours) / med(tar),
+        runs={"fetch": fetch, "extract": ours, "tar": tar},
+    )
+    if not builds:
+        shutil.rmtree(scratch / "x-ours")
+        return out
 
     # Build on the tree extracted by safe_extract, inside a scratch root like the builder's.
     root = scratch / "x-ours"
@@ -111,14 +130,6 @@ def bench_kernel(kernel: str, bundle: Path, store: ObjectStore, scratch: Path, r
     shutil.rmtree(scratch / "build", ignore_errors=True)
     shutil.rmtree(scratch / "bare", ignore_errors=True)
 
-    med = statistics.median
-    out.update(
-        fetch_s=med(fetch),
-        extract_s=med(ours),
-        tar_s=med(tar),
-        extract_ratio=med(ours) / med(tar),
-        runs={"fetch": fetch, "extract": ours, "tar": tar},
-    )
     for kind in ("mod", "bpf"):
         out[kind] = {
             "build_s": med(ours_build[kind]),
@@ -136,7 +147,11 @@ def main() -> None:
     parser.add_argument("--bundles", type=Path, default=REPO / ".cache/bundles")
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--json", type=Path, default=REPO / "bench/out/builder.json")
+    parser.add_argument("--no-sync", action="store_true", help="no os.sync() before extracting")
+    parser.add_argument("--extract-only", action="store_true", help="fetch and extraction only")
     args = parser.parse_args()
+    global SYNC
+    SYNC = not args.no_sync
     kernels = args.kernels.split(",")
     print(machine())
 
@@ -165,7 +180,14 @@ def main() -> None:
 
             results = []
             for kernel in kernels:
-                r = bench_kernel(kernel, bundles[kernel], stores["bundles"], tmp / "s", args.runs)
+                r = bench_kernel(
+                    kernel,
+                    bundles[kernel],
+                    stores["bundles"],
+                    tmp / "s",
+                    args.runs,
+                    builds=not args.extract_only,
+                )
                 results.append(r)
                 print(
                     f"{kernel:22} fetch {r['fetch_s']:.2f}s  extract {r['extract_s']:.2f}s "
@@ -174,56 +196,59 @@ def main() -> None:
                         f"{k} {r[k]['build_s']:.2f}s (make {r[k]['make_inside_s']:.2f}s) vs "
                         f"bare {r[k]['bare_make_s']:.2f}s = {r[k]['ratio']:.2f}x"
                         for k in ("mod", "bpf")
+                        if k in r
                     ),
                     flush=True,
                 )
 
-            shard = {
-                "run_id": "bench",
-                "builder": "fc36",
-                "index": 0,
-                "cost": 0.0,
-                "buckets": names,
-                "tasks": [
-                    [k, v, kind]
-                    for k in kernels
-                    for v in ("2.3.0", "2.4.0-rc1")
-                    for kind in ("mod", "bpf")
-                ],  # fmt: skip
-            }
-            name = layout.shard_object("bench", "fc36", 0)
-            stores["work"].put(name, json.dumps(shard).encode())
-            started = time.perf_counter()
-            status = subprocess.run(
-                [str(REPO / ".venv/bin/drivers"), "build-shard", "--shard",
-                 f"gs://{names['work']}/{name}", "--workdir", str(tmp / "shard")],
-                check=False,
-            ).returncode  # fmt: skip
-            wall = time.perf_counter() - started
-            lines = stores["work"].download(layout.shard_results_object("bench", "fc36", 0))
-            records = [json.loads(line) for line in lines.decode().splitlines()]
+            shard = run_shard(stores, names, kernels, tmp) if not args.extract_only else None
         finally:
             server.stop()
 
-    shard_record = records[-1]
-    per_kind: dict[str, list[float]] = {}
-    for r in records[:-1]:
-        per_kind.setdefault(r["kind"], []).append(r["duration_s"])
     summary = {
         "machine": machine(),
         "runs": args.runs,
+        "sync": SYNC,
         "kernels": results,
-        "shard": {
-            "exit_status": status,
-            "wall_s": wall,
-            "record": shard_record,
-            "task_median_s": {k: statistics.median(v) for k, v in per_kind.items()},
-        },
+        "shard": shard,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary["shard"], indent=1))
+    if shard:
+        print(json.dumps(shard, indent=1))
     print(f"written {args.json}")
+
+
+def run_shard(stores: dict, names: dict, kernels: list[str], tmp: Path) -> dict:
+    """One real `drivers build-shard`: every kernel x both versions x both kinds."""
+    shard = {
+        "run_id": "bench",
+        "builder": "fc36",
+        "index": 0,
+        "cost": 0.0,
+        "buckets": names,
+        "tasks": [
+            [k, v, kind] for k in kernels for v in ("2.3.0", "2.4.0-rc1") for kind in ("mod", "bpf")
+        ],
+    }
+    name = layout.shard_object("bench", "fc36", 0)
+    stores["work"].put(name, json.dumps(shard).encode())
+    started = time.perf_counter()
+    command = [str(REPO / ".venv/bin/drivers"), "build-shard", "--shard",
+               f"gs://{names['work']}/{name}", "--workdir", str(tmp / "shard")]  # fmt: skip
+    status = subprocess.run(command, check=False).returncode
+    wall = time.perf_counter() - started
+    lines = stores["work"].download(layout.shard_results_object("bench", "fc36", 0))
+    records = [json.loads(line) for line in lines.decode().splitlines()]
+    per_kind: dict[str, list[float]] = {}
+    for r in records[:-1]:
+        per_kind.setdefault(r["kind"], []).append(r["duration_s"])
+    return {
+        "exit_status": status,
+        "wall_s": wall,
+        "record": records[-1],
+        "task_median_s": {k: statistics.median(v) for k, v in per_kind.items()},
+    }
 
 
 if __name__ == "__main__":

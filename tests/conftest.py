@@ -8,7 +8,20 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from drivers.emulator import EmbeddedGCS, free_port
+from drivers.kernels import Kernel, parse_kernel
 from drivers.storage import ObjectStore, client_from_environment
+from scenarios import KERNEL_LIST
+
+
+@pytest.fixture(scope="session")
+def real_lines() -> list[str]:
+    """The real 2022 kernel list, one release per line (read from ../shared/data)."""
+    return KERNEL_LIST.read_text().splitlines()
+
+
+@pytest.fixture(scope="session")
+def real_kernels(real_lines: list[str]) -> list[Kernel]:
+    return [parse_kernel(line) for line in real_lines]
 
 
 @pytest.fixture(scope="session")

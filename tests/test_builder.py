@@ -661,6 +661,7 @@ def test_safe_extract_refuses_a_link_re_aimed_out_of_the_tree_by_a_later_member(
     ("data", "words"),
     [
         (gzip.compress(b""), "truncated"),
+        (b"\x1f\x8b this is not a bundle", "decompressing"),  # gzip magic, then garbage
         (gzip.compress(os.urandom(4096)), "checksum"),
         (gzip.compress(tgz(("f", "file", os.urandom(2048)))), "checksum"),  # gzip in gzip
         (tgz(("f", "file", os.urandom(100_000)))[:50_000], "truncated"),

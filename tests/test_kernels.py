@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import re
 from functools import cmp_to_key
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,26 +13,12 @@ from hypothesis import strategies as st
 from drivers.kernels import (
     FAMILIES,
     FAMILY_RULES,
-    Kernel,
     KernelParseError,
     LineProblem,
     ebpf_supported,
     parse_kernel,
     read_kernel_list,
 )
-
-KERNEL_LIST = Path("/work/shared/data/collector-2022-12/KERNEL_VERSIONS")
-
-
-@pytest.fixture(scope="module")
-def real_lines() -> list[str]:
-    return KERNEL_LIST.read_text().splitlines()
-
-
-@pytest.fixture(scope="module")
-def real_kernels(real_lines: list[str]) -> list[Kernel]:
-    return [parse_kernel(line) for line in real_lines]
-
 
 # --- parsing ---------------------------------------------------------------------------
 

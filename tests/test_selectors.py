@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -11,18 +10,6 @@ from hypothesis import strategies as st
 
 from drivers.kernels import FAMILIES, Kernel, parse_kernel
 from drivers.selectors import SelectorError, compile_field, parse_selector
-
-KERNEL_LIST = Path("/work/shared/data/collector-2022-12/KERNEL_VERSIONS")
-
-
-@pytest.fixture(scope="module")
-def real_lines() -> list[str]:
-    return KERNEL_LIST.read_text().splitlines()
-
-
-@pytest.fixture(scope="module")
-def real_kernels(real_lines: list[str]) -> list[Kernel]:
-    return [parse_kernel(line) for line in real_lines]
 
 
 def selected(expr: str, kernels: list[Kernel]) -> list[str]:

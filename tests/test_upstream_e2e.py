@@ -176,6 +176,27 @@ def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first
     assert not any(n.startswith("9.9.9-rc1/collector-6") for n in published)
 
 
+def test_a_corrupt_bundle_fails_the_run_but_other_shards_publish(env, first_run, tmp_path):
+    airflow, stores = env
+    corrupt = layout.bundle_object("6.1.0-50-cloud-amd64")
+    stores["bundles"].upload_new(corrupt, b"\x1f\x8b this is not a bundle")
+    shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", tmp_path / "2.5.0")
+    path = package_sources(tmp_path / "2.5.0", tmp_path / "out")
+    stores["sources"].upload_new_file(layout.source_object("2.5.0"), path)
+    try:
+        failed = run(airflow, stores, {"driver_versions": ["2.5.0"]})
+    finally:
+        stores["bundles"].client.bucket(stores["bundles"].bucket_name).blob(corrupt).delete()
+    assert failed["status"] == "failed"
+    assert any("infrastructure failure" in r for r in failed["reasons"]), failed["reasons"]
+    infra = [f for f in failed["build"]["failures"] if f["status"] == "infra_failed"]
+    assert {f["failure"] for f in infra} == {"bundle_corrupt"}
+    assert {f["kernel"] for f in infra} == {"6.1.0-50-cloud-amd64"}
+    published = set(cache_names(stores))
+    assert {f"2.5.0/collector-{k}.ko.gz" for k in KERNELS} <= published
+    assert not any("6.1.0-50" in n for n in published)
+
+
 def test_shrink_guard_stops_before_building_and_deletes_nothing(env, first_run):
     airflow, stores = env
     before = cache_names(stores)

@@ -577,7 +577,7 @@ def safe_extract(archive: Path, dest: Path) -> int:
         for member in reader:
             extractor.add(member, reader)
         extractor.finish()
-    except ValueError as e:  # what _Gunzip and _TarReader say about unreadable data
+    except (ValueError, zlib.error) as e:  # what _Gunzip and _TarReader say about bad data
         raise UnsafeArchive(f"{archive.name}: not a readable .tgz: {e}") from None
     finally:
         source.close()
