@@ -8,7 +8,8 @@ bundles made with drivers.bundles.make_debian_bundle):
   folder on the same file system (alternating, so both see the same cache state);
 - build: ``builder.build_driver`` for the kernel module (fresh copy of the sources, make,
   strip --strip-debug, vermagic check, deterministic gzip) vs the bare
-  ``make -C <BUNDLE_BUILD_DIR> M=<fresh copy> modules`` on the same extracted headers.
+  ``make -C <BUNDLE_BUILD_DIR> M=<fresh copy> modules`` on the same extracted headers;
+  the same for the eBPF probe (make, llvm-strip -g, ELF check, gzip), for information.
 
 Then one real ``drivers build-shard`` over every kernel x both example versions x both
 kinds, for its fetch/extract/build split.

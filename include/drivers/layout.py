@@ -75,6 +75,13 @@ def shard_object(run_id: str, builder: str, index: int) -> str:
     return f"{staging_prefix(run_id)}shards/{builder}-{index:04d}.json"
 
 
+def shard_from_object(name: str) -> tuple[str, int]:
+    """(builder, index) of a shard object name or gs:// URI (inverse of shard_object)."""
+    stem = name.rsplit("/", 1)[-1].removesuffix(".json")
+    builder, _, index = stem.rpartition("-")
+    return builder, int(index)
+
+
 def shard_results_object(run_id: str, builder: str, index: int) -> str:
     """One JSON record per task plus a final shard record (JSON lines)."""
     return f"{staging_prefix(run_id)}results/{builder}-{index:04d}.jsonl"

@@ -9,7 +9,6 @@ and counts) that fit in XCom.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from google.cloud import storage as gcs
 from drivers import layout
 from drivers.config import Config
 from drivers.kernels import Kernel, parse_kernel
-from drivers.names import KINDS, CacheIndex, check_driver_version, parse_object_name
+from drivers.names import KINDS, CacheIndex, check_driver_version, check_kinds, parse_object_name
 from drivers.planner import plan
 from drivers.selectors import parse_selector
 from drivers.storage import ObjectNotFound, ObjectStore, UploadResult
@@ -64,9 +63,7 @@ class RunParams:
             raise RunInputError("no driver version: set driver_versions in the trigger or config")
         for v in versions:
             check_driver_version(v)
-        kinds = tuple(k for k in KINDS if k in (params.get("kinds") or KINDS))
-        if set(params.get("kinds") or KINDS) - set(KINDS) or not kinds:
-            raise RunInputError(f"kinds must be a non-empty subset of {list(KINDS)}")
+        kinds = check_kinds(params.get("kinds") or KINDS)
         builders = tuple(params.get("builders") or ())
         unknown = set(builders) - set(config.builders)
         if unknown:
@@ -186,6 +183,8 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
     }
     staging = layout.staging_prefix(run_id)
     plan_uri = write_json(stores.work, f"{staging}plan.json", plan_json)
+    # The listing this run planned from: the shrink guard's next reference if it succeeds.
+    write_json(stores.work, f"{report_prefix(run_id)}kernels.json", [k.release for k in kernels])
     shards: dict[str, list[str]] = {name: [] for name in config.builders}
     if not params.dry_run:
         for shard in result.shards:
@@ -219,12 +218,12 @@ def unify(stores: Stores, run_id: str, expected_shards: dict[str, list[str]]) ->
                 record = json.loads(line)
                 (shard_records if record.get("type") == "shard" else records).append(record)
     reported = {(s["builder"], s["index"]) for s in shard_records}
-    lost = []
-    for builder, uris in expected_shards.items():
-        for uri in uris:
-            index = int(re.search(r"-(\d+)\.json$", uri).group(1))
-            if (builder, index) not in reported:
-                lost.append({"builder": builder, "index": index, "shard": uri})
+    lost = [
+        {"shard": uri}
+        for uris in expected_shards.values()
+        for uri in uris
+        if layout.shard_from_object(uri) not in reported
+    ]
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
         counts[f"{r['builder']}/{r['kind']}"][r["status"]] += 1
@@ -384,9 +383,9 @@ def report(
         "buckets": stores.buckets.__dict__,
     }
     uri = write_json(stores.work, f"{report_prefix(run_id)}report.json", doc)
-    if status == "success" and pre and not params.dry_run and not params.select:
-        # Only a full, successful listing becomes the shrink guard's new reference.
-        kernels = [k.release for k in list_kernels(stores)[0]]
+    if status == "success" and pre and not params.dry_run:
+        # The listing of a successful run becomes the shrink guard's new reference.
+        kernels = read_json(stores.work, f"{report_prefix(run_id)}kernels.json")
         write_json(stores.work, STATE_OBJECT, {"run_id": run_id, "kernels": kernels})
     return {"status": status, "reasons": reasons, "report": uri}
 

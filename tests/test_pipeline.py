@@ -1,0 +1,60 @@
+"""The run's steps without Airflow: parameters, shard names, the shrink guard."""
+
+import dataclasses
+
+import pytest
+
+from drivers import layout, pipeline
+from drivers.config import load_config
+from drivers.kernels import parse_kernel
+from drivers.selectors import SelectorError
+
+
+@pytest.fixture
+def config():
+    return load_config()
+
+
+def test_run_params_default_to_the_config(config):
+    params = pipeline.RunParams.from_params({}, config)
+    assert params.driver_versions == config.driver_versions
+    assert params.kinds == ("mod", "bpf") and params.max_failures == 0 and not params.force
+
+
+@pytest.mark.parametrize(
+    "given, error, words",
+    [
+        ({"driver_versions": ["2.3"]}, ValueError, "driver version '2.3'"),
+        ({"kinds": ["ko"]}, ValueError, "unknown kind"),
+        ({"builders": ["rhel9"]}, pipeline.RunInputError, "configured are ['rhel7'"),
+        ({"select": "4.18.0-372..4.18.0-305"}, SelectorError, "comes after its end"),
+        ({"max_failures": -1}, pipeline.RunInputError, "max_failures"),
+    ],
+)
+def test_bad_run_params_say_what_is_wrong(config, given, error, words):
+    with pytest.raises(error) as e:
+        pipeline.RunParams.from_params(given, config)
+    assert words in str(e.value)
+
+
+def test_shard_object_names_round_trip():
+    name = layout.shard_object("manual__2026-11-25T02:00:00+00:00", "fc36", 17)
+    assert layout.shard_from_object(f"gs://work/{name}") == ("fc36", 17)
+
+
+def test_shrink_guard_names_the_missing_kernels(store, config):
+    work = store()
+    buckets = dataclasses.replace(layout.Buckets.from_env(), work=work.bucket_name)
+    stores = pipeline.Stores(work.client, buckets)
+    kernels = [parse_kernel(f"5.4.0-{i}-generic") for i in range(1, 101)]
+    assert pipeline.check_shrink(stores, kernels, config) == {"reference": None, "missing": 0}
+    pipeline.write_json(
+        work, pipeline.STATE_OBJECT, {"run_id": "r1", "kernels": [k.release for k in kernels]}
+    )
+    # 2 % of 100 may go (a kernel retired on purpose); 3 may not
+    assert pipeline.check_shrink(stores, kernels[2:], config)["missing"] == 2
+    with pytest.raises(pipeline.ShrinkGuardError) as e:
+        pipeline.check_shrink(stores, kernels[3:], config)
+    message = str(e.value)
+    assert "5.4.0-1-generic, 5.4.0-2-generic, 5.4.0-3-generic" in message
+    assert "r1" in message and "accept_shrink" in message
