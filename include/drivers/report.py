@@ -65,6 +65,15 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
                 f"{failure.get('failure')} {failure.get('message', '')}",
                 file=out,
             )
+    calibration = [c for c in (build or {}).get("calibration", []) if c.get("measured_s")]
+    if calibration:
+        estimated = sum(c["estimated_s"] or 0 for c in calibration)
+        measured = sum(c["measured_s"] for c in calibration)
+        print(
+            f"  cost model: {len(calibration)} shard(s) estimated {estimated:.0f} s, "
+            f"measured {measured:.0f} s (x{measured / estimated:.2f}; calibrate [costs])",
+            file=out,
+        )
     steps = doc.get("steps", {})
     push = steps.get("push_drivers") or {}
     if push:
