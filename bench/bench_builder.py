@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe  # noqa: E402
 
 from drivers import builder, layout
 from drivers.builder import build_driver, open_bundle, safe_extract
@@ -64,20 +65,6 @@ def fresh(path: Path) -> Path:
         os.sync()
     path.mkdir(parents=True)
     return path
-
-
-def machine() -> str:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    tools = builder.toolchain_versions()
-    return (
-        f"{os.cpu_count()} cores ({cpu}), load average {os.getloadavg()[0]:.1f} at start, "
-        f"Linux {platform.release()}, Python {platform.python_version()}, "
-        f"{tools['gcc']}, {tools['clang']}, {tools['make']}"
-    )
 
 
 def bench_kernel(
@@ -142,6 +129,11 @@ def bench_kernel(
     return out
 
 
+def tools_line() -> str:
+    tools = builder.toolchain_versions()
+    return f"{tools['gcc']}, {tools['clang']}, {tools['make']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -154,7 +146,7 @@ def main() -> None:
     global SYNC
     SYNC = not args.no_sync
     kernels = args.kernels.split(",")
-    print(machine())
+    print(f"{describe()}, {tools_line()}")
 
     bundles = {}
     for kernel in kernels:
@@ -207,7 +199,7 @@ def main() -> None:
             server.stop()
 
     summary = {
-        "machine": machine(),
+        "machine": f"{describe()}, {tools_line()}",
         "runs": args.runs,
         "sync": SYNC,
         "kernels": results,

@@ -17,22 +17,25 @@ import argparse
 import http.client
 import itertools
 import os
-import platform
 import resource
 import shutil
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from machine import describe
+
 from drivers.emulator import EmbeddedGCS, free_port
 from drivers.storage import PAGE_SIZE, ObjectStore, client_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
-KERNEL_LIST = REPO.parent / "shared/data/collector-2022-12/KERNEL_VERSIONS"
+sys.path.insert(0, str(REPO / "tests"))
+from scenarios import KERNEL_LIST  # noqa: E402
+
 DRIVER_VERSIONS = [
     "1.0.0",
     "2.0.1",
@@ -96,19 +99,6 @@ def time_listing(store: ObjectStore, expected: int, runs: int) -> tuple[list[flo
     return seconds, requests
 
 
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return f"{platform.platform()}, nproc={nproc}, cpu: {model}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=100_000)
@@ -125,7 +115,7 @@ def main() -> None:
     gcs = EmbeddedGCS(root, port=free_port()).ensure_running()
     os.environ.update(gcs.env())
     try:
-        print(f"machine: {machine()}")
+        print(f"machine: {describe()}")
         client = client_from_environment()
         names = object_names(args.objects)
         gcs.create_buckets([BUCKET, "bench-upload-sample", "bench-state"])

@@ -24,7 +24,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,9 +31,13 @@ import sys
 import time
 from pathlib import Path
 
+from machine import describe
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from scenarios import KERNEL_LIST  # noqa: E402
+
 OUT = REPO / "bench/out/packages"
-KERNEL_LIST = REPO.parent / "shared/data/collector-2022-12/KERNEL_VERSIONS"
 VERSION = "2.3.0"
 
 
@@ -102,19 +105,6 @@ def time_original(out_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "?",
-    )
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return f"{platform.platform()}, nproc={nproc}, cpu: {model}, python {platform.python_version()}"
-
-
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         run_ours(Path(sys.argv[2]), Path(sys.argv[3]))
@@ -127,7 +117,7 @@ def main() -> None:
     if shutil.which("zip") is None:
         sys.exit("zip is not installed: apt-get install -y zip")
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     folder = OUT / "kernel-modules" / VERSION
     started = time.perf_counter()
     make_drivers(folder, args.drivers, args.size)

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+
+from machine import describe  # noqa: E402
 
 from drivers.config import load_config  # noqa: E402
 from drivers.kernels import parse_kernel  # noqa: E402
@@ -123,10 +124,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{_cpu_model()}, Python {platform.python_version()}"
-    )
+    print(f"machine: {describe()}")
 
     kernels_a, cache_a = scenario_a()
     versions = [a for v in SUPPORTED_2022 for a in ("--driver-version", v)]
@@ -197,13 +195,6 @@ def main() -> None:
         f"fan-out (fc36 10, rhel8 40, rhel7 40) {fixed_span:.0f} s = "
         f"{fixed_span / p.lower_bound:.3f} x bound; target <= 1.10"
     )
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown cpu"
 
 
 if __name__ == "__main__":
