@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from drivers.config import Config, load_config
-from drivers.kernels import Kernel, parse_kernel, read_kernel_list
-from drivers.layout import Buckets, kernel_from_bundle_object
+from drivers.kernels import Kernel, read_kernel_list
+from drivers.layout import Buckets, kernels_from_bundles
 from drivers.names import CacheIndex, check_driver_version, check_kinds
 from drivers.selectors import parse_selector
 
@@ -44,19 +44,9 @@ def _gs_names(uri: str) -> Iterator[str]:
 
 def load_kernels(source: str) -> tuple[list[Kernel], list[str]]:
     """Kernels from a list file (bad lines are fatal) or a bundle bucket listing (bad
-    bundle names are reported and skipped: one stray object must not stop a nightly)."""
+    bundle names are reported and skipped)."""
     if source.startswith("gs://"):
-        kernels, problems, seen = [], [], set()
-        for name in _gs_names(source):
-            release = kernel_from_bundle_object(name)
-            if release is None or release in seen:
-                continue
-            seen.add(release)
-            try:
-                kernels.append(parse_kernel(release))
-            except ValueError as e:
-                problems.append(f"{source}/{name}: {e}")
-        return kernels, problems
+        return kernels_from_bundles(_gs_names(source), source.rstrip("/"))
     path = Path(source)
     try:
         lines = path.read_text().splitlines()

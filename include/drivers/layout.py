@@ -8,7 +8,10 @@ Object *names* inside the driver cache are owned by :mod:`drivers.names`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from drivers.kernels import Kernel, parse_kernel
 
 ROLES = ("bundles", "kernel_images", "sources", "drivers", "cpaas_drivers", "work", "support")
 
@@ -57,6 +60,21 @@ def kernel_from_bundle_object(name: str) -> str | None:
         kernel = name[len(BUNDLE_PREFIX) : -len(BUNDLE_SUFFIX)]
         return kernel or None
     return None
+
+
+def kernels_from_bundles(names: Iterable[str], where: str) -> tuple[list[Kernel], list[str]]:
+    """The kernels of a bundle bucket listing. A bundle name that is not a kernel release
+    is reported, not fatal: one stray object must not stop a nightly."""
+    kernels, problems = [], []
+    for name in names:
+        release = kernel_from_bundle_object(name)
+        if release is None:
+            continue
+        try:
+            kernels.append(parse_kernel(release))
+        except ValueError as e:
+            problems.append(f"{where}/{name}: {e}")
+    return kernels, problems
 
 
 def source_object(driver_version: str) -> str:

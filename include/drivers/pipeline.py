@@ -18,7 +18,7 @@ from google.cloud import storage as gcs
 
 from drivers import layout
 from drivers.config import Config
-from drivers.kernels import Kernel, parse_kernel
+from drivers.kernels import Kernel
 from drivers.names import KINDS, CacheIndex, check_driver_version, check_kinds, parse_object_name
 from drivers.planner import plan
 from drivers.selectors import parse_selector
@@ -114,18 +114,9 @@ def write_json(store: ObjectStore, name: str, value: Any) -> str:
 
 
 def list_kernels(stores: Stores) -> tuple[list[Kernel], list[str]]:
-    """The kernel list is the bundle bucket's listing. Names that are not kernels are
-    reported, not fatal: one stray object must not stop the nightly."""
-    kernels, problems = [], []
-    for info in stores.bundles.list(layout.BUNDLE_PREFIX):
-        release = layout.kernel_from_bundle_object(info.name)
-        if release is None:
-            continue
-        try:
-            kernels.append(parse_kernel(release))
-        except ValueError as e:
-            problems.append(f"gs://{stores.bundles.bucket_name}/{info.name}: {e}")
-    return kernels, problems
+    """The kernel list is the bundle bucket's listing."""
+    names = (info.name for info in stores.bundles.list(layout.BUNDLE_PREFIX))
+    return layout.kernels_from_bundles(names, f"gs://{stores.bundles.bucket_name}")
 
 
 def check_shrink(stores: Stores, kernels: list[Kernel], config: Config) -> dict[str, Any]:
