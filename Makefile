@@ -33,9 +33,10 @@ gcs-down: setup
 
 # The main job: bundles and sources into the embedded buckets, one real upstream_drivers
 # run (parallel builder shards), then its summary. A second run builds nothing.
+# (The JSON those commands print for machines is dropped; their stderr says what they did.)
 run: gcs-up
-	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles
-	$(BIN)/drivers sources publish --upload gs://collector-sources
+	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles >/dev/null
+	$(BIN)/drivers sources publish --upload gs://collector-sources >/dev/null
 	$(BIN)/drivers run-dag upstream_drivers
 
 test: setup
