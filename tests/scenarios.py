@@ -12,12 +12,25 @@ from drivers.config import Config
 from drivers.kernels import Kernel, ebpf_supported, read_kernel_list
 from drivers.names import KINDS, DriverKey
 
-REAL_DATA = Path(
-    os.environ.get(
-        "DRIVERS_REAL_DATA",
+
+def _real_data() -> Path:
+    """``$DRIVERS_REAL_DATA``, else ``shared/data`` beside the checkout, else the
+    workplace's ``/work/shared`` (a CI clone may live anywhere)."""
+    candidates = [
+        os.environ.get("DRIVERS_REAL_DATA"),
         Path(__file__).resolve().parents[2] / "shared" / "data" / "collector-2022-12",
+        "/work/shared/data/collector-2022-12",
+    ]
+    for candidate in filter(None, candidates):
+        if (Path(candidate) / "KERNEL_VERSIONS").is_file():
+            return Path(candidate)
+    raise FileNotFoundError(
+        f"the real 2022 data (KERNEL_VERSIONS, BLOCKLIST...) is in none of {candidates}: "
+        "set DRIVERS_REAL_DATA to its folder"
     )
-)
+
+
+REAL_DATA = _real_data()
 KERNEL_LIST = REAL_DATA / "KERNEL_VERSIONS"
 BLOCKLISTS = (REAL_DATA / "BLOCKLIST", REAL_DATA / "BLOCKLIST.osci")
 SUPPORTED_2022 = ("1.0.0", "2.0.1", "2.1.0", "2.2.0", "2.3.0-rc1")

@@ -274,6 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
     p.set_defaults(func=_lazy("drivers.bundles", "cmd_bundle"))
 
+    p = sub.add_parser("image", help="OCI drivers images: build")
+    image_sub = p.add_subparsers(dest="action", required=True)
+    b = image_sub.add_parser("build", help="make an OCI image layout from driver trees")
+    b.add_argument("--out", required=True, type=Path, help="layout folder, or tar with --tar")
+    b.add_argument("--tar", action="store_true", help="write the layout as one tar file")
+    b.add_argument(
+        "--arch",
+        action="append",
+        required=True,
+        metavar="ARCH=DIR",
+        help="OCI arch (amd64, s390x, ppc64le) and its tree; repeat an arch to add layers",
+    )
+    b.set_defaults(func=_lazy("drivers.oci", "cmd_image"))
+
     p = sub.add_parser("sources", help="prepared driver sources: publish")
     p.add_argument("action", choices=["publish"])
     p.add_argument("--dir", default=None, help="one folder per driver version (default: shipped)")
