@@ -123,7 +123,10 @@ def upstream_drivers():
     def update_support_packages() -> dict:
         from drivers import pipeline
 
-        return pipeline.update_support_packages(glue.stores(), list(_params().driver_versions))
+        params = _params()
+        if params.dry_run:  # plan and report only: publish nothing
+            return {"dry_run": True}
+        return pipeline.update_support_packages(glue.stores(), list(params.driver_versions))
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
     def report(plan: dict | None, unified, verified, pushed, packages) -> dict:

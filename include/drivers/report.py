@@ -37,7 +37,8 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
     doc = json.loads(work.download(prefix + "report.json"))
     plan = doc.get("plan") or {}
     summary = plan.get("summary", {})
-    print(f"run {run_id}: {doc['status'].upper()}", file=out)
+    dry = " (dry run: planned only, nothing built or published)" if doc["params"]["dry_run"] else ""
+    print(f"run {run_id}: {doc['status'].upper()}{dry}", file=out)
     for reason in doc.get("reasons", []):
         print(f"  reason: {reason}", file=out)
     if summary:
