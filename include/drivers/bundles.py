@@ -579,21 +579,12 @@ def _bundle_store(uri: str):
     return storage.ObjectStore(storage.client_from_environment(), bucket)
 
 
-def publish_new_file(store, name: str, path: Path):
-    from drivers import storage
-
-    try:
-        return store.upload_new_file(name, path)
-    except storage.StorageError as e:  # e.g. a missing bucket: a configuration problem
-        raise ValueError(str(e)) from None
-
-
 def _upload(store, uname: str, path: Path) -> str:
     from drivers import storage
 
     name = bundle_object(uname)
     where = f"gs://{store.bucket_name}/{name}"
-    result = publish_new_file(store, name, path)
+    result = store.upload_new_file(name, path)
     if result is storage.UploadResult.CREATED:
         print(f"  uploaded to {where}", file=sys.stderr)
     elif result is storage.UploadResult.IDENTICAL:

@@ -17,13 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from drivers.config import Config, load_config
+from drivers.errors import DriversError
 from drivers.kernels import Kernel, read_kernel_list
 from drivers.layout import Buckets, kernels_from_bundles
 from drivers.names import CacheIndex, check_driver_version, check_kinds
 from drivers.selectors import parse_selector
 
 
-class UsageError(Exception):
+class UsageError(DriversError):
     """Bad input: reported as one message, exit status 2."""
 
 
@@ -35,11 +36,8 @@ def _gs_names(uri: str) -> Iterator[str]:
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     store = storage.ObjectStore(storage.client_from_environment(), bucket)
-    try:
-        for info in store.list(prefix):
-            yield info.name[len(prefix) :]
-    except storage.StorageError as e:
-        raise UsageError(str(e)) from None
+    for info in store.list(prefix):
+        yield info.name[len(prefix) :]
 
 
 def load_kernels(source: str) -> tuple[list[Kernel], list[str]]:
@@ -203,15 +201,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
         for path in paths.values():
             print(path)
         return 0
-    try:
-        for info in store.list(prefix + (f"{args.driver_version}/" if args.driver_version else "")):
-            entry = parse_object_name(info.name[len(prefix) :])
-            if entry is None or (args.kernel and entry.key.kernel != args.kernel):
-                continue
-            what = "unavailable" if entry.unavailable else f"{info.size:>9} B"
-            print(f"{info.name[len(prefix) :]}\t{what}\t{info.created:%Y-%m-%d %H:%M}")
-    except storage.StorageError as e:
-        raise UsageError(str(e)) from None
+    for info in store.list(prefix + (f"{args.driver_version}/" if args.driver_version else "")):
+        entry = parse_object_name(info.name[len(prefix) :])
+        if entry is None or (args.kernel and entry.key.kernel != args.kernel):
+            continue
+        what = "unavailable" if entry.unavailable else f"{info.size:>9} B"
+        print(f"{info.name[len(prefix) :]}\t{what}\t{info.created:%Y-%m-%d %H:%M}")
     return 0
 
 
@@ -330,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, ValueError) as e:
+    except (DriversError, ValueError) as e:
         print(f"drivers {args.command}: error: {e}", file=sys.stderr)
         return 2
 

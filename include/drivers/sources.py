@@ -20,7 +20,7 @@ import stat
 import sys
 from pathlib import Path
 
-from drivers.bundles import Member, file_mode, publish_new_file, write_tgz
+from drivers.bundles import Member, file_mode, write_tgz
 from drivers.layout import source_object
 from drivers.names import KINDS, check_driver_version
 
@@ -141,7 +141,7 @@ def cmd_sources(args: argparse.Namespace) -> int:
         path = package_sources(d, Path(args.out))
         line = f"{d.name}: {path} ({path.stat().st_size} bytes)"
         if store is not None:
-            result = publish_new_file(store, source_object(d.name), path)
+            result = store.upload_new_file(source_object(d.name), path)
             line += f", gs://{store.bucket_name}/{source_object(d.name)} {result.value.upper()}"
             if result.value == "different":
                 changed.append(d.name)

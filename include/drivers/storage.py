@@ -24,8 +24,10 @@ import google_crc32c
 import requests
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage
 
+from drivers.errors import DriversError
 from drivers.layout import ROLES, Buckets
 
 EMULATOR_PROJECT = "embedded"
@@ -40,7 +42,7 @@ _CHUNK = 1 << 20
 RESUMABLE_THRESHOLD = 8 << 20  # google-cloud-storage uploads bigger files resumably
 
 
-class StorageError(Exception):
+class StorageError(DriversError):
     """Base of the errors this module raises on purpose."""
 
 
@@ -68,7 +70,14 @@ def client_from_environment() -> storage.Client:
     (the library reads that variable for the endpoint), else ambient credentials."""
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         return storage.Client(credentials=AnonymousCredentials(), project=EMULATOR_PROJECT)
-    return storage.Client()
+    try:
+        return storage.Client()
+    except DefaultCredentialsError:
+        raise StorageError(
+            "no Google credentials found: for the embedded GCS run `make gcs-up` and "
+            "export STORAGE_EMULATOR_HOST=http://127.0.0.1:4443; for GCS set up "
+            "Application Default Credentials (gcloud auth application-default login)"
+        ) from None
 
 
 def parse_gs_uri(uri: str) -> tuple[str, str]:
