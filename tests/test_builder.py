@@ -234,7 +234,7 @@ def test_a_real_kernel_builds_both_kinds_of_both_versions_and_stages_them(first_
     assert shard["estimated_cost_s"] == 12.5
     assert shard["fetch_s"] > 0 and shard["extract_s"] > 0 and shard["build_s"] > 0
     assert shard["measured_s"] >= shard["fetch_s"] + shard["extract_s"] + shard["build_s"]
-    assert list(workdir.iterdir()) == []  # the attempt's scratch folder is gone
+    assert list(workdir.iterdir()) == [], [str(p) for p in workdir.rglob("*")][:20]  # the attempt's scratch folder is gone
 
 
 def test_the_vermagic_reader_agrees_with_modinfo(first_build, tmp_path):
@@ -526,7 +526,8 @@ def test_a_builder_image_without_make_stops_with_65(env, real_bundle, tmp_path, 
     assert records[-1]["exit_status"] == EX_DATAERR and records[-1]["completed"] is False
 
 
-def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle, tmp_path):
+@pytest.mark.parametrize("stage", ["bundle", "build"])  # while extracting / compiling
+def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle, tmp_path, stage):
     env.add_bundle(KERNEL, real_bundle)
     uri, _ = env.shard([(KERNEL, "2.3.0", "mod")])
     workdir = tmp_path / "sigterm"
@@ -536,8 +537,8 @@ def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle,
         text=True,
     )
     deadline = time.monotonic() + 30
-    while not list(workdir.glob("*/bundle")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # wait until it is extracting the bundle
+    while not list(workdir.glob(f"*/{stage}")) and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until it is in that stage
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=60)
 
@@ -545,7 +546,7 @@ def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle,
     records = env.results()
     assert records[0]["status"] == "infra_failed" and "SIGTERM" in records[0]["message"]
     assert records[-1]["exit_status"] == EX_TEMPFAIL
-    assert list(workdir.iterdir()) == []
+    assert list(workdir.iterdir()) == [], [str(p) for p in workdir.rglob("*")][:20]
 
 
 # --- safe extraction and bundle checks ---------------------------------------------------------

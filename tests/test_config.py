@@ -64,6 +64,7 @@ def test_config_is_selected_by_the_environment(tmp_path, monkeypatch):
         (('kernels = "*"', 'kernels = "6.0..5.0"'), r"routes\[1\] \(b\)"),
         (('["2.3.0"]', '["2.3"]'), "driver version '2.3'"),
         (("slots = 4", "slots = 0"), "slots must be a positive integer"),
+        (("slots = 4", 'slots = 4\nruntime = "docker"'), "runtime 'docker' is not one of"),
         (("mod = 10", "mod = -1"), "costs.mod must be a number"),
         (('builder = "b"\n', 'builder = "a"\n'), r"builder\(s\) \['b'\] have no route"),
     ],

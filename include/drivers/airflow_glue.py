@@ -1,8 +1,8 @@
 """Airflow glue: the one library module that imports Airflow.
 
 Connections, the trigger form's parameters, the builder pool and the builder runtimes
-(local subprocess, Kubernetes pod, Docker container), all running the same entrypoint
-with the same arguments. DAG files import from here and from :mod:`drivers.pipeline`.
+(local subprocess, Kubernetes pod), all running the same entrypoint with the same
+arguments. DAG files import from here and from :mod:`drivers.pipeline`.
 """
 
 from __future__ import annotations

@@ -563,6 +563,12 @@ class _Extractor:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        # A SIGTERM raised inside pool.submit() can land after a writer thread started but
+        # before the pool recorded it; shutdown() then does not join that thread, and it
+        # would go on writing while the tree is deleted. Join every writer by name.
+        for thread in threading.enumerate():
+            if thread.name.startswith("extract_") and thread is not threading.current_thread():
+                thread.join()
 
 
 def safe_extract(archive: Path, dest: Path) -> int:
@@ -686,26 +692,34 @@ def _missing_tool(tool: str) -> ShardStopped:
 
 
 def _run_make(cmd: list[str], log_path: Path) -> tuple[int | None, float]:
-    """Run make with its output in ``log_path``; (exit status or None on timeout, seconds)."""
+    """Run make with its output in ``log_path``; (exit status or None on timeout, seconds).
+    make runs in its own process group, killed whole on a timeout or SIGTERM: compilers
+    left behind would write into a scratch folder being deleted."""
     started = time.perf_counter()
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
         try:
-            proc = subprocess.run(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=_build_env(),
-                timeout=BUILD_TIMEOUT_S,
-                check=False,
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=_build_env(), start_new_session=True
             )
-            status: int | None = proc.returncode
-        except subprocess.TimeoutExpired:
-            status = None
         except FileNotFoundError:
             raise _missing_tool(cmd[0]) from None
+        try:
+            status: int | None = proc.wait(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            status = None
+        except BaseException:  # Terminated (SIGTERM) included
+            _kill_group(proc)
+            raise
     return status, time.perf_counter() - started
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _log_tail(log_path: Path, scratch: Path, extra: str = "") -> bytes:

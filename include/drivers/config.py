@@ -21,7 +21,7 @@ from drivers.selectors import Selector, SelectorError, parse_selector
 
 CONFIG_ENV = "DRIVERS_CONFIG"
 RUNTIME_ENV = "DRIVERS_RUNTIME"
-RUNTIMES = ("local", "kubernetes", "docker")
+RUNTIMES = ("local", "kubernetes")  # docker: the deployment issue
 MAX_SHARDS = 1024  # Airflow's max_map_length
 
 
