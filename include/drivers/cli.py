@@ -51,7 +51,7 @@ def load_kernels(source: str) -> tuple[list[Kernel], list[str]]:
     except OSError as e:
         raise UsageError(f"cannot read kernel list {path}: {e.strerror}") from None
     kernels, problems = read_kernel_list(lines, str(path))
-    bad = [p for p in problems if not p.message.startswith("duplicate")]
+    bad = [p for p in problems if not p.duplicate]
     if bad:
         shown = "\n".join(f"  {p}" for p in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from drivers.config import load_config
 from drivers.emulator import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the venv's bin: airflow and drivers
 READY_TIMEOUT = 90.0
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -39,7 +39,6 @@ class EmbeddedAirflow:
         self._api: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        airflow = shutil.which("airflow", path=str(Path(sys.executable).parent))
         env = dict(os.environ)
         env |= {
             "AIRFLOW_HOME": str(self.home),
@@ -56,12 +55,12 @@ class EmbeddedAirflow:
             "AIRFLOW_CONN_GOOGLE_CLOUD_DEFAULT": json.dumps(
                 {"conn_type": "google_cloud_platform", "extra": {"is_anonymous": True}}
             ),
-            "PATH": f"{Path(airflow or sys.executable).parent}:{env.get('PATH', '')}",
+            "PATH": f"{BIN}:{env.get('PATH', '')}",  # tasks run `python -m drivers`
         }
         return env
 
     def airflow(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        command = [str(Path(sys.executable).parent / "airflow"), *args]
+        command = [str(BIN / "airflow"), *args]
         result = subprocess.run(command, env=self.env(), check=False, **kwargs)
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} exited {result.returncode}")
@@ -95,7 +94,7 @@ class EmbeddedAirflow:
     def start_api_server(self) -> None:
         log = open(self.home / "api-server.log", "ab")
         self._api = subprocess.Popen(
-            [str(Path(sys.executable).parent / "airflow"), "api-server", "--port", str(self.port)],
+            [str(BIN / "airflow"), "api-server", "--port", str(self.port)],
             env=self.env(),
             stdout=log,
             stderr=log,

@@ -262,6 +262,7 @@ class LineProblem:
     line_number: int  # 1-based
     text: str
     message: str
+    duplicate: bool = False  # a repeated release (kept once), not an unparsable line
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line_number}: {self.message}"
@@ -289,7 +290,7 @@ def read_kernel_list(lines: Iterable[str], source: str) -> tuple[list[Kernel], l
         seen = first_line.get(text)
         if seen is not None:
             problems.append(
-                LineProblem(source, number, text, f"duplicate of line {seen}: {text!r}")
+                LineProblem(source, number, text, f"duplicate of line {seen}: {text!r}", True)
             )
             continue
         first_line[text] = number
