@@ -132,11 +132,7 @@ def upstream_drivers():
     def report(plan: dict | None, unified, verified, pushed, packages) -> dict:
         from drivers import pipeline
 
-        context = get_current_context()
-        states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[_run_id()])
-        failed = sorted(
-            {t for t, s in states.get(_run_id(), {}).items() if s in ("failed", "upstream_failed")}
-        )
+        failed = glue.failed_tasks(get_current_context())
         steps = {
             "unify": unified,
             "verify_drivers": verified,

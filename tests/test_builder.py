@@ -234,7 +234,8 @@ def test_a_real_kernel_builds_both_kinds_of_both_versions_and_stages_them(first_
     assert shard["estimated_cost_s"] == 12.5
     assert shard["fetch_s"] > 0 and shard["extract_s"] > 0 and shard["build_s"] > 0
     assert shard["measured_s"] >= shard["fetch_s"] + shard["extract_s"] + shard["build_s"]
-    assert list(workdir.iterdir()) == [], [str(p) for p in workdir.rglob("*")][:20]  # the attempt's scratch folder is gone
+    # the attempt's scratch folder is gone
+    assert list(workdir.iterdir()) == [], [str(p) for p in workdir.rglob("*")][:20]
 
 
 def test_the_vermagic_reader_agrees_with_modinfo(first_build, tmp_path):

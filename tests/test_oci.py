@@ -22,9 +22,17 @@ from drivers.oci import (
     cmd_image,
     extract_drivers,
     open_image,
+    read_files,
 )
 
 KERNEL = "5.4.0-62-generic"
+
+
+def extract(image, arch: str):
+    """extract_drivers with the drivers' bytes read back (the second, streaming pass)."""
+    result = extract_drivers(image, arch)
+    result.drivers = dict(read_files(image, arch, result.drivers))
+    return result
 
 
 def make_tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -84,7 +92,7 @@ def test_single_arch_round_trip_gives_the_trees_drivers_and_failures(tmp_path: P
     with open_image(tmp_path / "image") as image:
         assert image.digest == digest
         assert image.architectures() == ["amd64"]
-        result = extract_drivers(image, "amd64")
+        result = extract(image, "amd64")
     assert result.drivers == {
         f"2.3.0/collector-{KERNEL}.ko.gz": b"mod amd64",
         f"2.3.0/collector-ebpf-{KERNEL}.o.gz": b"bpf amd64",
@@ -106,7 +114,7 @@ def test_multi_arch_tar_round_trip_keeps_each_architecture_apart(tmp_path: Path)
     with open_image(tmp_path / "image.tar") as image:
         assert image.digest == digest
         assert image.architectures() == ["amd64", "ppc64le", "s390x"]
-        results = {a: extract_drivers(image, a) for a in image.architectures()}
+        results = {a: extract(image, a) for a in image.architectures()}
     assert results["amd64"].drivers[f"2.3.0/collector-{KERNEL}.ko.gz"] == b"mod amd64"
     assert results["ppc64le"].drivers[f"2.3.0/collector-{KERNEL}.ko.gz"] == b"mod ppc64le"
     assert "2.3.0/collector-6.1.0-s390x.ko.gz" in results["s390x"].drivers
@@ -154,7 +162,7 @@ def test_a_later_layer_whiteout_deletes_a_driver(tmp_path: Path) -> None:
     )
     build_image({"amd64": tree}, tmp_path / "image", layers={"amd64": [upper]})
     with open_image(tmp_path / "image") as image:
-        drivers = extract_drivers(image, "amd64").drivers
+        drivers = extract(image, "amd64").drivers
     assert f"2.3.0/collector-{KERNEL}.ko.gz" not in drivers
     assert drivers["2.3.0/collector-6.1.0-1.ko.gz"] == b"new"
     assert f"2.3.0/collector-ebpf-{KERNEL}.o.gz" in drivers
@@ -172,7 +180,7 @@ def test_an_opaque_whiteout_hides_the_lower_folder_but_not_its_own_layer(tmp_pat
     )
     build_image({"amd64": tree}, tmp_path / "image", layers={"amd64": [upper]})
     with open_image(tmp_path / "image") as image:
-        result = extract_drivers(image, "amd64")
+        result = extract(image, "amd64")
     assert result.drivers == {
         "2.3.0/collector-6.1.0-1.ko.gz": b"new",
         "2.2.0/.collector-ebpf-3.10.0-957.el7.x86_64.unavail": b"",
@@ -185,7 +193,7 @@ def test_a_whiteout_of_the_whole_tree_leaves_no_kernel_modules(tmp_path: Path) -
     upper = make_tree(tmp_path / "upper", {".wh.kernel-modules": b""})
     build_image({"amd64": tree}, tmp_path / "image", layers={"amd64": [upper]})
     with open_image(tmp_path / "image") as image, pytest.raises(ImageError, match="no /kernel"):
-        extract_drivers(image, "amd64")
+        extract(image, "amd64")
 
 
 def test_relative_links_inside_the_tree_give_the_targets_bytes(tmp_path: Path) -> None:
@@ -194,7 +202,7 @@ def test_relative_links_inside_the_tree_give_the_targets_bytes(tmp_path: Path) -
     link.symlink_to(f"collector-{KERNEL}.ko.gz")
     build_image({"amd64": tree}, tmp_path / "image")
     with open_image(tmp_path / "image") as image:
-        drivers = extract_drivers(image, "amd64").drivers
+        drivers = extract(image, "amd64").drivers
     assert drivers["2.3.0/collector-5.4.0-62-alias.ko.gz"] == b"mod amd64"
 
 
@@ -208,7 +216,7 @@ def test_a_corrupt_layer_blob_is_named(tmp_path: Path) -> None:
     layer.write_bytes(bytes(data))
     with open_image(tmp_path / "image") as image:
         with pytest.raises(CorruptBlob, match=f"layer blob sha256:{layer.name} is corrupt"):
-            extract_drivers(image, "amd64")
+            extract(image, "amd64")
 
 
 def test_a_truncated_layer_blob_is_refused_when_opening(tmp_path: Path) -> None:
@@ -234,7 +242,7 @@ def test_an_image_without_kernel_modules_is_refused(tmp_path: Path) -> None:
     build_image({"amd64": tree}, tmp_path / "image")
     with open_image(tmp_path / "image") as image:
         with pytest.raises(ImageError, match=r"has no /kernel-modules: is it a drivers image"):
-            extract_drivers(image, "amd64")
+            extract(image, "amd64")
 
 
 def test_an_unknown_architecture_is_refused(tmp_path: Path) -> None:
@@ -242,14 +250,14 @@ def test_an_unknown_architecture_is_refused(tmp_path: Path) -> None:
     with open_image(tmp_path / "image") as image:
         assert image.architectures() == ["arm64"]
         with pytest.raises(UnknownArchitecture, match="'arm64' has no CPaaS cache"):
-            extract_drivers(image, "arm64")
+            extract(image, "arm64")
 
 
 def test_an_architecture_the_image_lacks_is_refused(tmp_path: Path) -> None:
     build_image({"amd64": drivers_tree(tmp_path / "tree", "amd64")}, tmp_path / "image")
     with open_image(tmp_path / "image") as image:
         with pytest.raises(UnknownArchitecture, match=r"has no s390x image \(it has amd64\)"):
-            extract_drivers(image, "s390x")
+            extract(image, "s390x")
 
 
 def test_malformed_driver_names_are_all_listed(tmp_path: Path) -> None:
@@ -266,7 +274,7 @@ def test_malformed_driver_names_are_all_listed(tmp_path: Path) -> None:
     build_image({"amd64": tree}, tmp_path / "image")
     with open_image(tmp_path / "image") as image:
         with pytest.raises(ImageError, match="4 bad file") as caught:
-            extract_drivers(image, "amd64")
+            extract(image, "amd64")
     message = str(caught.value)
     for culprit in ("2.3.0/probe.o", "not-a-version", "deeper", "gcc.log"):
         assert culprit in message
@@ -279,7 +287,7 @@ def test_a_layer_with_dotdot_paths_is_refused_naming_layer_and_member(tmp_path: 
     with open_image(tmp_path / "image") as image:
         layer = image.manifests["amd64"].layers[1]["digest"]
         with pytest.raises(ImageError, match="path traversal") as caught:
-            extract_drivers(image, "amd64")
+            extract(image, "amd64")
     assert layer in str(caught.value) and "../../etc/passwd" in str(caught.value)
 
 
@@ -289,7 +297,7 @@ def test_an_absolute_symlink_in_the_driver_tree_is_refused(tmp_path: Path) -> No
     build_image({"amd64": tree}, tmp_path / "image")
     with open_image(tmp_path / "image") as image:
         with pytest.raises(ImageError, match="collector-6.1.0.ko.gz' is an absolute link"):
-            extract_drivers(image, "amd64")
+            extract(image, "amd64")
 
 
 def test_an_absolute_symlink_outside_the_driver_trees_is_ignored(tmp_path: Path) -> None:
@@ -297,7 +305,7 @@ def test_an_absolute_symlink_outside_the_driver_trees_is_ignored(tmp_path: Path)
     (tree / "etc" / "localtime").symlink_to("/usr/share/zoneinfo/UTC")
     build_image({"amd64": tree}, tmp_path / "image")
     with open_image(tmp_path / "image") as image:
-        assert len(extract_drivers(image, "amd64").drivers) == 3
+        assert len(extract(image, "amd64").drivers) == 3
 
 
 def test_links_leaving_the_tree_and_devices_are_refused(tmp_path: Path) -> None:
@@ -314,7 +322,7 @@ def test_links_leaving_the_tree_and_devices_are_refused(tmp_path: Path) -> None:
         build_image({"amd64": tree}, tmp_path / f"image{i}", layers={"amd64": [raw_tar(members)]})
         with open_image(tmp_path / f"image{i}") as image:
             with pytest.raises(ImageError, match=why):
-                extract_drivers(image, "amd64")
+                extract(image, "amd64")
 
 
 def test_a_link_to_a_file_outside_the_driver_trees_is_a_bad_file(tmp_path: Path) -> None:
@@ -323,7 +331,7 @@ def test_a_link_to_a_file_outside_the_driver_trees_is_a_bad_file(tmp_path: Path)
     build_image({"amd64": tree}, tmp_path / "image")
     with open_image(tmp_path / "image") as image:
         with pytest.raises(ImageError, match="does not lead to a file of the driver trees"):
-            extract_drivers(image, "amd64")
+            extract(image, "amd64")
 
 
 def test_leading_dot_slash_member_names_are_read(tmp_path: Path) -> None:
@@ -336,7 +344,7 @@ def test_leading_dot_slash_member_names_are_read(tmp_path: Path) -> None:
     )
     build_image({"amd64": tree}, tmp_path / "image", layers={"amd64": [layer]})
     with open_image(tmp_path / "image") as image:
-        result = extract_drivers(image, "amd64")
+        result = extract(image, "amd64")
     assert result.drivers == {f"2.3.0/collector-{KERNEL}.ko.gz": b"m"}
     assert result.failures == [Failure(KERNEL, "2.3.0", "bpf", b"boom")]
 
@@ -364,8 +372,8 @@ def test_cmd_image_builds_from_arch_arguments(tmp_path: Path, capsys) -> None:
     digest = capsys.readouterr().out.strip()
     with open_image(tmp_path / "image.tar") as image:
         assert image.digest == digest
-        assert f"2.3.0/collector-{KERNEL}.ko.gz" in extract_drivers(image, "amd64").drivers
-        assert f"2.3.0/collector-{KERNEL}.ko.gz" not in extract_drivers(image, "s390x").drivers
+        assert f"2.3.0/collector-{KERNEL}.ko.gz" in extract(image, "amd64").drivers
+        assert f"2.3.0/collector-{KERNEL}.ko.gz" not in extract(image, "s390x").drivers
 
 
 def test_cmd_image_refuses_bad_arch_arguments(tmp_path: Path) -> None:

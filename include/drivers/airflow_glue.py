@@ -98,16 +98,13 @@ def run_local_shard(shard_uri: str) -> None:
         raise AirflowException(f"shard {shard_uri}: drivers build-shard exited {status}")
 
 
-def builder_pod_kwargs(config: Config, builder: str) -> dict[str, Any]:
-    """Team defaults for one builder's pods (KubernetesPodOperator.partial keywords)."""
+def _pod_kwargs(config: Config, resources: dict[str, str], labels: dict[str, str]) -> dict:
+    """The team's pod defaults (KubernetesPodOperator keywords) from the [kubernetes] table."""
     from kubernetes.client import models as k8s
 
     pod = config.kubernetes
-    resources = pod["resources"] | config.builders[builder].resources
+    resources = pod["resources"] | resources
     return {
-        "task_id": "build_shard",
-        "image": config.builders[builder].image,
-        "cmds": ["drivers"],
         "namespace": pod["namespace"],
         "kubernetes_conn_id": pod["connection"],
         "service_account_name": pod["service_account"],  # workload identity: no keys
@@ -117,12 +114,90 @@ def builder_pod_kwargs(config: Config, builder: str) -> dict[str, Any]:
         ),
         "active_deadline_seconds": pod["active_deadline_seconds"],
         "node_selector": pod.get("node_selector") or None,
-        "labels": {"app": "collector-drivers", "builder": builder},
+        "labels": {"app": "collector-drivers"} | labels,
         "on_finish_action": "delete_pod",
         "deferrable": True,
         "get_logs": True,
         "termination_message_policy": "FallbackToLogsOnError",
-        "pool": BUILDER_POOL,
         "retries": 3,  # evicted or preempted pods
         "retry_delay": timedelta(minutes=1),
     }
+
+
+def builder_pod_kwargs(config: Config, builder: str) -> dict[str, Any]:
+    """One builder's pods (KubernetesPodOperator.partial keywords)."""
+    return _pod_kwargs(config, config.builders[builder].resources, {"builder": builder}) | {
+        "task_id": "build_shard",
+        "image": config.builders[builder].image,
+        "cmds": ["drivers"],
+        "pool": BUILDER_POOL,
+    }
+
+
+# The mirror pod: skopeo copies the source image to the internal registry and to an OCI
+# layout on the pod's disk, then `drivers image mirror` (the embedded mirror_image step)
+# puts that layout in the work bucket and hands the extraction targets to XCom.
+MIRROR_SCRIPT = """set -eu
+skopeo copy --all --retry-times 3 "$SOURCE_IMAGE" oci:/tmp/image:drivers
+skopeo copy --all --retry-times 3 oci:/tmp/image:drivers "docker://$INTERNAL_IMAGE"
+mkdir -p /airflow/xcom
+exec drivers image mirror /tmp/image --run-id "$RUN_ID" --architectures "$ARCHITECTURES" \
+    $FORCE --xcom /airflow/xcom/return.json
+"""
+
+
+def mirror_pod_kwargs(config: Config) -> dict[str, Any]:
+    """cpaas_drivers' mirror_image task on the kubernetes runtime."""
+    from kubernetes.client import models as k8s
+
+    env = {
+        "SOURCE_IMAGE": "{{ params.source_image }}",
+        "INTERNAL_IMAGE": config.cpaas["internal_registry"] + ":{{ ts_nodash | lower }}",
+        "RUN_ID": "{{ run_id }}",
+        "ARCHITECTURES": "{{ params.architectures | join(',') }}",
+        "FORCE": "{{ '--force' if params.force else '' }}",
+    }
+    return _pod_kwargs(config, {}, {"step": "mirror"}) | {
+        "task_id": "mirror_image",
+        "image": config.cpaas["mirror_image"],
+        "cmds": ["/bin/sh", "-c"],
+        "arguments": [MIRROR_SCRIPT],
+        "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
+        "do_xcom_push": True,
+    }
+
+
+def cpaas_params(config: Config) -> dict[str, Param]:
+    from drivers.oci import ARCH_TO_CACHE
+
+    return {
+        "source_image": Param(
+            config.cpaas["source_image"],
+            type="string",
+            minLength=1,
+            title="Drivers image",
+            description="Registry reference (docker://..., kubernetes runtime) or the path "
+            "of an OCI image layout, folder or tar (embedded default).",
+        ),
+        "architectures": Param(
+            list(config.cpaas["architectures"]),
+            type="array",
+            items={"type": "string", "enum": sorted(ARCH_TO_CACHE)},
+            minItems=1,
+            uniqueItems=True,
+            title="Architectures (OCI names)",
+        ),
+        "dry_run": Param(False, type="boolean", title="Check and report only: publish nothing"),
+        "force": Param(
+            False, type="boolean", title="Take the image even if its digest is unchanged"
+        ),
+    }
+
+
+def failed_tasks(context: dict[str, Any]) -> list[str]:
+    """Tasks of this run that failed (for the report task, the run's watcher)."""
+    run_id = context["run_id"]
+    states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[run_id])
+    return sorted(
+        {t for t, s in states.get(run_id, {}).items() if s in ("failed", "upstream_failed")}
+    )

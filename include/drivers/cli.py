@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
     p.set_defaults(func=_lazy("drivers.bundles", "cmd_bundle"))
 
-    p = sub.add_parser("image", help="OCI drivers images: build")
+    p = sub.add_parser("image", help="OCI drivers images: build, mirror")
     image_sub = p.add_subparsers(dest="action", required=True)
     b = image_sub.add_parser("build", help="make an OCI image layout from driver trees")
     b.add_argument("--out", required=True, type=Path, help="layout folder, or tar with --tar")
@@ -282,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="OCI arch (amd64, s390x, ppc64le) and its tree; repeat an arch to add layers",
     )
     b.set_defaults(func=_lazy("drivers.oci", "cmd_image"))
+    m = image_sub.add_parser(
+        "mirror", help="copy an OCI image layout into the work bucket (cpaas mirror_image)"
+    )
+    m.add_argument("layout", type=Path, help="OCI image layout, folder or tar")
+    m.add_argument("--run-id", required=True, help="the cpaas_drivers run it is for")
+    m.add_argument("--architectures", help="OCI names, comma-separated (default: config's)")
+    m.add_argument("--force", action="store_true", help="even if the digest is unchanged")
+    m.add_argument("--xcom", type=Path, help="also write the targets JSON here")
+    m.set_defaults(func=_lazy("drivers.cpaas", "cmd_mirror"))
 
     p = sub.add_parser("sources", help="prepared driver sources: publish")
     p.add_argument("action", choices=["publish"])

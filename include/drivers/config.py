@@ -36,6 +36,18 @@ POD_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The cpaas_drivers DAG; the config's [cpaas] table overrides these.
+CPAAS_DEFAULTS: dict[str, Any] = {
+    # Its trigger form's default: a registry reference (production: the mirror pod copies
+    # it with skopeo) or the path of an OCI image layout, folder or tar (embedded default).
+    "source_image": "docker://quay.io/stackrox-io/collector-drivers-downstream:latest",
+    "architectures": ["amd64", "s390x", "ppc64le"],  # OCI names
+    # Production: the mirror pod's image (skopeo + this package) and where it copies to.
+    "mirror_image": "quay.io/stackrox-io/collector-drivers-mirror:0.1.0",
+    "internal_registry": "us-docker.pkg.dev/collector-drivers/internal/drivers-downstream",
+}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -79,6 +91,7 @@ class Config:
     kubernetes: dict[str, Any] = field(default_factory=dict)
     retries: int = 2
     retry_delay_s: float = 120.0
+    cpaas: dict[str, Any] = field(default_factory=lambda: dict(CPAAS_DEFAULTS))
 
     def route(self, kernel: Kernel, kind: Kind) -> str | None:
         """The builder for a task, or None when no route takes it."""
@@ -209,4 +222,5 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         POD_DEFAULTS | data.get("kubernetes", {}),
         int(data.get("retries", 2)),
         _seconds(data.get("retry_delay_s", 120), "retry_delay_s"),
+        CPAAS_DEFAULTS | data.get("cpaas", {}),
     )

@@ -29,6 +29,7 @@ BUNDLE_PREFIX = "bundle-"
 BUNDLE_SUFFIX = ".tgz"
 STAGING_PREFIX = "staging/"
 LEDGER_PREFIX = "ledger/"
+IMAGES_PREFIX = "images/"
 
 
 @dataclass(frozen=True)
@@ -114,5 +115,17 @@ def staged_log_object(run_id: str, kernel: str, driver_version: str, kind: str) 
     return f"{staging_prefix(run_id)}logs/{kernel}/{driver_version}/{kind}.log"
 
 
-def cpaas_prefix(arch: str, driver_version: str) -> str:
-    return f"cpaas/{arch}/{driver_version}/"
+def cpaas_prefix(arch: str, driver_version: str = "") -> str:
+    """An architecture's CPaaS cache (arch as the cache names it: x86_64, s390x, ppc64le),
+    or one driver version in it; also the CPaaS support packages' root in their bucket."""
+    return f"cpaas/{arch}/{driver_version}/" if driver_version else f"cpaas/{arch}/"
+
+
+def cpaas_run(run_id: str) -> str:
+    """The key of a cpaas_drivers run under staging/ and reports/ (upstream: the run id)."""
+    return f"cpaas/{run_id}"
+
+
+def mirrored_image_prefix(digest: str) -> str:
+    """The work bucket's "internal registry": one OCI image layout per image digest."""
+    return f"{IMAGES_PREFIX}{digest.replace(':', '-')}/"

@@ -16,6 +16,7 @@ ignored. Nothing is written to disk while reading.
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip
 import hashlib
 import io
@@ -28,11 +29,14 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from drivers.names import DriverVersionError, check_driver_version, parse_object_name
+from drivers.storage import ObjectStore, UploadResult
+from drivers.verify import MAX_DRIVER_SIZE, DriverFacts, check_driver, inspect_driver
 
 # The one mapping between OCI architecture names and the CPaaS cache's (DESIGN.md §2).
 ARCH_TO_CACHE = {"amd64": "x86_64", "s390x": "s390x", "ppc64le": "ppc64le"}
@@ -273,11 +277,17 @@ def build_image(
 # --- opening -----------------------------------------------------------------------------
 
 
+def _blob_name(digest: str) -> str:
+    """A blob's name inside a layout (``blobs/sha256/<hex>``); refuses a crafted digest."""
+    return _blob_path(Path("."), digest).as_posix()
+
+
 class _Blobs:
     """Blob access for a layout directory or a layout tar (plain or gzip'd)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.where = str(path)
         self.tar: tarfile.TarFile | None = None
         self.members: dict[str, tarfile.TarInfo] = {}
         if path.is_dir():
@@ -290,9 +300,6 @@ class _Blobs:
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             why = f"{path}: neither an OCI layout folder nor a readable tar: {e}"
             raise ImageError(why) from None
-
-    def _name(self, digest: str) -> str:
-        return _blob_path(Path("."), digest).as_posix()
 
     def open(self, name: str) -> IO[bytes]:
         """``name`` is ``index.json`` or a blob path made by :func:`_blob_path`."""
@@ -316,6 +323,29 @@ class _Blobs:
             self.tar.close()
 
 
+class _StoreBlobs:
+    """Blob access for a layout mirrored into a bucket: one listing gives every size,
+    blobs are streamed."""
+
+    def __init__(self, store: ObjectStore, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+        self.where = f"gs://{store.bucket_name}/{prefix}"
+        self.sizes = {i.name[len(prefix) :]: i.size for i in store.list(prefix)}
+
+    def open(self, name: str) -> IO[bytes]:
+        if name not in self.sizes:
+            raise FileNotFoundError(name)
+        return self.store.open_read(self.prefix + name)
+
+    def size(self, name: str) -> int:
+        if name not in self.sizes:
+            raise FileNotFoundError(name)
+        return self.sizes[name]
+
+    def close(self) -> None:
+        pass
+
+
 def _check_descriptor(desc: Any, where: str) -> dict[str, Any]:
     if not isinstance(desc, dict) or not isinstance(desc.get("size"), int):
         raise ImageError(f"{where}: a descriptor without a digest and size: {desc!r}")
@@ -326,6 +356,7 @@ def _check_descriptor(desc: Any, where: str) -> dict[str, Any]:
 @dataclass
 class _Manifest:
     digest: str
+    config: dict[str, Any]
     layers: list[dict[str, Any]]
 
 
@@ -334,10 +365,15 @@ class Image:
     """An opened OCI image layout. Small JSON blobs are checked when it is opened; layer
     blobs are checked for size then, and hashed while :func:`extract_drivers` reads them."""
 
-    source: Path
-    digest: str
+    source: str
+    top: dict[str, Any]  # what index.json points at: the image's descriptor
     manifests: dict[str, _Manifest]  # OCI architecture -> its image manifest
-    _blobs: _Blobs = field(repr=False)
+    blobs: list[dict[str, Any]]  # descriptors of every blob the image uses
+    _blobs: _Blobs | _StoreBlobs = field(repr=False)
+
+    @property
+    def digest(self) -> str:
+        return self.top["digest"]
 
     def architectures(self) -> list[str]:
         return sorted(self.manifests)
@@ -352,9 +388,9 @@ class Image:
         self.close()
 
 
-def _read_json(blobs: _Blobs, desc: dict[str, Any], what: str) -> dict[str, Any]:
+def _read_json(blobs: _Blobs | _StoreBlobs, desc: dict[str, Any], what: str) -> dict[str, Any]:
     digest = desc["digest"]
-    name = blobs._name(digest)
+    name = _blob_name(digest)
     try:
         with blobs.open(name) as f:
             data = f.read(desc["size"] + 1)
@@ -374,7 +410,9 @@ def _read_json(blobs: _Blobs, desc: dict[str, Any], what: str) -> dict[str, Any]
     return doc
 
 
-def _read_manifest(blobs: _Blobs, desc: dict[str, Any]) -> tuple[_Manifest, str | None]:
+def _read_manifest(
+    blobs: _Blobs | _StoreBlobs, desc: dict[str, Any]
+) -> tuple[_Manifest, str | None]:
     """The manifest and the architecture its config names."""
     doc = _read_json(blobs, desc, "manifest")
     config = _check_descriptor(doc.get("config"), f"manifest {desc['digest']}")
@@ -384,7 +422,7 @@ def _read_manifest(blobs: _Blobs, desc: dict[str, Any]) -> tuple[_Manifest, str 
         raise ImageError(f"manifest {desc['digest']} has no layers list")
     for layer in layers:
         _check_descriptor(layer, f"manifest {desc['digest']}")
-        name = blobs._name(layer["digest"])
+        name = _blob_name(layer["digest"])
         try:
             size = blobs.size(name)
         except FileNotFoundError:
@@ -394,36 +432,50 @@ def _read_manifest(blobs: _Blobs, desc: dict[str, Any]) -> tuple[_Manifest, str 
                 f"layer blob {layer['digest']} is corrupt: {size} bytes, "
                 f"its manifest says {layer['size']}"
             )
-    return _Manifest(desc["digest"], layers), arch if isinstance(arch, str) else None
+    return _Manifest(desc["digest"], config, layers), arch if isinstance(arch, str) else None
 
 
-def open_image(path: Path) -> Image:
+def open_image(path: Path | str) -> Image:
     """Open an OCI image layout, a directory or a tar of one. ``index.json`` must point at
     exactly one image: a manifest (one architecture) or an index (one per architecture)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such image layout (folder or tar)")
-    blobs = _Blobs(path)
+    return _open(_Blobs(path))
+
+
+def open_mirrored(store: ObjectStore, prefix: str) -> Image:
+    """Open an image layout that :func:`mirror_image` copied under ``prefix``."""
+    blobs = _StoreBlobs(store, prefix)
+    if "index.json" not in blobs.sizes:
+        raise ImageError(f"{blobs.where}: no mirrored image there (no index.json)")
+    return _open(blobs)
+
+
+def _open(blobs: _Blobs | _StoreBlobs) -> Image:
+    where = blobs.where
     try:
         try:
             with blobs.open("index.json") as f:
                 top_index = json.loads(f.read())
         except FileNotFoundError:
-            raise ImageError(f"{path}: not an OCI image layout: no index.json") from None
+            raise ImageError(f"{where}: not an OCI image layout: no index.json") from None
         except ValueError as e:
-            raise ImageError(f"{path}: index.json is not JSON: {e}") from None
+            raise ImageError(f"{where}: index.json is not JSON: {e}") from None
         entries = top_index.get("manifests") if isinstance(top_index, dict) else None
         if not isinstance(entries, list) or len(entries) != 1:
             count = len(entries) if isinstance(entries, list) else 0
-            raise ImageError(f"{path}: index.json lists {count} images; expected exactly one")
-        top = _check_descriptor(entries[0], f"{path}/index.json")
+            raise ImageError(f"{where}: index.json lists {count} images; expected exactly one")
+        top = _check_descriptor(entries[0], f"{where}/index.json")
         manifests: dict[str, _Manifest] = {}
+        used = [top]
         if top.get("mediaType") in _INDEX_TYPES:
             index = _read_json(blobs, top, "index")
             for desc in index.get("manifests") or []:
                 desc = _check_descriptor(desc, f"index {top['digest']}")
                 platform = desc.get("platform") or {}
                 if platform.get("os") != "linux":  # e.g. attestations: "unknown/unknown"
+                    used.append(desc)
                     continue
                 arch = platform.get("architecture")
                 if not isinstance(arch, str) or arch in manifests:
@@ -432,6 +484,7 @@ def open_image(path: Path) -> Image:
                         "appears twice (variants are not supported)"
                     )
                 manifests[arch] = _read_manifest(blobs, desc)[0]
+                used.append(desc)
         elif top.get("mediaType") in _MANIFEST_TYPES:
             manifest, arch = _read_manifest(blobs, top)
             arch = (top.get("platform") or {}).get("architecture") or arch
@@ -439,16 +492,77 @@ def open_image(path: Path) -> Image:
                 raise ImageError(f"manifest {top['digest']}: its config names no architecture")
             manifests[arch] = manifest
         else:
-            raise ImageError(f"{path}: index.json points at a {top.get('mediaType')!r}")
+            raise ImageError(f"{where}: index.json points at a {top.get('mediaType')!r}")
         if not manifests:
-            raise ImageError(f"{path}: the image has no linux manifests")
-        return Image(path, top["digest"], manifests, blobs)
+            raise ImageError(f"{where}: the image has no linux manifests")
+        for m in manifests.values():
+            used += [m.config, *m.layers]
+        unique = list({d["digest"]: d for d in used}.values())
+        return Image(where, top, manifests, unique, blobs)
     except BaseException:
         blobs.close()
         raise
 
 
+def mirror_image(image: Image, store: ObjectStore, prefix: str) -> dict[str, int]:
+    """Copy ``image`` into ``store`` under ``prefix`` as an OCI image layout, never
+    overwriting: blobs already there are skipped, each blob is checked against its digest
+    before it goes up (a corrupt image is refused whole), ``index.json`` goes last, so a
+    layout with an ``index.json`` is complete. Returns blob counts."""
+    have = {i.name[len(prefix) :]: i.size for i in store.list(prefix)}
+    copied = skipped = 0
+    for desc in image.blobs:
+        name = _blob_name(desc["digest"])
+        if have.get(name) == desc["size"]:
+            skipped += 1
+            continue
+        with image._blobs.open(name) as f:
+            _check_blob(f, desc)
+        with image._blobs.open(name) as f:
+            result = store.upload_new_stream(prefix + name, f, desc["size"])
+        if result is UploadResult.DIFFERENT:
+            raise CorruptBlob(
+                f"gs://{store.bucket_name}/{prefix}{name} holds other bytes than its digest "
+                "says: delete that mirrored image and run again"
+            )
+        copied += 1
+    store.upload_new(prefix + "oci-layout", _canonical({"imageLayoutVersion": "1.0.0"}))
+    index = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [image.top]}
+    store.put(prefix + "index.json", _canonical(index), "application/json")
+    return {"blobs_copied": copied, "blobs_present": skipped}
+
+
+def _check_blob(f: IO[bytes], desc: dict[str, Any]) -> None:
+    algorithm, _, expected = desc["digest"].partition(":")
+    hashed, size = hashlib.new(algorithm), 0
+    while data := f.read(_CHUNK):
+        hashed.update(data)
+        size += len(data)
+    if size != desc["size"] or hashed.hexdigest() != expected:
+        raise CorruptBlob(
+            f"blob {desc['digest']} is corrupt: its bytes do not match its digest and size"
+        )
+
+
 # --- reading drivers ---------------------------------------------------------------------
+
+# A failure log is kept in memory up to this size (the report shows its first lines).
+MAX_LOG = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One file of the driver trees: where its bytes are (layer index, member ordinal in
+    that layer's tar) and what they are. Drivers are not kept in memory: a second pass
+    (:func:`read_files`) streams the ones that are wanted."""
+
+    layer: int
+    member: int
+    size: int
+    md5: str  # base64, as GCS reports it
+    sha256: str
+    facts: DriverFacts | None = None  # drivers: what verification needs
+    log: bytes | None = None  # failure logs: their bytes, up to MAX_LOG
 
 
 @dataclass(frozen=True)
@@ -459,13 +573,19 @@ class Failure:
     driver_version: str
     kind: str
     log: bytes
+    size: int = field(default=0, compare=False)  # the full log's (``log`` stops at MAX_LOG)
 
 
 @dataclass
 class DriverImage:
-    drivers: dict[str, bytes]  # cache-relative name <version>/<basename> -> bytes
+    arch: str  # the cache's architecture name (x86_64, ...)
+    drivers: dict[str, FileRef]  # cache-relative name <version>/<basename> -> its file
     failures: list[Failure]
     ignored: list[str] = field(default_factory=list)  # files right under /kernel-modules
+    rejected: dict[str, list[str]] = field(default_factory=dict)  # name -> problems
+
+    def verified(self) -> dict[str, FileRef]:
+        return {n: f for n, f in self.drivers.items() if n not in self.rejected}
 
 
 class _HashingReader(io.RawIOBase):
@@ -500,7 +620,7 @@ def _normalize(name: str) -> str | None:
     return "/".join(parts)
 
 
-# State entries: ("dir", None) | ("file", bytes) | ("link", target relative to the root)
+# State entries: ("dir", None) | ("file", FileRef) | ("link", target relative to the root)
 _Entry = tuple[str, Any]
 
 
@@ -512,9 +632,17 @@ def _drop_under(state: dict[str, _Entry], path: str, itself: bool) -> None:
         state.pop(path, None)
 
 
+def _file_ref(layer: int, member: int, name: str, data: bytes) -> FileRef:
+    md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+    sha256 = hashlib.sha256(data).hexdigest()
+    if name.startswith(FAILURES + "/"):
+        return FileRef(layer, member, len(data), md5, sha256, log=data[:MAX_LOG])
+    return FileRef(layer, member, len(data), md5, sha256, facts=inspect_driver(data))
+
+
 class _LayerReader:
-    def __init__(self, layer: str) -> None:
-        self.layer = layer
+    def __init__(self, layer: str, index: int) -> None:
+        self.layer, self.index = layer, index
 
     def refuse(self, member: str, why: str) -> ImageError:
         return ImageError(f"layer {self.layer}: member {member!r} {why}")
@@ -523,7 +651,7 @@ class _LayerReader:
         upper: dict[str, _Entry] = {}
         whiteouts: list[str] = []
         opaque: list[str] = []
-        for m in tar:
+        for ordinal, m in enumerate(tar):
             name = _normalize(m.name)
             if name is None:
                 raise self.refuse(m.name, "has a '..' path component (path traversal)")
@@ -536,7 +664,7 @@ class _LayerReader:
                 continue
             if not name or not _kept(name):
                 continue
-            upper[name] = self.entry(tar, m, name, parent, upper, state)
+            upper[name] = self.entry(tar, m, ordinal, name, parent, upper, state)
         # Whiteouts hide the lower layers only, whatever their order inside this layer.
         for path in opaque:
             _drop_under(state, path, itself=False)
@@ -560,6 +688,7 @@ class _LayerReader:
         self,
         tar: tarfile.TarFile,
         m: tarfile.TarInfo,
+        ordinal: int,
         name: str,
         parent: str,
         upper: dict[str, _Entry],
@@ -568,8 +697,11 @@ class _LayerReader:
         if m.isdir():
             return ("dir", None)
         if m.isreg():
+            if m.size > MAX_DRIVER_SIZE:
+                raise self.refuse(m.name, f"is {m.size} bytes: too big for a driver or a log")
             f = tar.extractfile(m)
-            return ("file", f.read() if f is not None else b"")
+            data = f.read() if f is not None else b""
+            return ("file", _file_ref(self.index, ordinal, name, data))
         if m.issym():
             if m.linkname.startswith("/"):
                 raise self.refuse(m.name, f"is an absolute link (to {m.linkname!r})")
@@ -589,22 +721,24 @@ class _LayerReader:
         raise self.refuse(m.name, f"is {what}; only files, folders and links are accepted")
 
 
-def _read_layer(image: Image, desc: dict[str, Any], state: dict[str, _Entry]) -> None:
+@contextmanager
+def _layer_tar(image: Image, desc: dict[str, Any]) -> Iterator[tarfile.TarFile]:
+    """One layer's tar, streamed; the blob's digest is checked to its last byte, and a
+    corrupt blob is reported as such whatever error it caused."""
     digest = desc["digest"]
     media_type = desc.get("mediaType")
     if media_type not in _GZIP_LAYERS and media_type != MEDIA_LAYER_TAR:
         raise ImageError(f"layer {digest}: media type {media_type!r} is not tar or tar+gzip")
     algorithm, _, expected = digest.partition(":")
-    with image._blobs.open(image._blobs._name(digest)) as raw:
+    with image._blobs.open(_blob_name(digest)) as raw:
         hashed = _HashingReader(raw, algorithm)
         stream: IO[bytes] = io.BufferedReader(hashed, _CHUNK)
         try:
             if media_type in _GZIP_LAYERS:
                 stream = gzip.GzipFile(fileobj=stream, mode="rb")
             with tarfile.open(fileobj=stream, mode="r|") as tar:
-                _LayerReader(digest).read(tar, state)
+                yield tar
         except (tarfile.TarError, OSError, EOFError, zlib.error, ImageError) as e:
-            # A corrupt blob explains any error; say so rather than the symptom.
             if hashed.drain() != expected:
                 raise CorruptBlob(f"layer blob {digest} is corrupt: digest mismatch") from None
             if isinstance(e, ImageError):
@@ -614,7 +748,7 @@ def _read_layer(image: Image, desc: dict[str, Any], state: dict[str, _Entry]) ->
             raise CorruptBlob(f"layer blob {digest} is corrupt: digest mismatch")
 
 
-def _resolve(state: dict[str, _Entry], name: str) -> bytes | None:
+def _resolve(state: dict[str, _Entry], name: str) -> FileRef | None:
     path = name
     for _ in range(_MAX_LINK_HOPS):
         entry = state.get(path)
@@ -626,41 +760,44 @@ def _resolve(state: dict[str, _Entry], name: str) -> bytes | None:
     return None
 
 
-def _files(state: dict[str, _Entry]) -> Iterator[tuple[str, bytes | None]]:
-    for name, (kind, _) in sorted(state.items()):
-        if kind != "dir":
-            yield name, _resolve(state, name)
-
-
-def extract_drivers(image: Image, arch: str) -> DriverImage:
-    """The drivers and failure logs of one architecture (OCI name) of ``image``: its
-    layers in order, whiteouts honoured, ``/kernel-modules/**`` and ``/FAILURES/**`` only.
-    Raises :class:`ImageError` naming the layer and member, or listing every bad name."""
+def _manifest(image: Image, arch: str) -> _Manifest:
     cache_arch(arch)
     manifest = image.manifests.get(arch)
     if manifest is None:
         have = ", ".join(image.architectures())
         raise UnknownArchitecture(f"image {image.digest} has no {arch} image (it has {have})")
+    return manifest
+
+
+def extract_drivers(image: Image, arch: str) -> DriverImage:
+    """The drivers and failure logs of one architecture (OCI name) of ``image``: its
+    layers in order, whiteouts honoured, ``/kernel-modules/**`` and ``/FAILURES/**`` only,
+    each driver verified for that architecture (``rejected``). Drivers are hashed, not
+    kept: :func:`read_files` streams them. Raises :class:`ImageError` naming the layer and
+    member, or listing every bad name."""
+    manifest = _manifest(image, arch)
     state: dict[str, _Entry] = {}
-    for desc in manifest.layers:
-        _read_layer(image, desc, state)
+    for index, desc in enumerate(manifest.layers):
+        with _layer_tar(image, desc) as tar:
+            _LayerReader(desc["digest"], index).read(tar, state)
     where = f"image {image.digest} ({arch})"
     if not any(n.split("/")[0] == KERNEL_MODULES for n in state):
         raise ImageError(f"{where} has no /{KERNEL_MODULES}: is it a drivers image?")
     if state.get(KERNEL_MODULES, ("dir",))[0] != "dir":
         raise ImageError(f"{where}: /{KERNEL_MODULES} is not a folder")
-    drivers: dict[str, bytes] = {}
-    failures: list[Failure] = []
-    ignored: list[str] = []
+    result = DriverImage(cache_arch(arch), {}, [])
     bad: list[str] = []
-    for name, data in _files(state):
-        if data is None:
+    for name, (kind, _) in sorted(state.items()):
+        if kind == "dir":
+            continue
+        ref = _resolve(state, name)
+        if ref is None:
             bad.append(f"/{name}: a link that does not lead to a file of the driver trees")
             continue
         parts = name.split("/")
         if parts[0] == KERNEL_MODULES:
             if len(parts) == 2:
-                ignored.append(f"/{name}")
+                result.ignored.append(f"/{name}")
                 continue
             rel = "/".join(parts[1:])
             try:
@@ -668,13 +805,17 @@ def extract_drivers(image: Image, arch: str) -> DriverImage:
             except DriverVersionError as e:
                 bad.append(f"/{name}: {e}")
                 continue
-            if len(parts) != 3 or parse_object_name(rel) is None:
+            entry = parse_object_name(rel) if len(parts) == 3 else None
+            if entry is None or ref.facts is None:
                 bad.append(f"/{name}: not a driver name (collector-<kernel>.ko.gz, ...)")
                 continue
-            drivers[f"{version}/{parts[2]}"] = data
+            result.drivers[f"{version}/{parts[2]}"] = ref
+            problems = check_driver(entry.key, ref.facts, entry.unavailable, result.arch)
+            if problems:
+                result.rejected[rel] = problems
         else:
-            kind = parts[-1].removesuffix(".log")
-            if len(parts) != 4 or not parts[-1].endswith(".log") or kind not in ("mod", "bpf"):
+            kind_ = parts[-1].removesuffix(".log")
+            if len(parts) != 4 or not parts[-1].endswith(".log") or kind_ not in ("mod", "bpf"):
                 bad.append(f"/{name}: not /{FAILURES}/<kernel>/<version>/<mod|bpf>.log")
                 continue
             try:
@@ -682,12 +823,35 @@ def extract_drivers(image: Image, arch: str) -> DriverImage:
             except DriverVersionError as e:
                 bad.append(f"/{name}: {e}")
                 continue
-            failures.append(Failure(parts[1], parts[2], kind, data))
+            result.failures.append(Failure(parts[1], parts[2], kind_, ref.log or b"", ref.size))
     if bad:
         shown = "\n  ".join(bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise ImageError(f"{where}: {len(bad)} bad file(s) in the driver trees:\n  {shown}{more}")
-    return DriverImage(drivers, failures, ignored)
+    return result
+
+
+def read_files(image: Image, arch: str, wanted: dict[str, FileRef]) -> Iterator[tuple[str, bytes]]:
+    """Stream the bytes of ``wanted`` (name -> its :class:`FileRef` from
+    :func:`extract_drivers`) in layer order, one file in memory at a time; a file whose
+    bytes no longer hash as recorded raises :class:`CorruptBlob`."""
+    manifest = _manifest(image, arch)
+    by_place: dict[tuple[int, int], list[str]] = {}
+    for name, ref in wanted.items():
+        by_place.setdefault((ref.layer, ref.member), []).append(name)
+    for index in sorted({layer for layer, _ in by_place}):
+        desc = manifest.layers[index]
+        with _layer_tar(image, desc) as tar:
+            for ordinal, m in enumerate(tar):
+                names = by_place.get((index, ordinal))
+                if not names:
+                    continue
+                f = tar.extractfile(m)
+                data = f.read() if f is not None else b""
+                if hashlib.sha256(data).hexdigest() != wanted[names[0]].sha256:
+                    raise CorruptBlob(f"layer {desc['digest']}: {m.name!r} changed between reads")
+                for name in names:
+                    yield name, data
 
 
 # --- CLI -----------------------------------------------------------------------------------
@@ -721,6 +885,7 @@ __all__ = [
     "CorruptBlob",
     "DriverImage",
     "Failure",
+    "FileRef",
     "Image",
     "ImageError",
     "UnknownArchitecture",
@@ -728,5 +893,8 @@ __all__ = [
     "cache_arch",
     "cmd_image",
     "extract_drivers",
+    "mirror_image",
     "open_image",
+    "open_mirrored",
+    "read_files",
 ]

@@ -22,7 +22,7 @@ from drivers.kernels import Kernel
 from drivers.names import KINDS, CacheIndex, check_driver_version, check_kinds, parse_object_name
 from drivers.planner import plan
 from drivers.selectors import parse_selector
-from drivers.storage import ObjectNotFound, ObjectStore, UploadResult
+from drivers.storage import ObjectNotFound, ObjectStore
 
 DAG_ID = "upstream_drivers"
 STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the shrink guard's reference
@@ -288,42 +288,32 @@ def verify_drivers(stores: Stores, run_id: str) -> dict[str, Any]:
 
 
 def push_drivers(stores: Stores, run_id: str) -> dict[str, Any]:
-    """Promote verified drivers into the cache, never overwriting. A rebuilt object
-    whose bytes differ from the published one is counted and listed; the published one
-    stays."""
+    """Promote verified drivers into the cache, never overwriting (:mod:`drivers.push`)."""
+    from drivers.push import Candidate, push_new
+
     prefix = layout.staged_drivers_prefix(run_id)
     try:
-        verified = read_json(stores.work, f"{layout.staging_prefix(run_id)}verified.json")
+        verified = set(read_json(stores.work, f"{layout.staging_prefix(run_id)}verified.json"))
     except ObjectNotFound:
-        verified = []
-
-    def promote(name: str) -> tuple[str, UploadResult]:
-        return name, stores.drivers.upload_new(name, stores.work.download(prefix + name))
-
-    results = dict(_parallel(promote, verified))
-    by_result = Counter(r.value for r in results.values())
-    different = sorted(n for n, r in results.items() if r is UploadResult.DIFFERENT)
-    changed_versions = sorted(
-        {n.split("/", 1)[0] for n, r in results.items() if r is UploadResult.CREATED}
-    )
-    write_json(
-        stores.work,
-        f"{report_prefix(run_id)}push.json",
-        {"counts": dict(by_result), "different": different, "versions": changed_versions},
-    )
-    return {
-        "created": by_result["created"],
-        "identical": by_result["identical"],
-        "different": by_result["different"],
-        "changed_versions": changed_versions,
+        verified = set()
+    candidates = {
+        info.name[len(prefix) :]: Candidate(info.size, info.md5)
+        for info in stores.work.list(prefix)
+        if info.name[len(prefix) :] in verified
     }
 
+    def load(names: list[str]):
+        for name in names:
+            yield name, lambda name=name: stores.work.download(prefix + name)
 
-def _parallel(function, items, workers: int = 16):
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(function, items))
+    result = push_new(stores.drivers, "", candidates, load)
+    write_json(stores.work, f"{report_prefix(run_id)}push.json", result.to_json())
+    return {
+        "created": len(result.created),
+        "identical": len(result.identical),
+        "different": len(result.different),
+        "changed_versions": result.changed_versions(),
+    }
 
 
 def update_support_packages(

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import google_crc32c
 import requests
@@ -206,25 +207,48 @@ class ObjectStore:
             raise BucketNotFound(self.bucket_name) from e
 
     def upload_new_file(self, name: str, path: Path | str) -> UploadResult:
-        """``upload_new`` for a file. Files over 8 MiB go up as resumable uploads, where
-        fake-gcs-server ignores ``ifGenerationMatch=0`` (fsouza/fake-gcs-server#1967) and
-        would overwrite: on the emulator we look first (GCS honours the precondition)."""
+        """``upload_new`` for a file."""
+        with open(path, "rb") as f:
+            return self.upload_new_stream(name, f, os.path.getsize(path))
+
+    def upload_new_stream(self, name: str, f: BinaryIO, size: int) -> UploadResult:
+        """``upload_new`` for ``size`` bytes read from ``f`` (seekable, at its start).
+        Over 8 MiB they go up as a resumable upload, where fake-gcs-server ignores
+        ``ifGenerationMatch=0`` (fsouza/fake-gcs-server#1967) and would overwrite: on the
+        emulator we look first (GCS honours the precondition)."""
+        start = f.tell()
+
+        def digests() -> tuple[int, str, str]:
+            f.seek(start)
+            return _digests(iter(lambda: f.read(_CHUNK), b""))
+
         if (
             os.environ.get("STORAGE_EMULATOR_HOST")
-            and os.path.getsize(path) > RESUMABLE_THRESHOLD
+            and size > RESUMABLE_THRESHOLD
             and self.exists(name)
         ):
-            return self._compare(name, _file_digests(path))
+            return self._compare(name, digests())
         blob = self._bucket.blob(name)
         try:
-            blob.upload_from_filename(
-                str(path), content_type=_content_type(name), if_generation_match=0
+            blob.upload_from_file(
+                f, size=size, content_type=_content_type(name), if_generation_match=0
             )
             return UploadResult.CREATED
         except PreconditionFailed:
-            return self._compare(name, _file_digests(path))
+            return self._compare(name, digests())
         except NotFound as e:
             raise BucketNotFound(self.bucket_name) from e
+
+    def open_read(self, name: str, chunk_size: int = 32 << 20) -> BinaryIO:
+        """A streaming reader of ``name`` (ranged requests of ``chunk_size``): big objects
+        are read without holding them in memory or on disk."""
+        blob = self._bucket.blob(name)
+        try:
+            blob.reload()
+        except NotFound as e:
+            self._require_bucket()
+            raise ObjectNotFound(self.bucket_name, name) from e
+        return blob.open("rb", chunk_size=chunk_size, raw_download=True)
 
     def put(
         self,
@@ -282,7 +306,7 @@ class ObjectStore:
                 return name, self.upload_new(name, data)
             return name, self.upload_new_file(name, data)
 
-        self._widen_connection_pool(workers)
+        self.widen_connection_pool(workers)
         with ThreadPoolExecutor(workers, thread_name_prefix="upload") as pool:
             return dict(pool.map(one, items))
 
@@ -299,7 +323,7 @@ class ObjectStore:
                 raise ValueError(f"object name {name!r} would be written outside {dest_dir}")
             return name, self.download_to(name, path)
 
-        self._widen_connection_pool(workers)
+        self.widen_connection_pool(workers)
         with ThreadPoolExecutor(workers, thread_name_prefix="download") as pool:
             return dict(pool.map(one, names))
 
@@ -321,7 +345,7 @@ class ObjectStore:
                 raise BucketNotFound(self.bucket_name)
             self._bucket_seen = True
 
-    def _widen_connection_pool(self, workers: int) -> None:
+    def widen_connection_pool(self, workers: int) -> None:
         # requests keeps 10 connections per host: more threads than that would open and
         # drop a connection per request ("Connection pool is full" warnings).
         session = self.client._http
@@ -342,11 +366,6 @@ def _digests(chunks: Iterable[bytes]) -> tuple[int, str, str]:
         crc.update(chunk)
         size += len(chunk)
     return size, base64.b64encode(md5.digest()).decode(), base64.b64encode(crc.digest()).decode()
-
-
-def _file_digests(path: Path | str) -> tuple[int, str, str]:
-    with open(path, "rb") as f:
-        return _digests(iter(lambda: f.read(_CHUNK), b""))
 
 
 def _content_type(name: str) -> str:

@@ -160,46 +160,84 @@ def gunzip(data: bytes, limit: int = MAX_DRIVER_SIZE) -> bytes:
     return bytes(out)
 
 
-def verify_driver(key: DriverKey, data: bytes, unavailable: bool) -> list[str]:
-    """Problems with one staged driver object (empty list: it is fine). ``unavailable``
-    says ``data`` is the key's ``.unavail`` marker rather than its driver object."""
+@dataclass(frozen=True)
+class DriverFacts:
+    """What the bytes of one driver object say, whatever name they are published under:
+    an image reads each file once and checks it against every name that refers to it."""
+
+    size: int
+    problem: str | None = None  # not gzip, not ELF: nothing else could be read
+    header: ElfHeader | None = None
+    vermagic: str | None = None
+    vermagic_problem: str | None = None
+
+
+def inspect_driver(data: bytes) -> DriverFacts:
+    if not data:
+        return DriverFacts(0)
+    try:
+        elf = gunzip(data)
+        header = read_elf_header(elf)
+    except (ValueError, ElfError) as e:
+        return DriverFacts(len(data), problem=str(e))
+    if header.e_machine == EM_BPF:
+        return DriverFacts(len(data), header=header)
+    try:
+        return DriverFacts(len(data), header=header, vermagic=read_vermagic(elf))
+    except ElfError as e:
+        return DriverFacts(len(data), header=header, vermagic_problem=str(e))
+
+
+# Kernel modules per architecture of the caches (CPaaS names; upstream builds x86_64):
+# ELF machine and byte order. eBPF objects are EM_BPF everywhere.
+MODULE_ELF = {"x86_64": (EM_X86_64, True), "s390x": (22, False), "ppc64le": (21, True)}
+
+
+def check_driver(
+    key: DriverKey, facts: DriverFacts, unavailable: bool, arch: str = "x86_64"
+) -> list[str]:
+    """Problems of a driver object with ``facts`` published as ``key`` (``unavailable``:
+    as its ``.unavail`` marker) on ``arch``; an empty list means it is fine."""
     if unavailable:
         if key.kind != "bpf":
             return [f"{key.kernel} {key.driver_version} mod: .unavail markers exist only for bpf"]
         name = key.unavail_name()
-        return [f"{name}: marker holds {len(data)} bytes; it must be empty"] if data else []
+        return [f"{name}: marker holds {facts.size} bytes; it must be empty"] if facts.size else []
 
     name = key.object_name()
-    try:
-        elf = gunzip(data)
-    except ValueError as e:
-        return [f"{name}: {e}"]
-    try:
-        header = read_elf_header(elf)
-    except ElfError as e:
-        return [f"{name}: {e}"]
-
+    if facts.size == 0:
+        return [f"{name}: empty object: not gzip data"]
+    if facts.problem is not None or facts.header is None:
+        return [f"{name}: {facts.problem}"]
+    header = facts.header
     problems = []
-    want = EM_X86_64 if key.kind == "mod" else EM_BPF
-    if header.e_machine != want:
+    machine, little_endian = MODULE_ELF[arch] if key.kind == "mod" else (EM_BPF, None)
+    if header.e_machine != machine:
         problems.append(
             f"{name}: ELF machine is {header.machine_name} ({header.e_machine}), "
-            f"expected {_MACHINES[want]} ({want})"
+            f"expected {_MACHINES[machine]} ({machine})"
         )
     if header.e_type != ET_REL:
         problems.append(f"{name}: ELF type is {header.type_name}, expected ET_REL (relocatable)")
     if key.kind == "mod":
-        if header.elf_class != 2 or not header.little_endian:
-            problems.append(f"{name}: not a 64-bit little-endian ELF file")
-        try:
-            vermagic = read_vermagic(elf)
-        except ElfError as e:
-            return [*problems, f"{name}: {e}"]
-        if vermagic is None:
+        if header.elf_class != 2 or header.little_endian != little_endian:
+            order = "little" if little_endian else "big"
+            problems.append(f"{name}: not a 64-bit {order}-endian ELF file")
+        if facts.vermagic_problem is not None:
+            return [*problems, f"{name}: {facts.vermagic_problem}"]
+        if facts.vermagic is None:
             problems.append(f"{name}: no vermagic in .modinfo: not a kernel module")
-        elif not vermagic_matches(vermagic, key.kernel):
+        elif not vermagic_matches(facts.vermagic, key.kernel):
             problems.append(
-                f"{name}: vermagic {vermagic.strip()!r} is for another kernel, "
+                f"{name}: vermagic {facts.vermagic.strip()!r} is for another kernel, "
                 f"expected it to start with {key.kernel!r}"
             )
     return problems
+
+
+def verify_driver(
+    key: DriverKey, data: bytes, unavailable: bool, arch: str = "x86_64"
+) -> list[str]:
+    """Problems with one driver object (empty list: it is fine). ``unavailable`` says
+    ``data`` is the key's ``.unavail`` marker rather than its driver object."""
+    return check_driver(key, inspect_driver(data), unavailable, arch)

@@ -1,0 +1,138 @@
+"""
+### CPaaS drivers
+
+Every day at 00:00 UTC (and by hand): take the downstream build's *drivers image*, fail
+loudly on its compile failures, publish its new drivers to the CPaaS cache
+`cpaas/<arch>/<version>/` **without ever overwriting**, take from the caches what the
+image lacks, and rebuild the CPaaS support packages.
+
+`mirror_image` copies the image into the internal registry (the work bucket's
+`images/<digest>/` on the embedded default; a skopeo pod in production); an image whose
+digest the last successful run took is *unchanged* and nothing else runs. Then, mapped
+per architecture: `extract_drivers` → `push_drivers` → `pull_missing` →
+`build_support_packages`. `test_drivers_compilation` fails on any non-empty failure log,
+without holding back push and packages. `report` is the run's verdict; reports stay under
+`reports/cpaas/<run_id>/` in the work bucket.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from airflow.sdk import TriggerRule, chain, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from drivers import airflow_glue as glue
+from drivers.config import load_config
+
+if TYPE_CHECKING:
+    from drivers.cpaas import CpaasParams
+
+config = load_config()
+
+
+def _params() -> CpaasParams:
+    from drivers.cpaas import CpaasParams
+
+    return CpaasParams.from_params(get_current_context()["params"], config)
+
+
+def _run_id() -> str:
+    return get_current_context()["run_id"]
+
+
+@dag(
+    schedule="0 0 * * *",
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=1,
+    params=glue.cpaas_params(config),
+    tags=["drivers", "cpaas"],
+    default_args={
+        "owner": "drivers",
+        "retries": config.retries,
+        "retry_delay": timedelta(seconds=config.retry_delay_s),
+    },
+    doc_md=__doc__,
+)
+def cpaas_drivers():
+    if config.runtime == "kubernetes":
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        mirror = KubernetesPodOperator(**glue.mirror_pod_kwargs(config)).output
+    else:
+
+        @task
+        def mirror_image() -> list[dict]:
+            from drivers import cpaas
+
+            try:
+                return cpaas.mirror_image(glue.stores(), _run_id(), _params())
+            except ValueError as e:  # a bad image or parameter: retrying cannot help
+                raise AirflowFailException(str(e)) from None
+
+        mirror = mirror_image()
+
+    @task
+    def extract_drivers(target: dict) -> dict:
+        from drivers import cpaas
+
+        try:
+            return cpaas.extract_drivers(glue.stores(), _run_id(), target)
+        except ValueError as e:
+            raise AirflowFailException(str(e)) from None
+
+    @task
+    def test_drivers_compilation(extracted: list[dict]) -> dict:
+        from drivers import cpaas
+
+        found = cpaas.find_compile_failures(glue.stores(), _run_id(), list(extracted))
+        if found["failures"]:
+            raise AirflowFailException(cpaas.describe_failures(found["failures"]))
+        return {"failures": 0, "empty_logs": found["empty_logs"]}
+
+    @task
+    def push_drivers(extracted: dict) -> dict:
+        from drivers import cpaas
+
+        return cpaas.push_drivers(glue.stores(), _run_id(), extracted, _params().dry_run)
+
+    @task
+    def pull_missing(pushed: dict) -> dict:
+        from drivers import cpaas
+
+        return cpaas.pull_missing(glue.stores(), _run_id(), pushed)
+
+    @task
+    def build_support_packages(pulled: dict) -> dict:
+        from drivers import cpaas
+
+        return cpaas.build_support_packages(glue.stores(), _run_id(), pulled)
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def cleanup_staging() -> int:
+        from drivers import cpaas
+
+        return cpaas.cleanup_staging(glue.stores(), _run_id())
+
+    @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+    def report() -> dict:
+        from drivers import cpaas
+
+        failed = glue.failed_tasks(get_current_context())
+        verdict = cpaas.report(glue.stores(), _run_id(), _params(), failed)
+        if verdict["status"] == "failed":
+            raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
+        return verdict
+
+    extracted = extract_drivers.expand(target=mirror)
+    compiled = test_drivers_compilation(extracted)
+    packages = build_support_packages.expand(
+        pulled=pull_missing.expand(pushed=push_drivers.expand(extracted=extracted))
+    )
+    # report is the last task (the run's watcher), so its verdict is the run's state.
+    chain([compiled, packages], cleanup_staging(), report())
+
+
+cpaas_drivers()
