@@ -14,7 +14,7 @@ export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
                 6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64 6.12.115+deb12-rt-amd64
 
-.PHONY: setup run test lint bench bench-nightly bench-listing gcs-up gcs-down
+.PHONY: setup run run-cpaas test lint bench bench-nightly bench-listing gcs-up gcs-down
 
 setup: $(STAMP)
 	@scripts/host-deps.sh
@@ -38,6 +38,17 @@ run: gcs-up
 	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles >/dev/null
 	$(BIN)/drivers sources publish --upload gs://collector-sources >/dev/null
 	$(BIN)/drivers run-dag upstream_drivers
+
+# After `make run`: two downstream drivers images made from the drivers it built plus
+# downstream extras (s390x, ppc64le) and a compile failure, then the fixed image; each
+# through one real cpaas_drivers run. The first run must fail on its compile failure
+# (after pushing and packaging); the second passes (a third would say "unchanged").
+CPAAS_IMAGES := $(CURDIR)/.cache/cpaas
+run-cpaas: gcs-up
+	$(BIN)/drivers image demo --out $(CPAAS_IMAGES) >/dev/null
+	! $(BIN)/drivers run-dag cpaas_drivers \
+	    --conf '{"source_image": "$(CPAAS_IMAGES)/with-failures.tar"}'
+	$(BIN)/drivers run-dag cpaas_drivers --conf '{"source_image": "$(CPAAS_IMAGES)/fixed.tar"}'
 
 test: setup
 	$(BIN)/pytest -q

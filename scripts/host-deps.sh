@@ -12,10 +12,11 @@
 #   kmod                 modinfo, to check a module's vermagic
 #   clang llvm           eBPF probes: clang -target bpf, llvm-strip
 #   libbpf-dev           <bpf/bpf_helpers.h> for the eBPF probes
+#   skopeo               the cpaas mirror pod's image copy, run here on OCI archives
 # Bundles are made with apt-get download and dpkg-deb, which every Debian system has.
 set -eu
 
-PACKAGES="make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev"
+PACKAGES="make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo"
 
 # shellcheck disable=SC2086  # the package list is split on purpose
 installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |

@@ -275,3 +275,47 @@ def test_a_missing_image_path_is_named(stores, tmp_path):
 def test_unknown_architecture_parameters_are_refused():
     with pytest.raises(oci.UnknownArchitecture, match="known are amd64, ppc64le, s390x"):
         cpaas.CpaasParams.from_params({"architectures": ["arm64"]}, load_config())
+
+
+def test_the_mirror_pod_script_copies_a_multi_arch_image_with_real_skopeo(stores, tmp_path):
+    """The production mirror_image script, run here: skopeo reads an OCI archive (the pod
+    reads docker://) and writes the "internal registry" as an OCI layout (the pod: a
+    registry); then `drivers image mirror` puts the layout in the work bucket."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from drivers.airflow_glue import MIRROR_SCRIPT
+
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (scripts/host-deps.sh installs it)")
+    source = make_image(tmp_path)
+    with oci.open_image(source) as image:
+        digest = image.digest
+    env = os.environ | {
+        f"DRIVERS_BUCKET_{r.upper()}": getattr(stores.buckets, r) for r in layout.ROLES
+    }
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SOURCE_IMAGE": f"oci-archive:{source}",
+        "INTERNAL_IMAGE": f"oci:{tmp_path / 'internal'}:mirrored",
+        "RUN_ID": "scheduled__2026-11-25T00:00:00+00:00",
+        "ARCHITECTURES": "amd64,ppc64le",
+        "FORCE": "",
+        "XCOM_FILE": str(tmp_path / "xcom" / "return.json"),
+        "TMPDIR": str(tmp_path),
+    }
+    subprocess.run(["/bin/sh", "-c", MIRROR_SCRIPT], env=env, check=True, timeout=300)
+
+    targets = json.loads((tmp_path / "xcom" / "return.json").read_text())
+    prefix = layout.mirrored_image_prefix(digest)  # skopeo kept the digest
+    assert targets == [
+        {"image": prefix, "digest": digest, "oci_arch": "amd64"},
+        {"image": prefix, "digest": digest, "oci_arch": "ppc64le"},
+    ]
+    with oci.open_mirrored(stores.work, prefix) as mirrored:
+        assert mirrored.architectures() == ["amd64", "ppc64le", "s390x"]
+    assert (tmp_path / "internal" / "index.json").exists()
+    extracted = cpaas.extract_drivers(stores, "r1", targets[1])
+    assert extracted["arch"] == "ppc64le" and extracted["drivers"] == 4

@@ -73,3 +73,56 @@ def test_builder_pod_is_a_valid_kubernetes_object(rendered, builder):
 
     _, pod = rendered(builder)
     kubernetes_validate.validate(pod, "1.33", strict=True)
+
+
+@pytest.fixture
+def mirror_pod(tmp_path, monkeypatch):
+    """cpaas_drivers' mirror pod with its templates rendered for a run."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(DUMMY_KUBECONFIG)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from jinja2.sandbox import SandboxedEnvironment
+    from kubernetes.client import ApiClient
+
+    from drivers import airflow_glue as glue
+    from drivers.config import load_config
+
+    kwargs = glue.mirror_pod_kwargs(load_config())
+    kwargs.pop("retries"), kwargs.pop("retry_delay")
+    operator = KubernetesPodOperator(**kwargs)
+    context = {
+        "params": {"source_image": "docker://quay.io/x/drivers:1", "architectures": ["amd64",
+                   "s390x"], "force": True},
+        "run_id": "scheduled__2026-11-25T00:00:00+00:00",
+        "ts_nodash": "20261125T000000",
+    }  # fmt: skip
+    operator.render_template_fields(context, jinja_env=SandboxedEnvironment())
+    pod = operator.build_pod_request_obj()
+    return operator, ApiClient().sanitize_for_serialization(pod)
+
+
+def test_mirror_pod_copies_with_skopeo_and_hands_targets_to_xcom(mirror_pod):
+    from drivers.airflow_glue import MIRROR_SCRIPT
+
+    operator, pod = mirror_pod
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "quay.io/stackrox-io/collector-drivers-mirror:0.1.0"
+    assert container["command"] == ["/bin/sh", "-c"]
+    assert container["args"] == [MIRROR_SCRIPT.strip()]  # Jinja drops the last newline
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {
+        "SOURCE_IMAGE": "docker://quay.io/x/drivers:1",
+        "INTERNAL_IMAGE": "docker://us-docker.pkg.dev/collector-drivers/internal/"
+        "drivers-downstream:20261125T000000",
+        "RUN_ID": "scheduled__2026-11-25T00:00:00+00:00",
+        "ARCHITECTURES": "amd64,s390x",
+        "FORCE": "--force",
+    }
+    assert operator.do_xcom_push  # the xcom sidecar reads /airflow/xcom/return.json
+    assert pod["metadata"]["labels"]["step"] == "mirror"
+    assert pod["spec"]["serviceAccountName"] == "drivers-builder"
+    import kubernetes_validate
+
+    kubernetes_validate.validate(pod, "1.33", strict=True)

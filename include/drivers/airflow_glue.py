@@ -137,12 +137,15 @@ def builder_pod_kwargs(config: Config, builder: str) -> dict[str, Any]:
 # The mirror pod: skopeo copies the source image to the internal registry and to an OCI
 # layout on the pod's disk, then `drivers image mirror` (the embedded mirror_image step)
 # puts that layout in the work bucket and hands the extraction targets to XCom.
+# (tests/test_cpaas.py runs this script with real skopeo on OCI archives.)
 MIRROR_SCRIPT = """set -eu
-skopeo copy --all --retry-times 3 "$SOURCE_IMAGE" oci:/tmp/image:drivers
-skopeo copy --all --retry-times 3 oci:/tmp/image:drivers "docker://$INTERNAL_IMAGE"
-mkdir -p /airflow/xcom
-exec drivers image mirror /tmp/image --run-id "$RUN_ID" --architectures "$ARCHITECTURES" \
-    $FORCE --xcom /airflow/xcom/return.json
+work=$(mktemp -d)
+skopeo copy --all --retry-times 3 "$SOURCE_IMAGE" "oci:$work/image:drivers"
+skopeo copy --all --retry-times 3 "oci:$work/image:drivers" "$INTERNAL_IMAGE"
+xcom=${XCOM_FILE:-/airflow/xcom/return.json}
+mkdir -p "$(dirname "$xcom")"
+exec drivers image mirror "$work/image" --run-id "$RUN_ID" \
+    --architectures "$ARCHITECTURES" $FORCE --xcom "$xcom"
 """
 
 
@@ -152,7 +155,7 @@ def mirror_pod_kwargs(config: Config) -> dict[str, Any]:
 
     env = {
         "SOURCE_IMAGE": "{{ params.source_image }}",
-        "INTERNAL_IMAGE": config.cpaas["internal_registry"] + ":{{ ts_nodash | lower }}",
+        "INTERNAL_IMAGE": "docker://" + config.cpaas["internal_registry"] + ":{{ ts_nodash }}",
         "RUN_ID": "{{ run_id }}",
         "ARCHITECTURES": "{{ params.architectures | join(',') }}",
         "FORCE": "{{ '--force' if params.force else '' }}",
@@ -195,9 +198,8 @@ def cpaas_params(config: Config) -> dict[str, Param]:
 
 
 def failed_tasks(context: dict[str, Any]) -> list[str]:
-    """Tasks of this run that failed (for the report task, the run's watcher)."""
+    """Tasks of this run that failed (for the report task, the run's watcher); the ones
+    that did not run because of them (upstream_failed) are not the culprits."""
     run_id = context["run_id"]
     states = context["ti"].get_task_states(dag_id=context["dag"].dag_id, run_ids=[run_id])
-    return sorted(
-        {t for t, s in states.get(run_id, {}).items() if s in ("failed", "upstream_failed")}
-    )
+    return sorted({t for t, s in states.get(run_id, {}).items() if s == "failed"})

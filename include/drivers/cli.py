@@ -229,9 +229,9 @@ def cmd_run_dag(args: argparse.Namespace) -> int:
         print(f"running {args.dag_id} (Airflow log: {log})", file=sys.stderr)
         status = airflow.dags_test(args.dag_id, conf, log=log)
     print(f"{args.dag_id}: {'success' if status == 0 else 'FAILED'}", file=sys.stderr)
-    if args.dag_id == "upstream_drivers":
-        if report.print_report(since=started) == 1 and status == 0:
-            status = 1
+    printer = {"upstream_drivers": report.print_report, "cpaas_drivers": report.print_cpaas_report}
+    if args.dag_id in printer and printer[args.dag_id](since=started) == 1 and status == 0:
+        status = 1
     return status
 
 
@@ -291,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="even if the digest is unchanged")
     m.add_argument("--xcom", type=Path, help="also write the targets JSON here")
     m.set_defaults(func=_lazy("drivers.cpaas", "cmd_mirror"))
+    d = image_sub.add_parser(
+        "demo", help="the demo's drivers images: upstream cache + downstream extras"
+    )
+    d.add_argument("--out", required=True, type=Path, help="folder for the image tars")
+    d.set_defaults(func=_lazy("drivers.cpaas", "cmd_demo_images"))
 
     p = sub.add_parser("sources", help="prepared driver sources: publish")
     p.add_argument("action", choices=["publish"])

@@ -32,6 +32,9 @@ STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the digest the last good r
 FIRST_LINES = 20  # of each failure log, in the report
 
 
+REPORTS = report_prefix("cpaas")  # every run's reports: reports/cpaas/<run_id>/
+
+
 def reports(run_id: str) -> str:
     return report_prefix(layout.cpaas_run(run_id))
 
@@ -351,7 +354,76 @@ def cleanup_staging(stores: Stores, run_id: str) -> int:
     return stores.work.delete_prefix(staging(run_id))
 
 
+# --- the embedded demo ---------------------------------------------------------------------
+
+# What `make run-cpaas` adds to the upstream run's drivers: downstream RHEL drivers
+# (synthetic: nothing can build s390x or ppc64le modules here) and one compile failure.
+DEMO_KERNELS = ("5.14.0-284.11.1.el9_2", "5.14.0-362.8.1.el9_3")
+DEMO_FAILURE = (
+    "5.14.0-362.8.1.el9_3.x86_64",
+    "bpf",
+    b"probe.c:212:9: error: call to undeclared function 'bpf_probe_read_kernel_str'\n"
+    b"  212 |         bpf_probe_read_kernel_str(buf, sizeof(buf), name);\n"
+    b"      |         ^\n1 error generated.\n",
+)
+
+
+def make_demo_images(stores: Stores, out: Path, versions: tuple[str, ...]) -> dict[str, Path]:
+    """Two multi-arch drivers images, as the downstream build would publish them: the
+    upstream cache's drivers plus downstream ones, first with a compile failure
+    (``with-failures.tar``), then fixed (``fixed.tar``). Same inputs, same digests."""
+    import shutil
+    import tempfile
+
+    from drivers.names import DriverKey
+    from drivers.synthetic import driver
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".demo-") as tmp:
+        trees = {a: Path(tmp) / a for a in oci.ARCH_TO_CACHE}
+        # Downstream ships no real-time kernels: the rt drivers are what pull_missing takes.
+        upstream = [
+            i.name
+            for i in stores.drivers.list()
+            if i.name.split("/")[0] in versions and "-rt-" not in i.name
+        ]
+        stores.drivers.download_many(upstream, trees["amd64"] / oci.KERNEL_MODULES)
+        for oci_arch, tree in trees.items():
+            arch = oci.cache_arch(oci_arch)
+            for kernel in DEMO_KERNELS:
+                for version in versions:
+                    for kind in ("mod", "bpf"):
+                        key = DriverKey(f"{kernel}.{arch}", version, kind)
+                        path = tree / oci.KERNEL_MODULES / key.object_name()
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_bytes(driver(key, arch, size=64 << 10))
+        kernel, kind, log = DEMO_FAILURE
+        failure = trees["amd64"] / oci.FAILURES / kernel / versions[-1] / f"{kind}.log"
+        failure.parent.mkdir(parents=True)
+        failure.write_bytes(log)
+        (failure.parent / "mod.log").write_bytes(b"")  # an empty log is no failure
+        images = {"with-failures": out / "with-failures.tar", "fixed": out / "fixed.tar"}
+        for path in images.values():
+            path.unlink(missing_ok=True)
+        oci.build_image(trees, images["with-failures"], tar=True)
+        shutil.rmtree(trees["amd64"] / oci.FAILURES / kernel)
+        oci.build_image(trees, images["fixed"], tar=True)
+    return images
+
+
 # --- CLI ---------------------------------------------------------------------------------
+
+
+def cmd_demo_images(args: Any) -> int:
+    """``drivers image demo --out DIR``: the images `make run-cpaas` runs."""
+    from drivers.config import load_config
+    from drivers.storage import client_from_environment
+
+    versions = load_config(args.config).driver_versions
+    images = make_demo_images(Stores(client_from_environment()), Path(args.out), versions)
+    for name, path in images.items():
+        print(f"{name}: {path}")
+    return 0
 
 
 def cmd_mirror(args: Any) -> int:

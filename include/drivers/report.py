@@ -11,16 +11,21 @@ from drivers.layout import Buckets
 from drivers.pipeline import report_prefix
 
 
-def newest_run_id(work: storage.ObjectStore, since: datetime | None = None) -> str | None:
+def newest_run_id(
+    work: storage.ObjectStore, since: datetime | None = None, prefix: str = "reports/"
+) -> str | None:
+    """The newest run with a report right under ``prefix`` (reports/<run_id>/report.json)."""
     reports = [
         i
-        for i in work.list("reports/")
-        if i.name.endswith("/report.json") and (since is None or i.created >= since)
+        for i in work.list(prefix)
+        if i.name.endswith("/report.json")
+        and i.name.count("/") == prefix.count("/") + 1
+        and (since is None or i.created >= since)
     ]
     if not reports:
         return None
     newest = max(reports, key=lambda i: i.created)
-    return newest.name.removeprefix("reports/").removesuffix("/report.json")
+    return newest.name.removeprefix(prefix).removesuffix("/report.json")
 
 
 def print_report(run_id: str | None = None, since: datetime | None = None, out=sys.stdout) -> int:
@@ -87,3 +92,61 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
     print(f"  packages: gs://{buckets.support}/index.html", file=out)
     print(f"  report:   gs://{buckets.work}/{prefix}report.json", file=out)
     return 0 if doc["status"] == "success" else 1
+
+
+def print_cpaas_report(
+    run_id: str | None = None, since: datetime | None = None, out=sys.stdout
+) -> int:
+    """Print a cpaas_drivers run's summary: what was pushed, pulled and packaged per
+    architecture, and the compile failures found; returns 0 unless the run failed."""
+    from drivers.cpaas import REPORTS, reports
+
+    buckets = Buckets.from_env()
+    work = storage.ObjectStore(storage.client_from_environment(), buckets.work)
+    run_id = run_id or newest_run_id(work, since, REPORTS)
+    if run_id is None:
+        print(f"no cpaas_drivers report in gs://{buckets.work}/{REPORTS}", file=out)
+        return 1
+    doc = json.loads(work.download(reports(run_id) + "report.json"))
+    mirror = doc.get("mirror") or {}
+    dry = " (dry run: nothing published)" if doc["params"]["dry_run"] else ""
+    print(f"cpaas run {run_id}: {doc['status'].upper()}{dry}", file=out)
+    if mirror:
+        what = (
+            "unchanged since " + str(mirror["last_success"])
+            if mirror["unchanged"]
+            else (f"mirrored to gs://{buckets.work}/{mirror['image']}")
+        )
+        print(f"  image {mirror['digest']}: {what}", file=out)
+        if mirror.get("absent"):
+            print(f"  not in the image: {', '.join(mirror['absent'])}", file=out)
+    for reason in doc.get("reasons", []):
+        print(f"  reason: {reason}", file=out)
+    for arch, steps in doc.get("architectures", {}).items():
+        push = (steps.get("push") or {}).get("counts", {})
+        pull = steps.get("pull") or {}
+        packages = steps.get("packages") or {}
+        print(
+            f"  {arch:8} pushed {push.get('created', 0)} new, {push.get('identical', 0)} "
+            f"already published, {push.get('different', 0)} differing (published copy kept); "
+            f"pulled {len(pull.get('from_cpaas', []))} from the CPaaS cache, "
+            f"{len(pull.get('from_upstream', []))} from upstream; packages "
+            f"{packages.get('built', 0)} built, {packages.get('unchanged', 0)} unchanged",
+            file=out,
+        )
+        for name in (steps.get("push") or {}).get("different", [])[:10]:
+            print(f"           differs from the published copy: {name}", file=out)
+        for name, problems in list((steps.get("rejected") or {}).items())[:10]:
+            print(f"           REJECTED {name}: {'; '.join(problems)}", file=out)
+    for f in doc.get("compile_failures", []):
+        print(
+            f"  COMPILE FAILURE {f['kernel']} {f['driver_version']} {f['kind']} ({f['arch']}):",
+            file=out,
+        )
+        for line in f["first_lines"][:5]:
+            print(f"    | {line}", file=out)
+        print(f"    log: {f['log']}", file=out)
+    print(f"  drivers:  gs://{buckets.cpaas_drivers}/cpaas/<arch>/<version>/", file=out)
+    print(f"  packages: gs://{buckets.support}/cpaas/<arch>/index.html", file=out)
+    print(f"  report:   gs://{buckets.work}/{reports(run_id)}report.json", file=out)
+    return 1 if doc["status"] == "failed" else 0
