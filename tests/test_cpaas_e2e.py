@@ -67,7 +67,7 @@ def run(env, image: Path) -> dict:
     airflow, stores, _, _ = env
     started = datetime.now().astimezone()
     conf = {"source_image": str(image)}
-    status = airflow.dags_test("cpaas_drivers", conf, log=airflow.home / "runs.log")
+    status = airflow.dags_test("cpaas_drivers", conf, log=airflow.home / "runs.log", timeout=600)
     reports = [
         i
         for i in stores.work.list(cpaas.REPORTS)

@@ -73,6 +73,29 @@ def test_upstream_drivers_shape_comes_from_config(bag):
     assert tasks["report"]["retries"] == 0
 
 
+def test_cpaas_drivers_shape(bag):
+    dag = bag["dags"]["cpaas_drivers"]
+    assert dag["schedule"] == "0 0 * * *" and dag["catchup"] is False
+    assert dag["max_active_runs"] == 1
+    assert dag["params"] == ["architectures", "dry_run", "force", "source_image"]
+    tasks = dag["tasks"]
+    assert tasks["mirror_image"]["downstream"] == ["extract_drivers"]
+    # per architecture: extract -> push -> pull -> packages, all mapped
+    for task, after in [
+        ("extract_drivers", ["push_drivers", "test_drivers_compilation"]),
+        ("push_drivers", ["pull_missing"]),
+        ("pull_missing", ["build_support_packages"]),
+        ("build_support_packages", ["cleanup_staging"]),
+    ]:
+        assert tasks[task]["type"] == "DecoratedMappedOperator", task
+        assert tasks[task]["downstream"] == after, task
+    # push and packages do not wait on the failure test
+    assert tasks["test_drivers_compilation"]["downstream"] == ["cleanup_staging"]
+    assert tasks["cleanup_staging"]["trigger_rule"] == "all_done"
+    assert tasks["report"]["trigger_rule"] == "all_done"
+    assert tasks["report"]["downstream"] == [] and tasks["report"]["retries"] == 0
+
+
 def test_builders_come_from_the_configured_file(tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text(
@@ -89,3 +112,6 @@ def test_kubernetes_runtime_maps_pods(tmp_path):
     bag = dagbag({"DRIVERS_RUNTIME": "kubernetes", "AIRFLOW_HOME": str(tmp_path)})
     tasks = bag["dags"]["upstream_drivers"]["tasks"]
     assert tasks["fc36.build_shard"]["type"] == "MappedOperator"
+    cpaas = bag["dags"]["cpaas_drivers"]["tasks"]
+    assert cpaas["mirror_image"]["type"] == "KubernetesPodOperator"
+    assert cpaas["mirror_image"]["downstream"] == ["extract_drivers"]

@@ -76,7 +76,7 @@ def env(gcs, tmp_path_factory):
 def run(airflow: EmbeddedAirflow, stores, conf: dict | None = None) -> dict:
     """Trigger one run to its end; return its report (the newest in the work bucket)."""
     started = datetime.now().astimezone()
-    status = airflow.dags_test("upstream_drivers", conf, log=airflow.home / "runs.log")
+    status = airflow.dags_test("upstream_drivers", conf, log=airflow.home / "runs.log", timeout=900)
     reports = [
         i
         for i in stores["work"].list("reports/")

@@ -20,11 +20,16 @@ from pathlib import Path
 
 from drivers.config import load_config
 from drivers.emulator import free_port
+from drivers.errors import DriversError
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: airflow and drivers
 READY_TIMEOUT = 90.0
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class RunTimeout(DriversError):
+    pass
 
 
 class EmbeddedAirflow:
@@ -121,13 +126,38 @@ class EmbeddedAirflow:
                 self._api.wait()
         self._api = None
 
-    def dags_test(self, dag_id: str, conf: dict | None = None, log: Path | None = None) -> int:
-        """Run one DAG run to its end; the exit status says whether it succeeded."""
+    def dags_test(
+        self,
+        dag_id: str,
+        conf: dict | None = None,
+        log: Path | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Run one DAG run to its end; the exit status says whether it succeeded. After
+        ``timeout`` seconds the run is killed (its whole process group) and
+        :class:`RunTimeout` raised: a LocalExecutor worker that dies leaves its task
+        queued and `dags test` waiting forever."""
         args = ["dags", "test", dag_id, "--use-executor"]
         if conf:
             args += ["--conf", json.dumps(conf)]
         out = open(log, "ab") if log else None
-        return self.airflow(*args, check=False, stdout=out, stderr=out).returncode
+        command = [str(BIN / "airflow"), *args]
+        process = subprocess.Popen(
+            command, env=self.env(), stdout=out, stderr=out, start_new_session=True
+        )
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise RunTimeout(
+                f"{dag_id}: `airflow dags test` did not finish in {timeout:.0f} s and was "
+                f"killed; see {log or 'its output'} (a task left queued means a "
+                "LocalExecutor worker died)"
+            ) from None
+        finally:
+            if out:
+                out.close()
 
     def __enter__(self) -> EmbeddedAirflow:
         self.prepare()

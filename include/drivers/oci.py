@@ -860,8 +860,6 @@ def read_files(image: Image, arch: str, wanted: dict[str, FileRef]) -> Iterator[
 def cmd_image(args: argparse.Namespace) -> int:
     """``drivers image build --out PATH [--tar] --arch ARCH=DIR [--arch ARCH=DIR ...]``.
     The first DIR of an architecture is its base layer; repeating it adds layers."""
-    if getattr(args, "action", "build") != "build":
-        raise ImageError(f"unknown image action {args.action!r}: use build")
     trees: dict[str, Path] = {}
     layers: dict[str, list[Layer]] = {}
     for item in args.arch:
