@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 from drivers.config import load_config
@@ -25,6 +26,8 @@ from drivers.errors import DriversError
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's bin: airflow and drivers
 READY_TIMEOUT = 90.0
+EXIT_GRACE = 20.0  # seconds `dags test` may take to exit after its run ended
+POLL_S = 2.0
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -133,31 +136,68 @@ class EmbeddedAirflow:
         log: Path | None = None,
         timeout: float | None = None,
     ) -> int:
-        """Run one DAG run to its end; the exit status says whether it succeeded. After
-        ``timeout`` seconds the run is killed (its whole process group) and
-        :class:`RunTimeout` raised: a LocalExecutor worker that dies leaves its task
-        queued and `dags test` waiting forever."""
+        """Run one DAG run to its end; the exit status says whether it succeeded.
+
+        `airflow dags test --use-executor` sometimes never exits: a LocalExecutor worker
+        misses its shutdown message and ``LocalExecutor.end()`` joins it forever, after
+        the run has ended. So the run's state is also watched through the API server;
+        once it is final and the process has had ``EXIT_GRACE`` seconds to exit, the
+        process group is killed and the state decides. After ``timeout`` seconds the run
+        is killed and :class:`RunTimeout` raised."""
         args = ["dags", "test", dag_id, "--use-executor"]
         if conf:
             args += ["--conf", json.dumps(conf)]
         out = open(log, "ab") if log else None
-        command = [str(BIN / "airflow"), *args]
+        started = datetime.now(UTC)
         process = subprocess.Popen(
-            command, env=self.env(), stdout=out, stderr=out, start_new_session=True
+            [str(BIN / "airflow"), *args],
+            env=self.env(),
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ended: float | None = None
         try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise RunTimeout(
-                f"{dag_id}: `airflow dags test` did not finish in {timeout:.0f} s and was "
-                f"killed; see {log or 'its output'} (a task left queued means a "
-                "LocalExecutor worker died)"
-            ) from None
+            while (status := process.poll()) is None:
+                now = time.monotonic()
+                if deadline is not None and now > deadline:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                    raise RunTimeout(
+                        f"{dag_id}: `airflow dags test` did not finish in {timeout:.0f} s "
+                        f"and was killed; see {log or 'its output'}"
+                    )
+                state = self._newest_run_state(dag_id, started)
+                if state in ("success", "failed"):
+                    ended = ended or now
+                    if now - ended > EXIT_GRACE:
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
+                        if out:
+                            note = f"\n[drivers] run {state}; `dags test` hung after it: killed\n"
+                            out.write(note.encode())
+                        return 0 if state == "success" else 1
+                time.sleep(POLL_S)
+            return status
         finally:
             if out:
                 out.close()
+
+    def _newest_run_state(self, dag_id: str, since: datetime) -> str | None:
+        url = (
+            f"http://127.0.0.1:{self.port}/api/v2/dags/{dag_id}/dagRuns"
+            "?order_by=-start_date&limit=1"
+        )
+        try:
+            with _OPENER.open(url, timeout=5) as response:
+                runs = json.load(response).get("dag_runs") or []
+        except (OSError, ValueError):
+            return None
+        if not runs or not runs[0].get("start_date"):
+            return None
+        start = datetime.fromisoformat(runs[0]["start_date"].replace("Z", "+00:00"))
+        return runs[0]["state"] if start >= since else None
 
     def __enter__(self) -> EmbeddedAirflow:
         self.prepare()
