@@ -18,7 +18,7 @@ backend) started for the benchmark.
   as ``docker cp`` would give), then ``gsutil -m cp -n``: for every file a metadata
   request, and an upload when the object is absent (16 threads, as ours).
 
-Each method runs in a child process (peak RSS from ``wait4``); storage requests are
+Each method runs in a child process (peak RSS: its VmHWM); storage requests are
 counted on the client's HTTP session. Between runs the objects the run created are
 deleted again, so every run starts from the same half-full cache. Runs are interleaved.
 
@@ -31,7 +31,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -198,7 +197,11 @@ def child(method: str, image: Path) -> None:
     result = (
         run_original(image) if method == "original" else run_ours(image, method[5:] or "bucket")
     )
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report
+    # its parent's peak if that was higher.
+    status = Path("/proc/self/status").read_text()
+    hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    result["peak_rss_mb"] = int(hwm.split()[1]) / 1024
     print(json.dumps(result))
 
 

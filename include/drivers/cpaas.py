@@ -64,16 +64,17 @@ class CpaasParams:
 # --- steps -------------------------------------------------------------------------------
 
 
-def mirror_image(stores: Stores, run_id: str, params: CpaasParams) -> dict[str, Any]:
+def mirror_image(stores: Stores, run_id: str, params: CpaasParams) -> list[dict[str, str]]:
     """Copy the source image (an OCI layout, folder or tar, at a path) into the work
-    bucket's internal registry. A registry reference needs the mirror pod (the kubernetes
-    runtime), which copies it to a layout with skopeo and then calls this."""
+    bucket's internal registry; returns what extract_drivers is mapped over. A registry
+    reference needs the mirror pod (the kubernetes runtime), which copies it to a layout
+    with skopeo and then calls :func:`mirror_opened`."""
     if "://" in params.source_image:
         raise RunInputError(
             f"source_image {params.source_image!r} is a registry reference: only the "
             "kubernetes runtime's mirror pod can copy it (skopeo). On the embedded default "
-            "give the path of an OCI image layout, e.g. .cache/cpaas/drivers-image.tar "
-            "(`drivers image build` makes one)"
+            "give the path of an OCI image layout, folder or tar (`drivers image build` "
+            "makes one)"
         )
     with oci.open_image(Path(params.source_image)) as image:
         return mirror_opened(stores, run_id, image, params)
@@ -81,7 +82,7 @@ def mirror_image(stores: Stores, run_id: str, params: CpaasParams) -> dict[str, 
 
 def mirror_opened(
     stores: Stores, run_id: str, image: oci.Image, params: CpaasParams
-) -> dict[str, Any]:
+) -> list[dict[str, str]]:
     for arch in image.architectures():
         oci.cache_arch(arch)  # an image with an architecture no cache knows is refused
     selected = [a for a in params.architectures if a in image.manifests]
@@ -112,10 +113,10 @@ def mirror_opened(
     if not doc["unchanged"]:
         doc |= oci.mirror_image(image, stores.work, prefix)
     write_json(stores.work, f"{reports(run_id)}mirror.json", doc)
-    return mirror_targets(doc)
+    return _targets(doc)
 
 
-def mirror_targets(mirror: dict[str, Any]) -> list[dict[str, str]]:
+def _targets(mirror: dict[str, Any]) -> list[dict[str, str]]:
     """What extract_drivers is mapped over: one entry per architecture to take, none when
     the image is unchanged (every later task is then skipped)."""
     if mirror["unchanged"]:
@@ -135,7 +136,7 @@ def _ref(value: list[Any]) -> oci.FileRef:
 
 
 def extract_drivers(stores: Stores, run_id: str, target: dict[str, str]) -> dict[str, Any]:
-    """Read one architecture of the mirrored image (a :func:`mirror_targets` entry): every
+    """Read one architecture of the mirrored image (an entry of :func:`mirror_image`'s list): every
     driver hashed and verified, failure logs kept in the report. Writes the
     architecture's manifest to staging."""
     oci_arch = target["oci_arch"]

@@ -135,8 +135,11 @@ class EmbeddedAirflow:
         conf: dict | None = None,
         log: Path | None = None,
         timeout: float | None = None,
+        use_executor: bool = True,
     ) -> int:
         """Run one DAG run to its end; the exit status says whether it succeeded.
+        ``use_executor=False`` runs its tasks one at a time inside `dags test` (what
+        ``dag.test()`` does), without LocalExecutor workers.
 
         `airflow dags test --use-executor` sometimes never exits: a LocalExecutor worker
         misses its shutdown message and ``LocalExecutor.end()`` joins it forever, after
@@ -144,7 +147,7 @@ class EmbeddedAirflow:
         once it is final and the process has had ``EXIT_GRACE`` seconds to exit, the
         process group is killed and the state decides. After ``timeout`` seconds the run
         is killed and :class:`RunTimeout` raised."""
-        args = ["dags", "test", dag_id, "--use-executor"]
+        args = ["dags", "test", dag_id, *(["--use-executor"] if use_executor else [])]
         if conf:
             args += ["--conf", json.dumps(conf)]
         out = open(log, "ab") if log else None
