@@ -14,7 +14,7 @@ export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
                 6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64 6.12.115+deb12-rt-amd64
 
-.PHONY: setup run run-cpaas test lint bench bench-nightly bench-listing bench-cpaas gcs-up gcs-down
+.PHONY: setup run run-cpaas test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest gcs-up gcs-down
 
 setup: $(STAMP)
 	@scripts/host-deps.sh
@@ -72,3 +72,7 @@ bench-listing: setup
 # ~25 min the first time (makes a 4 GiB image in bench/out/cpaas/), ~15 min after.
 bench-cpaas: setup
 	$(BIN)/python bench/bench_cpaas.py
+
+# ~10 min the first time (Debian kernel images and bundles into .cache/).
+bench-vmtest: setup
+	$(BIN)/python bench/bench_vmtest.py
