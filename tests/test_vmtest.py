@@ -145,3 +145,32 @@ def test_only_the_markers_decide(serial, status, message):
     assert result.status == status
     if message:
         assert any(message in m for m in result.messages), result.messages
+
+
+def test_boot_images_go_to_the_kernel_images_bucket_and_come_back(store, tmp_path):
+    images = store()
+    assert vmtest.publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a") == "created"
+    assert vmtest.publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a") == (
+        "identical"
+    )  # never overwritten
+    fetched = vmtest.fetch_boot_image(images, KERNEL, tmp_path / "b")
+    assert fetched.read_bytes() == (tmp_path / "a" / KERNEL / "vmlinuz").read_bytes()
+    assert [i.name for i in images.list()] == [layout.boot_image_object(KERNEL)]
+    el8 = "4.18.0-477.el8.x86_64"
+    assert vmtest.publish_boot_image(images, el8, tmp_path / "debs", tmp_path / "a") == "absent"
+    assert vmtest.fetch_boot_image(images, el8, tmp_path / "b") is None
+
+
+def test_drivers_bundle_also_stores_boot_images_even_for_bundles_already_there(
+    store, tmp_path, capsys
+):
+    from drivers.cli import main
+
+    bundles, images = store(), store()
+    args = ["bundle", "debian", KERNEL, "--deb-cache", str(CACHE / "debs")]
+    args += ["--out", str(tmp_path / "bundles"), "--upload", f"gs://{bundles.bucket_name}"]
+    assert main(args) == 0  # the bundle only
+    assert list(images.list()) == []
+    assert main([*args, "--boot-images", f"gs://{images.bucket_name}"]) == 0
+    assert [i.name for i in images.list()] == [f"{KERNEL}/vmlinuz"]
+    assert "boot image" in capsys.readouterr().err

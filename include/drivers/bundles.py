@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from drivers.kernels import Kernel, parse_kernel
-from drivers.layout import bundle_object
+from drivers.layout import boot_image_object, bundle_object
 
 DISTRO = "debian"
 METADATA_FILES = (
@@ -544,6 +544,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
                 f"gs://{store.bucket_name}/{bundle_object(uname)}: already there", file=sys.stderr
             )
             unames.remove(uname)
+            if args.boot_images:  # its boot image may still be missing
+                _publish_boot_image(args.boot_images, uname, deb_cache, out_dir)
     check_unames(unames, deb_cache)  # every bad name at once, before any slow work
 
     status = 0
@@ -566,8 +568,20 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         if store is not None:
             out["upload"] = result = _upload(store, uname, report.path)
             status = max(status, 0 if result != "different" else 1)
+        if args.boot_images:
+            out["boot_image"] = _publish_boot_image(args.boot_images, uname, deb_cache, out_dir)
         print(json.dumps(out))
     return status
+
+
+def _publish_boot_image(uri: str, uname: str, deb_cache: Path, out_dir: Path) -> str:
+    from drivers import storage, vmtest
+
+    store = storage.ObjectStore(storage.client_from_environment(), storage.parse_gs_uri(uri)[0])
+    result = vmtest.publish_boot_image(store, uname, deb_cache, out_dir.parent / "kernel-images")
+    where = f"gs://{store.bucket_name}/{boot_image_object(uname)}"
+    print(f"  boot image {where}: {result}", file=sys.stderr)
+    return result
 
 
 def _bundle_store(uri: str):

@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".cache/bundles", help="folder for bundle-<uname>.tgz")
     p.add_argument("--deb-cache", default=".cache/debs", help="downloaded .deb packages")
     p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
+    p.add_argument(
+        "--boot-images", metavar="gs://BUCKET", help="also store each kernel's boot image there"
+    )
     p.set_defaults(func=_lazy("drivers.bundles", "cmd_bundle"))
 
     p = sub.add_parser("image", help="OCI drivers images: build, mirror")
@@ -301,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("driver", help="a driver file, e.g. collector-6.1.0-56-amd64.ko.gz")
     p.add_argument("--driver-version", default="0.0.0", help="recorded in the result")
     p.add_argument("--boot-image", type=Path, help="kernel image (default: Debian's, via apt)")
+    p.add_argument("--boot-images", metavar="gs://BUCKET", help="take it from this bucket")
     p.add_argument("--cache", default=".cache", help="where Debian packages are kept")
     p.add_argument("--timeout", type=float, default=90.0, help="seconds for the whole VM run")
     p.set_defaults(func=_lazy("drivers.vmtest", "cmd_vm_test"))

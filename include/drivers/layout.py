@@ -115,6 +115,11 @@ def staged_log_object(run_id: str, kernel: str, driver_version: str, kind: str) 
     return f"{staging_prefix(run_id)}logs/{kernel}/{driver_version}/{kind}.log"
 
 
+def boot_image_object(kernel: str) -> str:
+    """The kernel-images bucket: a bootable kernel per release, for the VM load tests."""
+    return f"{kernel}/vmlinuz"
+
+
 def cpaas_prefix(arch: str, driver_version: str = "") -> str:
     """An architecture's CPaaS cache (arch as the cache names it: x86_64, s390x, ppc64le),
     or one driver version in it; also the CPaaS support packages' root in their bucket."""

@@ -27,8 +27,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from drivers import layout
 from drivers.errors import DriversError
 from drivers.names import DriverKey, parse_object_name
+from drivers.storage import ObjectNotFound, ObjectStore
 from drivers.verify import gunzip
 
 MARK = "VMTEST:"
@@ -139,6 +141,25 @@ def debian_boot_image(uname: str, deb_cache: Path, out_dir: Path) -> Path | None
     tmp.write_bytes(kernel)
     tmp.replace(target)
     return target
+
+
+def publish_boot_image(store: ObjectStore, uname: str, deb_cache: Path, out_dir: Path) -> str:
+    """Put Debian's kernel image for ``uname`` in the kernel-images bucket (never
+    overwriting); returns what happened: created, identical, different or absent."""
+    image = debian_boot_image(uname, deb_cache, out_dir)
+    if image is None:
+        return "absent"
+    return store.upload_new_file(layout.boot_image_object(uname), image).value
+
+
+def fetch_boot_image(store: ObjectStore, uname: str, out_dir: Path) -> Path | None:
+    """The kernel image of ``uname`` from the kernel-images bucket (None: there is none,
+    so its drivers are untested, never passed)."""
+    target = out_dir / uname / "vmlinuz"
+    try:
+        return store.download_to(layout.boot_image_object(uname), target)
+    except ObjectNotFound:
+        return None
 
 
 # --- the test ----------------------------------------------------------------------------
@@ -264,9 +285,13 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     if entry is None or entry.unavailable:
         raise VmTestError(f"{path.name}: not a driver file name (collector-<kernel>.ko.gz, ...)")
     key = entry.key
-    image = args.boot_image
-    if image is None:
-        cache = Path(args.cache)
+    image, cache = args.boot_image, Path(args.cache)
+    if image is None and args.boot_images:
+        from drivers.storage import client_from_environment, parse_gs_uri
+
+        store = ObjectStore(client_from_environment(), parse_gs_uri(args.boot_images)[0])
+        image = fetch_boot_image(store, key.kernel, cache / "kernel-images")
+    elif image is None:
         image = debian_boot_image(key.kernel, cache / "debs", cache / "kernel-images")
     result = vm_test(key, path.read_bytes(), image, timeout=args.timeout)
     print(json.dumps(result.to_json()))
