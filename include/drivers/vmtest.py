@@ -127,15 +127,18 @@ def debian_boot_image(uname: str, deb_cache: Path, out_dir: Path) -> Path | None
     except BundleError:
         return None
     member = f"./boot/vmlinuz-{uname}"
-    data = subprocess.run(
-        ["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True
-    ).stdout
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        try:
-            f = tar.extractfile(member)
-        except KeyError:
-            return None
-        kernel = f.read() if f else b""
+    # Streamed: the package also holds ~400 MB of modules that are not needed here.
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as dpkg:
+        kernel = None
+        with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
+            for m in tar:
+                if m.name == member and m.isfile():
+                    f = tar.extractfile(m)
+                    kernel = f.read() if f else None
+                    break
+        dpkg.kill()
+    if not kernel:
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
     tmp.write_bytes(kernel)
