@@ -17,7 +17,6 @@ without holding back push and packages. `report` is the run's verdict; reports s
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from airflow.sdk import TriggerRule, chain, dag, get_current_context, task
@@ -38,23 +37,12 @@ def _params() -> CpaasParams:
     return CpaasParams.from_params(get_current_context()["params"], config)
 
 
-def _run_id() -> str:
-    return get_current_context()["run_id"]
-
-
 @dag(
     schedule="0 0 * * *",
-    start_date=datetime(2026, 1, 1, tzinfo=UTC),
-    catchup=False,
-    max_active_runs=1,
     params=glue.cpaas_params(config),
     tags=["drivers", "cpaas"],
-    default_args={
-        "owner": "drivers",
-        "retries": config.retries,
-        "retry_delay": timedelta(seconds=config.retry_delay_s),
-    },
     doc_md=__doc__,
+    **glue.dag_policy(config),
 )
 def cpaas_drivers():
     if config.runtime == "kubernetes":
@@ -68,7 +56,7 @@ def cpaas_drivers():
             from drivers import cpaas
 
             try:
-                return cpaas.mirror_image(glue.stores(), _run_id(), _params())
+                return cpaas.mirror_image(glue.stores(), glue.run_id(), _params())
             except ValueError as e:  # a bad image or parameter: retrying cannot help
                 raise AirflowFailException(str(e)) from None
 
@@ -79,7 +67,7 @@ def cpaas_drivers():
         from drivers import cpaas
 
         try:
-            return cpaas.extract_drivers(glue.stores(), _run_id(), target)
+            return cpaas.extract_drivers(glue.stores(), glue.run_id(), target)
         except ValueError as e:
             raise AirflowFailException(str(e)) from None
 
@@ -87,7 +75,7 @@ def cpaas_drivers():
     def test_drivers_compilation(extracted: list[dict]) -> dict:
         from drivers import cpaas
 
-        found = cpaas.find_compile_failures(glue.stores(), _run_id(), list(extracted))
+        found = cpaas.find_compile_failures(glue.stores(), glue.run_id(), list(extracted))
         if found["failures"]:
             raise AirflowFailException(cpaas.describe_failures(found["failures"]))
         return {"failures": 0, "empty_logs": found["empty_logs"]}
@@ -96,32 +84,32 @@ def cpaas_drivers():
     def push_drivers(extracted: dict) -> dict:
         from drivers import cpaas
 
-        return cpaas.push_drivers(glue.stores(), _run_id(), extracted, _params().dry_run)
+        return cpaas.push_drivers(glue.stores(), glue.run_id(), extracted, _params().dry_run)
 
     @task
     def pull_missing(pushed: dict) -> dict:
         from drivers import cpaas
 
-        return cpaas.pull_missing(glue.stores(), _run_id(), pushed)
+        return cpaas.pull_missing(glue.stores(), glue.run_id(), pushed)
 
     @task
     def build_support_packages(pulled: dict) -> dict:
         from drivers import cpaas
 
-        return cpaas.build_support_packages(glue.stores(), _run_id(), pulled)
+        return cpaas.build_support_packages(glue.stores(), glue.run_id(), pulled)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def cleanup_staging() -> int:
         from drivers import cpaas
 
-        return cpaas.cleanup_staging(glue.stores(), _run_id())
+        return cpaas.cleanup_staging(glue.stores(), glue.run_id())
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
     def report() -> dict:
         from drivers import cpaas
 
         failed = glue.failed_tasks(get_current_context())
-        verdict = cpaas.report(glue.stores(), _run_id(), _params(), failed)
+        verdict = cpaas.report(glue.stores(), glue.run_id(), _params(), failed)
         if verdict["status"] == "failed":
             raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
         return verdict

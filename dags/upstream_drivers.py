@@ -20,7 +20,6 @@ The DAG's shape (builders, runtime) comes from the shipped config (`DRIVERS_CONF
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from airflow.sdk import TriggerRule, chain, dag, get_current_context, task, task_group
@@ -42,23 +41,12 @@ def _params() -> RunParams:
     return RunParams.from_params(get_current_context()["params"], config)
 
 
-def _run_id() -> str:
-    return get_current_context()["run_id"]
-
-
 @dag(
     schedule="0 2 * * *",
-    start_date=datetime(2026, 1, 1, tzinfo=UTC),
-    catchup=False,
-    max_active_runs=1,
     params=glue.run_params(config),
     tags=["drivers", "upstream"],
-    default_args={
-        "owner": "drivers",
-        "retries": config.retries,
-        "retry_delay": timedelta(seconds=config.retry_delay_s),
-    },
     doc_md=__doc__,
+    **glue.dag_policy(config),
 )
 def upstream_drivers():
     @task
@@ -66,7 +54,7 @@ def upstream_drivers():
         from drivers import pipeline
 
         try:
-            return pipeline.pre_build(glue.stores(), config, _run_id(), _params())
+            return pipeline.pre_build(glue.stores(), config, glue.run_id(), _params())
         except (pipeline.ShrinkGuardError, ValueError) as e:  # bad input: retrying cannot help
             raise AirflowFailException(str(e)) from None
 
@@ -105,19 +93,19 @@ def upstream_drivers():
 
         if plan is None:
             raise AirflowFailException("pre_build produced no plan")
-        return pipeline.unify(glue.stores(), _run_id(), plan["shards"])
+        return pipeline.unify(glue.stores(), glue.run_id(), plan["shards"])
 
     @task
     def verify_drivers() -> dict:
         from drivers import pipeline
 
-        return pipeline.verify_drivers(glue.stores(), _run_id())
+        return pipeline.verify_drivers(glue.stores(), glue.run_id())
 
     @task
     def push_drivers() -> dict:
         from drivers import pipeline
 
-        return pipeline.push_drivers(glue.stores(), _run_id())
+        return pipeline.push_drivers(glue.stores(), glue.run_id())
 
     @task
     def update_support_packages() -> dict:
@@ -139,7 +127,7 @@ def upstream_drivers():
             "push_drivers": pushed,
             "update_support_packages": packages,
         }
-        verdict = pipeline.report(glue.stores(), _run_id(), _params(), plan, steps, failed)
+        verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), plan, steps, failed)
         if verdict["status"] != "success":
             raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
         return verdict
@@ -148,7 +136,7 @@ def upstream_drivers():
     def cleanup_staging() -> int:
         from drivers import pipeline
 
-        return pipeline.cleanup_staging(glue.stores(), _run_id())
+        return pipeline.cleanup_staging(glue.stores(), glue.run_id())
 
     unified = unify(plan)
     verified = verify_drivers()

@@ -13,11 +13,16 @@ current-context: x
 
 
 @pytest.fixture
-def rendered(tmp_path, monkeypatch):
+def offline(tmp_path, monkeypatch):
+    """Pods render without a cluster: a dummy kubeconfig, a private Airflow home."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(DUMMY_KUBECONFIG)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+
+
+@pytest.fixture
+def rendered(offline):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import ApiClient
 
@@ -76,12 +81,8 @@ def test_builder_pod_is_a_valid_kubernetes_object(rendered, builder):
 
 
 @pytest.fixture
-def mirror_pod(tmp_path, monkeypatch):
+def mirror_pod(offline):
     """cpaas_drivers' mirror pod with its templates rendered for a run."""
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(DUMMY_KUBECONFIG)
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from jinja2.sandbox import SandboxedEnvironment
     from kubernetes.client import ApiClient

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Param
@@ -34,6 +34,28 @@ def stores() -> Stores:
     from drivers.pipeline import Stores
 
     return Stores(GCSHook(gcp_conn_id=GCP_CONN_ID).get_conn())
+
+
+def dag_policy(config: Config) -> dict[str, Any]:
+    """What every DAG of the project shares (``@dag`` keywords): no catch-up, one run at
+    a time, the team as owner, retries for transient failures from the config."""
+    return {
+        "start_date": datetime(2026, 1, 1, tzinfo=UTC),
+        "catchup": False,
+        "max_active_runs": 1,
+        "default_args": {
+            "owner": "drivers",
+            "retries": config.retries,
+            "retry_delay": timedelta(seconds=config.retry_delay_s),
+        },
+    }
+
+
+def run_id() -> str:
+    """The running task's DAG run id."""
+    from airflow.sdk import get_current_context
+
+    return get_current_context()["run_id"]
 
 
 def builder_arguments(shard_uri: str) -> list[str]:

@@ -275,27 +275,16 @@ def build_support_packages(
     if pulled["dry_run"]:
         return {"arch": arch, "dry_run": True}
     root = layout.cpaas_prefix(arch)
-    timestamp = now or datetime.now(UTC)
-    if _upstream_arch(arch):
-        result = publish_support_packages(
-            stores.drivers,
-            stores.support,
-            pulled["versions"],
-            timestamp=timestamp,
-            root=root,
-            downstream_store=stores.cpaas_drivers,
-            downstream_prefix=root,
-        )
+    if _upstream_arch(arch):  # the upstream drivers, overridden by the CPaaS cache's
+        base, sources = stores.drivers, {"downstream_store": stores.cpaas_drivers}
+        sources["downstream_prefix"] = root
     else:
-        result = publish_support_packages(
-            stores.cpaas_drivers,
-            stores.support,
-            pulled["versions"],
-            timestamp=timestamp,
-            root=root,
-            drivers_prefix=root,
-            drivers_source="downstream",
-        )
+        base, sources = stores.cpaas_drivers, {"drivers_prefix": root}
+        sources["drivers_source"] = "downstream"
+    timestamp = now or datetime.now(UTC)
+    result = publish_support_packages(
+        base, stores.support, pulled["versions"], timestamp=timestamp, root=root, **sources
+    )
     write_json(stores.work, f"{reports(run_id)}packages-{arch}.json", result)
     return {"arch": arch} | {k: result[k] for k in ("built", "unchanged", "index", "matrix")}
 

@@ -36,8 +36,11 @@ class ShrinkGuardError(RuntimeError):
     """The bundle listing lost kernels: stop before building, delete nothing."""
 
 
+REPORTS = "reports/"  # every run's reports: reports/<run_id>/
+
+
 def report_prefix(run_id: str) -> str:
-    return f"reports/{run_id}/"
+    return f"{REPORTS}{run_id}/"
 
 
 # --- inputs ------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ from datetime import datetime
 
 from drivers import storage
 from drivers.layout import Buckets
-from drivers.pipeline import report_prefix
+from drivers.pipeline import REPORTS, report_prefix
 
 
 def newest_run_id(
-    work: storage.ObjectStore, since: datetime | None = None, prefix: str = "reports/"
+    work: storage.ObjectStore, since: datetime | None = None, prefix: str = REPORTS
 ) -> str | None:
     """The newest run with a report right under ``prefix`` (reports/<run_id>/report.json)."""
     reports = [
@@ -28,18 +28,27 @@ def newest_run_id(
     return newest.name.removeprefix(prefix).removesuffix("/report.json")
 
 
+def _load(reports: str, run_id: str | None, since: datetime | None, out):
+    """(buckets, work store, run id, report) of a run reported under ``reports`` (default:
+    the newest, or the newest since ``since``); None, having said so, when there is none."""
+    buckets = Buckets.from_env()
+    work = storage.ObjectStore(storage.client_from_environment(), buckets.work)
+    run_id = run_id or newest_run_id(work, since, reports)
+    if run_id is None:
+        when = f" since {since:%H:%M:%S}" if since else ""
+        print(f"no run report in gs://{buckets.work}/{reports}{when}", file=out)
+        return None
+    return buckets, work, run_id, json.loads(work.download(f"{reports}{run_id}/report.json"))
+
+
 def print_report(run_id: str | None = None, since: datetime | None = None, out=sys.stdout) -> int:
     """Print a run's summary (default: the newest run, or the newest since ``since``);
     returns 0 when that run succeeded."""
-    buckets = Buckets.from_env()
-    work = storage.ObjectStore(storage.client_from_environment(), buckets.work)
-    run_id = run_id or newest_run_id(work, since)
-    if run_id is None:
-        when = f" since {since:%H:%M:%S}" if since else ""
-        print(f"no run report in gs://{buckets.work}/reports/{when}", file=out)
+    found = _load(REPORTS, run_id, since, out)
+    if found is None:
         return 1
+    buckets, work, run_id, doc = found
     prefix = report_prefix(run_id)
-    doc = json.loads(work.download(prefix + "report.json"))
     plan = doc.get("plan") or {}
     summary = plan.get("summary", {})
     dry = " (dry run: planned only, nothing built or published)" if doc["params"]["dry_run"] else ""
@@ -99,15 +108,12 @@ def print_cpaas_report(
 ) -> int:
     """Print a cpaas_drivers run's summary: what was pushed, pulled and packaged per
     architecture, and the compile failures found; returns 0 unless the run failed."""
-    from drivers.cpaas import REPORTS, reports
+    from drivers import cpaas
 
-    buckets = Buckets.from_env()
-    work = storage.ObjectStore(storage.client_from_environment(), buckets.work)
-    run_id = run_id or newest_run_id(work, since, REPORTS)
-    if run_id is None:
-        print(f"no cpaas_drivers report in gs://{buckets.work}/{REPORTS}", file=out)
+    found = _load(cpaas.REPORTS, run_id, since, out)
+    if found is None:
         return 1
-    doc = json.loads(work.download(reports(run_id) + "report.json"))
+    buckets, _, run_id, doc = found
     mirror = doc.get("mirror") or {}
     dry = " (dry run: nothing published)" if doc["params"]["dry_run"] else ""
     print(f"cpaas run {run_id}: {doc['status'].upper()}{dry}", file=out)
@@ -148,5 +154,5 @@ def print_cpaas_report(
         print(f"    log: {f['log']}", file=out)
     print(f"  drivers:  gs://{buckets.cpaas_drivers}/cpaas/<arch>/<version>/", file=out)
     print(f"  packages: gs://{buckets.support}/cpaas/<arch>/index.html", file=out)
-    print(f"  report:   gs://{buckets.work}/{reports(run_id)}report.json", file=out)
+    print(f"  report:   gs://{buckets.work}/{cpaas.reports(run_id)}report.json", file=out)
     return 1 if doc["status"] == "failed" else 0
