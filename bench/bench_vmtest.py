@@ -1,9 +1,10 @@
-"""vm-test benchmark: boot + load + count + unload per kernel under QEMU (software
-emulation), and 6 kernels with 2 VMs at a time against 6 in a row.
+"""vm-test benchmark: one boot per kernel testing its module and its eBPF probe (load,
+attach, count, unload) under QEMU (software emulation), and 6 kernels with 2 VMs at a
+time against 6 in a row.
 
 Not a test. Kernels: the embedded default's 6 Debian kernels (6.1.0-56 and 6.12.115 ×
-amd64, cloud-amd64, rt-amd64). Modules: the example 2.3.0 module built by the builder
-against each kernel's bundle (``.cache/bundles``, made if missing). Boot images: Debian's
+amd64, cloud-amd64, rt-amd64). Drivers: the example 2.3.0 module and probe built by the
+builder against each kernel's bundle (``.cache/bundles``, made if missing). Boot images: Debian's
 ``linux-image-<uname>`` (``.cache/kernel-images``). Each vm-test is timed from QEMU's
 start to its exit (the initramfs is built before); every result must be ``loaded``.
 
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from drivers import vmtest  # noqa: E402
 from drivers.names import DriverKey  # noqa: E402
-from test_vmtest import build_module  # noqa: E402
+from test_vmtest import build_driver_for  # noqa: E402
 
 CACHE = REPO / ".cache"
 KERNELS = [
@@ -36,11 +37,11 @@ KERNELS = [
 ]
 
 
-def one(kernel: str, module: bytes, image: Path) -> float:
-    result = vmtest.vm_test(DriverKey(kernel, "2.3.0", "mod"), module, image)
-    if result.status != "loaded":
-        raise RuntimeError(f"{kernel}: {result}")
-    return result.seconds
+def one(kernel: str, drivers: list[tuple[DriverKey, bytes]], image: Path) -> float:
+    results = vmtest.vm_test(kernel, drivers, image)
+    if {r.status for r in results} != {"loaded"}:
+        raise RuntimeError(f"{kernel}: {results}")
+    return results[0].seconds
 
 
 def main() -> None:
@@ -51,7 +52,10 @@ def main() -> None:
     modules, images = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for kernel in KERNELS:
-            modules[kernel] = build_module(kernel, Path(tmp) / kernel)
+            modules[kernel] = [
+                (DriverKey(kernel, "2.3.0", kind), build_driver_for(kernel, Path(tmp), kind))
+                for kind in ("mod", "bpf")
+            ]
             images[kernel] = vmtest.debian_boot_image(
                 kernel, CACHE / "debs", CACHE / "kernel-images"
             )
@@ -68,7 +72,7 @@ def main() -> None:
         parallel.append(time.perf_counter() - started)
 
     print(f"\n{machine}\n{args.runs} runs, medians (min-max)")
-    print("| kernel | boot + load + count + unload, s |")
+    print("| kernel | boot + module and probe load, count, unload, s |")
     print("|---|---|")
     for kernel, times in per_kernel.items():
         print(f"| {kernel} | {statistics.median(times):.1f} ({min(times):.1f}-{max(times):.1f}) |")

@@ -28,17 +28,22 @@ needs_qemu = pytest.mark.skipif(
 )
 
 
-def build_module(kernel: str, tmp: Path) -> bytes:
-    """The example 2.3.0 module, built by the builder against Debian's headers."""
+def build_driver_for(kernel: str, tmp: Path, kind: str = "mod") -> bytes:
+    """The example 2.3.0 module or probe, built by the builder against Debian's headers."""
     bundle = CACHE / "bundles" / layout.bundle_object(kernel)
     if not bundle.exists():
         make_debian_bundle(kernel, CACHE / "bundles", CACHE / "debs")
     root = tmp / kernel
-    safe_extract(bundle, root)
-    key = DriverKey(kernel, "2.3.0", "mod")
+    if not root.exists():
+        safe_extract(bundle, root)
+    key = DriverKey(kernel, "2.3.0", kind)
     built = build_driver(key, shipped_sources_dir() / "2.3.0", open_bundle(root, kernel), tmp)
     assert built.data, built.message
     return built.data
+
+
+def build_module(kernel: str, tmp: Path) -> bytes:
+    return build_driver_for(kernel, tmp, "mod")
 
 
 @pytest.fixture(scope="module")
@@ -49,42 +54,87 @@ def boot_image() -> Path:
 
 
 @pytest.fixture(scope="module")
-def module(tmp_path_factory) -> bytes:
-    return build_module(KERNEL, tmp_path_factory.mktemp("mod"))
+def built(tmp_path_factory) -> dict[str, bytes]:
+    tmp = tmp_path_factory.mktemp("drivers")
+    return {kind: build_driver_for(KERNEL, tmp, kind) for kind in ("mod", "bpf")}
+
+
+MOD, BPF = DriverKey(KERNEL, "2.3.0", "mod"), DriverKey(KERNEL, "2.3.0", "bpf")
+
+
+def unverifiable_probe(tmp: Path) -> bytes:
+    """A probe every verifier refuses: a map value used without its NULL check."""
+    source = tmp / "bad.c"
+    source.write_text(
+        "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n"
+        "struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);\n"
+        "  __type(key, __u32); __type(value, __u64); } counts SEC(\".maps\");\n"
+        'SEC("tracepoint/sched/sched_switch") int count(void *ctx) {\n'
+        "  __u32 key = 0; __u64 *n = bpf_map_lookup_elem(&counts, &key);\n"
+        "  *n += 1; return 0; }\n"
+        'char LICENSE[] SEC("license") = "GPL";\n'
+    )
+    multiarch = subprocess.run(
+        ["gcc", "-print-multiarch"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    subprocess.run(
+        ["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch}", "-c"]
+        + [str(source), "-o", str(tmp / "bad.o")],
+        check=True,
+    )
+    return gzip.compress((tmp / "bad.o").read_bytes())
 
 
 @needs_qemu
-def test_a_real_module_loads_in_its_kernel_counts_events_and_unloads(boot_image, module):
-    result = vmtest.vm_test(DriverKey(KERNEL, "2.3.0", "mod"), module, boot_image)
-    assert result.status == "loaded", result
-    assert result.events and result.events > 0
+def test_a_real_module_and_probe_load_count_events_and_unload_in_one_boot(boot_image, built):
+    results = vmtest.vm_test(KERNEL, [(MOD, built["mod"]), (BPF, built["bpf"])], boot_image)
+    assert [(r.kind, r.status) for r in results] == [("mod", "loaded"), ("bpf", "loaded")], results
+    assert all(r.events and r.events > 0 for r in results)
 
 
 @needs_qemu
 def test_a_module_built_for_another_kernel_is_refused_with_the_kernels_reason(boot_image, tmp_path):
     other = build_module(OTHER, tmp_path)
-    result = vmtest.vm_test(DriverKey(KERNEL, "2.3.0", "mod"), other, boot_image)
+    [result] = vmtest.vm_test(KERNEL, [(MOD, other)], boot_image)
     assert result.status == "load_failed", result
     assert any("disagrees about version of symbol" in m for m in result.messages), result
     assert any("insmod" in m for m in result.messages)
 
 
 @needs_qemu
-def test_a_guest_that_never_prints_its_markers_times_out_as_boot_failed(
-    boot_image, module, monkeypatch
+def test_the_verifier_of_the_kernel_rejects_a_bad_probe_and_a_corrupt_one_fails_to_load(
+    boot_image, built, tmp_path
 ):
-    monkeypatch.setattr(vmtest, "INIT", "#!/bin/busybox sh\n/bin/busybox sleep 600\n")
-    result = vmtest.vm_test(DriverKey(KERNEL, "2.3.0", "mod"), module, boot_image, timeout=20)
+    corrupt = gzip.compress(b"\x7fELF" + b"\x02\x01\x01" + bytes(200))
+    drivers = [(BPF, unverifiable_probe(tmp_path)), (BPF, corrupt), (BPF, built["bpf"])]
+    rejected, broken, good = vmtest.vm_test(KERNEL, drivers, boot_image)
+    assert rejected.status == "verifier_rejected", rejected
+    assert any("invalid mem access 'map_value_or_null'" in m for m in rejected.messages)
+    assert broken.status == "load_failed", broken
+    assert broken.messages[0].startswith("not a loadable eBPF object")
+    assert good.status == "loaded"  # the bad ones before it broke nothing
+
+
+@needs_qemu
+def test_a_guest_that_never_prints_its_markers_times_out_as_boot_failed(
+    boot_image, built, monkeypatch
+):
+    monkeypatch.setattr(vmtest, "INIT_HEAD", "#!/bin/busybox sh\n/bin/busybox sleep 600\n")
+    [result] = vmtest.vm_test(KERNEL, [(MOD, built["mod"])], boot_image, timeout=20)
     assert result.status == "boot_failed"
-    assert result.messages == [
-        "the guest never ran its script (no BOOTED marker)",
-        "timed out after 20 s",
-    ]
+    assert result.messages[0] == "the guest never ran its script (no BOOTED marker)"
+    assert result.messages[1].startswith("timed out after 2")
 
 
 def test_a_kernel_without_a_boot_image_is_untested_never_passed():
-    result = vmtest.vm_test(DriverKey("4.18.0-477.el8.x86_64", "2.3.0", "mod"), b"", None)
+    el8 = DriverKey("4.18.0-477.el8.x86_64", "2.3.0", "mod")
+    [result] = vmtest.vm_test(el8.kernel, [(el8, b"")], None)
     assert result.status == "no_boot_image"
+
+
+def test_drivers_are_tested_in_their_own_kernel_only():
+    with pytest.raises(vmtest.VmTestError, match="test it in its own kernel"):
+        vmtest.vm_test(OTHER, [(MOD, b"")], None)
 
 
 def test_a_release_debian_does_not_publish_has_no_boot_image(tmp_path):
@@ -94,7 +144,10 @@ def test_a_release_debian_does_not_publish_has_no_boot_image(tmp_path):
 def test_the_initramfs_is_a_newc_archive_the_guest_can_use(tmp_path):
     if not vmtest.BUSYBOX.is_file():
         pytest.skip("busybox-static is not installed")
-    archive = gzip.decompress(vmtest.initramfs(b"\x7fELF module bytes"))
+    loader = tmp_path / "loader"
+    loader.write_bytes(b"loader")
+    drivers = [("mod", b"\x7fELF module bytes"), ("bpf", b"\x7fELF probe bytes")]
+    archive = gzip.decompress(vmtest.initramfs(drivers, loader))
     listing = (
         subprocess.run(
             [str(vmtest.BUSYBOX), "cpio", "-t"], input=archive, capture_output=True, check=True
@@ -102,49 +155,70 @@ def test_the_initramfs_is_a_newc_archive_the_guest_can_use(tmp_path):
         .stdout.decode()
         .split()
     )
-    assert listing == ["bin", "dev", "proc", "sys", "tmp", "bin/busybox", "init", "driver.ko"]
+    assert listing == [
+        "bin", "dev", "drivers", "proc", "sys", "tmp",
+        "bin/busybox", "init", "bin/vmtest-loader", "drivers/1.ko", "drivers/2.o",
+    ]  # fmt: skip
     (tmp_path / "x").mkdir()
     subprocess.run(
         [str(vmtest.BUSYBOX), "cpio", "-i", "-d"], input=archive, cwd=tmp_path / "x", check=True
     )
-    assert (tmp_path / "x/driver.ko").read_bytes() == b"\x7fELF module bytes"
+    assert (tmp_path / "x/drivers/1.ko").read_bytes() == b"\x7fELF module bytes"
+    init = (tmp_path / "x/init").read_text()
+    assert "test_module 1 collector\n" in init and "test_probe 2\n" in init
     assert (tmp_path / "x/init").stat().st_mode & 0o111
 
 
-KEY = DriverKey(KERNEL, "2.3.0", "mod")
+def test_the_loader_builds_static_against_libbpf(tmp_path):
+    loader = vmtest.loader_binary(tmp_path)
+    ldd = subprocess.run(["ldd", str(loader)], capture_output=True, text=True, check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr  # runs in a bare initramfs
+    assert vmtest.loader_binary(tmp_path) == loader  # built once per source version
+
+
+BOOTED = "VMTEST:BOOTED 6.1.0-56-amd64\n"
 
 
 @pytest.mark.parametrize(
-    ("serial", "status", "message"),
+    ("serial", "timed_out", "statuses", "message"),
     [
-        ("garbage\n", "boot_failed", "no BOOTED marker"),
-        ("VMTEST:BOOTED 6.1.0-47-amd64\n", "boot_failed", "not '6.1.0-56-amd64'"),
-        ("VMTEST:BOOTED 6.1.0-56-amd64\nVMTEST:LOADED\n", "boot_failed", "no DONE marker"),
+        ("garbage\n", True, ["boot_failed", "boot_failed"], "no BOOTED marker"),
+        ("VMTEST:BOOTED 6.1.0-47-amd64\n", False, ["boot_failed"] * 2, "not '6.1.0-56-amd64'"),
         (
-            "VMTEST:BOOTED 6.1.0-56-amd64\nVMTEST:LOAD_FAILED insmod: bad\n"
-            "VMTEST:KMSG [1.0] collector: Unknown symbol x\nVMTEST:DONE\n",
-            "load_failed",
+            BOOTED + "VMTEST:BEGIN 1\nVMTEST:LOAD_FAILED insmod: bad\n"
+            "VMTEST:KMSG [1.0] collector: Unknown symbol x\nVMTEST:END 1\nVMTEST:DONE\n",
+            False,
+            ["load_failed", "boot_failed"],
             "collector: Unknown symbol x",
         ),
         (
-            "VMTEST:BOOTED 6.1.0-56-amd64\nVMTEST:LOADED\nVMTEST:EVENTS 0\n"
-            "VMTEST:UNLOADED\nVMTEST:DONE\n",
-            "load_failed",
+            BOOTED + "VMTEST:BEGIN 1\nVMTEST:LOADED\nVMTEST:EVENTS 0\nVMTEST:UNLOADED\n"
+            "VMTEST:END 1\nVMTEST:BEGIN 2\nVMTEST:BPF_LOADED 1\nVMTEST:BPF_ATTACHED 1\n"
+            "VMTEST:BPF_EVENTS 3\nVMTEST:BPF_DETACHED\nVMTEST:END 2\nVMTEST:DONE\n",
+            False,
+            ["load_failed", "loaded"],
             "counted no events",
         ),
         (
-            "\x1b[0m.VMTEST:BOOTED 6.1.0-56-amd64\nVMTEST:LOADED\nVMTEST:EVENTS 42\n"
-            "VMTEST:UNLOADED\nVMTEST:DONE\n",
-            "loaded",
-            None,
+            "\x1b[0m." + BOOTED + "VMTEST:BEGIN 1\nVMTEST:LOADED\nVMTEST:EVENTS 42\n"
+            "VMTEST:UNLOADED\nVMTEST:END 1\nVMTEST:BEGIN 2\nVMTEST:BPF_VERIFIER R0 invalid\n"
+            "VMTEST:BPF_REJECTED Permission denied\nVMTEST:END 2\nVMTEST:DONE\n",
+            False,
+            ["loaded", "verifier_rejected"],
+            "R0 invalid",
+        ),
+        (
+            BOOTED + "VMTEST:BEGIN 1\n[ 2.0] BUG: kernel NULL pointer dereference\n",
+            True,
+            ["load_failed", "boot_failed"],
+            "BUG: kernel NULL pointer dereference",
         ),
     ],
 )
-def test_only_the_markers_decide(serial, status, message):
-    result = vmtest.judge(KEY, vmtest.read_markers(serial), 1.0)
-    assert result.status == status
-    if message:
-        assert any(message in m for m in result.messages), result.messages
+def test_only_the_markers_decide(serial, timed_out, statuses, message):
+    results = vmtest.judge([MOD, BPF], serial, 1.0, timed_out)
+    assert [r.status for r in results] == statuses
+    assert any(message in m for r in results for m in r.messages), results
 
 
 def test_boot_images_go_to_the_kernel_images_bucket_and_come_back(store, tmp_path):

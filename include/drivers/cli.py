@@ -300,13 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, type=Path, help="folder for the image tars")
     d.set_defaults(func=_lazy("drivers.cpaas", "cmd_demo_images"))
 
-    p = sub.add_parser("vm-test", help="boot the driver's kernel under QEMU and load it")
-    p.add_argument("driver", help="a driver file, e.g. collector-6.1.0-56-amd64.ko.gz")
+    p = sub.add_parser("vm-test", help="boot a kernel under QEMU and load its drivers")
+    p.add_argument(
+        "drivers", nargs="+", help="one kernel's driver files, e.g. collector-6.1.0-56-amd64.ko.gz"
+    )
     p.add_argument("--driver-version", default="0.0.0", help="recorded in the result")
     p.add_argument("--boot-image", type=Path, help="kernel image (default: Debian's, via apt)")
     p.add_argument("--boot-images", metavar="gs://BUCKET", help="take it from this bucket")
     p.add_argument("--cache", default=".cache", help="where Debian packages are kept")
-    p.add_argument("--timeout", type=float, default=90.0, help="seconds for the whole VM run")
+    p.add_argument("--timeout", type=float, help="seconds for the whole VM (default: by count)")
+    p.add_argument("--accel", default="tcg", help="QEMU accelerator (kvm where it works)")
     p.set_defaults(func=_lazy("drivers.vmtest", "cmd_vm_test"))
 
     p = sub.add_parser("sources", help="prepared driver sources: publish")

@@ -118,17 +118,23 @@ def elf_sections(data: bytes) -> dict[str, bytes]:
     return out
 
 
-def read_vermagic(elf_bytes: bytes) -> str | None:
-    """The ``vermagic=`` value of a kernel module's ``.modinfo`` section (what
-    ``modinfo -F vermagic`` prints), or None when the ELF has no such entry.
-    Raises :class:`ElfError` when the bytes are not a well-formed ELF file."""
-    modinfo = elf_sections(elf_bytes).get(".modinfo")
-    if modinfo is None:
-        return None
+def read_modinfo(elf_bytes: bytes) -> dict[str, str]:
+    """A kernel module's ``.modinfo`` entries (``modinfo`` prints them: name, vermagic,
+    depends, ...); empty when the ELF has none. Raises :class:`ElfError` when the bytes
+    are not a well-formed ELF file."""
+    modinfo = elf_sections(elf_bytes).get(".modinfo") or b""
+    out: dict[str, str] = {}
     for entry in modinfo.split(b"\0"):
-        if entry.startswith(b"vermagic="):
-            return entry[9:].decode(errors="replace")
-    return None
+        key, eq, value = entry.partition(b"=")
+        if eq:
+            out.setdefault(key.decode(errors="replace"), value.decode(errors="replace"))
+    return out
+
+
+def read_vermagic(elf_bytes: bytes) -> str | None:
+    """The ``vermagic=`` value of a kernel module (what ``modinfo -F vermagic`` prints),
+    or None when the ELF has no such entry."""
+    return read_modinfo(elf_bytes).get("vermagic")
 
 
 def vermagic_matches(vermagic: str | None, kernel: str) -> bool:

@@ -1,29 +1,40 @@
-"""Load-test a driver in its own kernel, booted under QEMU.
+"""Load-test drivers in their own kernel, booted under QEMU.
 
 A driver that compiles can still be refused where it matters: symbol versions, vermagic,
-missing dependencies. ``vm_test`` boots the driver's kernel (software emulation, ``-accel
-tcg``: KVM is not usable everywhere) with a tiny initramfs (static busybox, the module, a
-script), loads the module, makes a little activity, reads back the events the module
-counted, unloads it and powers off. Only the markers the guest prints on its serial
-console decide; QEMU's exit status says nothing, and the whole run is under a timeout.
+missing dependencies, the eBPF verifier of that kernel. ``vm_test`` boots a kernel
+(software emulation, ``-accel tcg``: KVM is not usable everywhere) with a tiny initramfs
+(static busybox, the drivers, the project's static libbpf loader, a script) and tests
+each of that kernel's drivers in turn:
 
-Results: ``loaded``; ``load_failed`` (with the kernel's own messages); ``no_boot_image``
-(no bootable kernel for that release: never a pass); ``boot_failed`` (the guest never
-reached or finished its script: infrastructure, retryable). eBPF probes report
-``not_tested`` until the attaching loader exists.
+- a module is inserted, a little activity is made, the events it counted are read back
+  (its ``sched_switches`` parameter), and it is removed;
+- a probe is loaded by :file:`vmtest_loader.c` (the kernel's verifier decides), every
+  program attached where its section says, the events read back from its array maps,
+  and detached.
+
+Only the markers the guest prints on its serial console decide; QEMU's exit status says
+nothing, and the whole boot is under a timeout. Results per driver: ``loaded``;
+``load_failed`` (with the kernel's own messages); ``verifier_rejected`` (with the
+verifier's log); ``no_boot_image`` (no bootable kernel for that release: never a pass);
+``boot_failed`` (the guest never reached or finished its script: infrastructure,
+retryable).
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import io
 import json
+import os
+import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,38 +42,51 @@ from drivers import layout
 from drivers.errors import DriversError
 from drivers.names import DriverKey, parse_object_name
 from drivers.storage import ObjectNotFound, ObjectStore
-from drivers.verify import gunzip
+from drivers.verify import ElfError, gunzip, read_modinfo
 
 MARK = "VMTEST:"
 BUSYBOX = Path("/usr/bin/busybox")  # Debian's busybox-static
 QEMU = "qemu-system-x86_64"
-DEFAULT_TIMEOUT_S = 90.0
-MODULE_NAME = "collector"
+LOADER_SOURCE = Path(__file__).with_name("vmtest_loader.c")
+BOOT_TIMEOUT_S = 60.0  # boot and power-off; each driver adds DRIVER_TIMEOUT_S
+DRIVER_TIMEOUT_S = 20.0
+DEFAULT_MODULE_NAME = "collector"
+EVENTS_PARAMETER = "sched_switches"  # what the collector module counts (its contract)
+STATUSES = ("loaded", "load_failed", "verifier_rejected", "no_boot_image", "boot_failed")
+PASSED, RETRYABLE = "loaded", "boot_failed"
 
-# The guest's /init. Every line it prints that matters starts with the marker.
-INIT = f"""#!/bin/busybox sh
+# The guest's /init: functions, then one block per driver (see init_script).
+INIT_HEAD = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 echo {MARK}BOOTED $(uname -r)
-if insmod /driver.ko 2>/tmp/err; then
-  echo {MARK}LOADED
-  for i in 1 2 3 4 5 6 7 8; do ls / >/dev/null; sleep 0.05; done
-  echo {MARK}EVENTS $(cat /sys/module/{MODULE_NAME}/parameters/sched_switches 2>/dev/null)
-  if rmmod {MODULE_NAME} 2>/tmp/err; then echo {MARK}UNLOADED; else
-    echo "{MARK}UNLOAD_FAILED $(cat /tmp/err)"; fi
-else
-  echo "{MARK}LOAD_FAILED $(cat /tmp/err)"
-  dmesg | grep -i -e {MODULE_NAME} -e module | tail -n 5 | sed 's/^/{MARK}KMSG /'
-fi
-echo {MARK}DONE
+test_module() {{  # index, module name
+  dmesg -c >/dev/null
+  if insmod /drivers/$1.ko 2>/tmp/err; then
+    echo {MARK}LOADED
+    for i in 1 2 3 4 5 6 7 8; do ls / >/dev/null; sleep 0.05; done
+    echo {MARK}EVENTS $(cat /sys/module/$2/parameters/{EVENTS_PARAMETER} 2>/dev/null)
+    if rmmod $2 2>/tmp/err; then echo {MARK}UNLOADED; else
+      echo "{MARK}UNLOAD_FAILED $(cat /tmp/err)"; fi
+  else
+    echo "{MARK}LOAD_FAILED $(cat /tmp/err)"
+    dmesg | tail -n 5 | sed 's/^/{MARK}KMSG /'
+  fi
+}}
+test_probe() {{  # index
+  /bin/vmtest-loader /drivers/$1.o 2>/dev/null
+}}
+"""
+INIT_TAIL = f"""echo {MARK}DONE
 poweroff -f
 """
 
 
 class VmTestError(DriversError):
-    """The vm-test cannot run here (no QEMU, no busybox): says what to install."""
+    """The vm-test cannot run here (no QEMU, no busybox, no compiler): says what to install."""
 
 
 @dataclass
@@ -70,10 +94,14 @@ class VmResult:
     kernel: str
     driver_version: str
     kind: str
-    status: str  # loaded | load_failed | no_boot_image | boot_failed | not_tested
+    status: str  # one of STATUSES
     messages: list[str] = field(default_factory=list)
     events: int | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole boot this driver was tested in
+
+    @classmethod
+    def of(cls, key: DriverKey, status: str, *messages: str) -> VmResult:
+        return cls(key.kernel, key.driver_version, key.kind, status, list(messages))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -91,24 +119,80 @@ def _newc(name: str, data: bytes, mode: int, ino: int) -> bytes:
     return header + encoded + b"\0" * pad_name + data + b"\0" * (-len(data) % 4)
 
 
-def initramfs(module: bytes, busybox: Path = BUSYBOX) -> bytes:
-    """A gzip'd newc cpio: busybox, /init and the (uncompressed) module."""
+def module_name(elf: bytes) -> str:
+    """The name a module registers under (``rmmod`` and ``/sys/module`` use it)."""
+    try:
+        name = read_modinfo(elf).get("name", "")
+    except ElfError:
+        name = ""  # insmod will say what is wrong with it
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) else DEFAULT_MODULE_NAME
+
+
+def init_script(drivers: Sequence[tuple[str, bytes]]) -> str:
+    """/init for drivers given as (kind, uncompressed bytes), numbered from 1."""
+    body = []
+    for i, (kind, elf) in enumerate(drivers, 1):
+        test = f"test_module {i} {module_name(elf)}" if kind == "mod" else f"test_probe {i}"
+        body.append(f"echo {MARK}BEGIN {i}\n{test}\necho {MARK}END {i}\n")
+    return INIT_HEAD + "".join(body) + INIT_TAIL
+
+
+def initramfs(
+    drivers: Sequence[tuple[str, bytes]], loader: Path | None = None, busybox: Path = BUSYBOX
+) -> bytes:
+    """A gzip'd newc cpio: busybox, /init, the loader (when there are probes) and the
+    drivers, given as (kind, uncompressed bytes), as /drivers/<n>.ko or .o."""
     entries = [
         ("bin", b"", 0o040755),
         ("dev", b"", 0o040755),
+        ("drivers", b"", 0o040755),
         ("proc", b"", 0o040755),
         ("sys", b"", 0o040755),
         ("tmp", b"", 0o041777),
         ("bin/busybox", busybox.read_bytes(), 0o100755),
-        ("init", INIT.encode(), 0o100755),
-        ("driver.ko", module, 0o100644),
+        ("init", init_script(drivers).encode(), 0o100755),
     ]
+    if loader is not None:
+        entries.append(("bin/vmtest-loader", loader.read_bytes(), 0o100755))
+    for i, (kind, elf) in enumerate(drivers, 1):
+        entries.append((f"drivers/{i}.{'ko' if kind == 'mod' else 'o'}", elf, 0o100644))
     archive = b"".join(_newc(n, d, m, i + 1) for i, (n, d, m) in enumerate(entries))
     archive += _newc("TRAILER!!!", b"", 0, 0)
     out = io.BytesIO()
     with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz:
         gz.write(archive)
     return out.getvalue()
+
+
+def tools_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "collector-drivers"
+
+
+def loader_binary(out_dir: Path | None = None) -> Path:
+    """The static eBPF loader, compiled from :file:`vmtest_loader.c` against libbpf once
+    per source version (production images build it the same way)."""
+    source = LOADER_SOURCE.read_bytes()
+    out_dir = out_dir or tools_dir()
+    binary = out_dir / f"vmtest-loader-{hashlib.sha256(source).hexdigest()[:12]}"
+    if binary.is_file():
+        return binary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_suffix(f".{os.getpid()}.part")
+    command = ["gcc", "-O2", "-static", "-o", str(partial), str(LOADER_SOURCE)]
+    try:
+        built = subprocess.run(
+            [*command, "-lbpf", "-lelf", "-lz"], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        raise VmTestError("gcc is not installed: apt-get install gcc libbpf-dev") from None
+    if built.returncode != 0:
+        raise VmTestError(
+            f"cannot build the eBPF loader: {built.stderr.strip()[-500:]} "
+            "(apt-get install gcc libbpf-dev libelf-dev zlib1g-dev)"
+        )
+    partial.replace(binary)
+    return binary
 
 
 # --- boot images -------------------------------------------------------------------------
@@ -175,80 +259,147 @@ def _require_tools() -> None:
         raise VmTestError(f"{BUSYBOX} is missing: apt-get install busybox-static")
 
 
-def read_markers(serial: str) -> dict[str, list[str]]:
-    """Marker name -> the text after it, for every marker line of the serial log."""
-    found: dict[str, list[str]] = {}
+Markers = dict[str, list[str]]
+
+
+def read_markers(serial: str) -> tuple[Markers, dict[int, Markers], list[str]]:
+    """The serial log's markers: those of the boot itself, those of each driver's block
+    (BEGIN n .. END n; END itself is kept) and the last console lines that are not markers
+    (what a dying kernel printed)."""
+    boot: Markers = {}
+    blocks: dict[int, Markers] = {}
+    other: list[str] = []
+    current = boot
     for line in serial.splitlines():
         at = line.find(MARK)
         if at < 0:
+            if line.strip():
+                other = [*other[-9:], line.strip()]
             continue
         name, _, rest = line[at + len(MARK) :].partition(" ")
-        found.setdefault(name.strip(), []).append(rest.strip())
-    return found
+        name, rest = name.strip(), rest.strip()
+        if name == "BEGIN" and rest.isdigit():
+            current = blocks.setdefault(int(rest), {})
+            continue
+        current.setdefault(name, []).append(rest)
+        if name == "END":
+            current = boot
+    return boot, blocks, other
 
 
-def judge(key: DriverKey, markers: dict[str, list[str]], seconds: float) -> VmResult:
-    result = VmResult(key.kernel, key.driver_version, key.kind, "boot_failed", seconds=seconds)
-    if "BOOTED" not in markers:
-        result.messages = ["the guest never ran its script (no BOOTED marker)"]
-        return result
-    booted = markers["BOOTED"][0]
-    if booted != key.kernel:
-        result.messages = [f"booted kernel {booted!r}, not {key.kernel!r}"]
-        return result
-    if "LOAD_FAILED" in markers:
-        result.status = "load_failed"
-        result.messages = markers["LOAD_FAILED"] + markers.get("KMSG", [])
-        return result
-    if "DONE" not in markers:
-        result.messages = ["the guest stopped before the end of its script (no DONE marker)"]
-        return result
-    events = (markers.get("EVENTS") or [""])[0]
-    result.events = int(events) if events.isdigit() else None
-    if "LOADED" in markers and result.events and "UNLOADED" in markers:
+def _count(markers: Markers, name: str) -> int | None:
+    value = (markers.get(name) or [""])[0]
+    return int(value) if value.isdigit() else None
+
+
+def _judge_module(result: VmResult, m: Markers) -> None:
+    if "LOAD_FAILED" in m:
+        result.status, result.messages = "load_failed", m["LOAD_FAILED"] + m.get("KMSG", [])
+        return
+    result.events = _count(m, "EVENTS")
+    if "LOADED" in m and result.events and "UNLOADED" in m:
         result.status = "loaded"
-    else:
+        return
+    result.status = "load_failed"
+    result.messages = [
+        "loaded but counted no events" if not result.events else "could not be unloaded",
+        *m.get("UNLOAD_FAILED", []),
+    ]
+
+
+def _judge_probe(result: VmResult, m: Markers) -> None:
+    log = m.get("BPF_VERIFIER", [])
+    if "BPF_OPEN_FAILED" in m:
         result.status = "load_failed"
-        result.messages = [
-            "loaded but counted no events" if not result.events else "could not be unloaded",
-            *markers.get("UNLOAD_FAILED", []),
-        ]
-    return result
+        result.messages = [f"not a loadable eBPF object: {m['BPF_OPEN_FAILED'][0]}", *log]
+        return
+    if "BPF_REJECTED" in m:
+        result.status = "verifier_rejected"
+        result.messages = [*log, f"the kernel refused the program: {m['BPF_REJECTED'][0]}"]
+        return
+    if "BPF_ATTACH_FAILED" in m:
+        result.status = "load_failed"
+        result.messages = [f"loaded but could not attach: {m['BPF_ATTACH_FAILED'][0]}", *log]
+        return
+    result.events = _count(m, "BPF_EVENTS")
+    if "BPF_ATTACHED" in m and result.events and "BPF_DETACHED" in m:
+        result.status = "loaded"
+        return
+    result.status = "load_failed"
+    result.messages = [
+        "attached but counted no events" if not result.events else "could not be detached"
+    ]
+
+
+def judge(
+    keys: Sequence[DriverKey], serial: str, seconds: float, timed_out: bool = False
+) -> list[VmResult]:
+    """The result of each driver (tested in this order) from the guest's serial log."""
+    boot, blocks, console = read_markers(serial)
+    results = [VmResult.of(key, "boot_failed") for key in keys]
+    for r in results:
+        r.seconds = seconds
+    ending = [f"timed out after {seconds:.0f} s"] if timed_out else []
+    booted = (boot.get("BOOTED") or [None])[0]
+    if booted is None or (keys and booted != keys[0].kernel):
+        why = (
+            "the guest never ran its script (no BOOTED marker)"
+            if booted is None
+            else f"booted kernel {booted!r}, not {keys[0].kernel!r}"
+        )
+        for r in results:
+            r.messages = [why, *ending]
+        return results
+    for i, (key, result) in enumerate(zip(keys, results, strict=True), 1):
+        m = blocks.get(i)
+        if m is None:  # the guest never got to it: untested, retryable
+            result.messages = ["the guest stopped before testing this driver", *ending]
+        elif "END" not in m:  # it died or hung while testing this one: the driver's doing
+            died = "hung" if timed_out else "stopped"
+            result.status = "load_failed"
+            result.messages = [f"the kernel {died} while testing this driver", *console[-5:]]
+        elif key.kind == "mod":
+            _judge_module(result, m)
+        else:
+            _judge_probe(result, m)
+    return results
 
 
 def vm_test(
-    key: DriverKey,
-    driver: bytes,
+    kernel: str,
+    drivers: Sequence[tuple[DriverKey, bytes]],
     boot_image: Path | None,
-    timeout: float = DEFAULT_TIMEOUT_S,
+    timeout: float | None = None,
     memory_mb: int = 512,
-) -> VmResult:
-    """Boot ``boot_image`` (the kernel of ``key``) and load ``driver`` (the gzip'd
-    object as published) in it."""
-    if key.kind != "mod":
-        return VmResult(
-            key.kernel,
-            key.driver_version,
-            key.kind,
-            "not_tested",
-            ["eBPF probes are not load-tested yet (the attaching loader is to come)"],
-        )
+    accel: str = "tcg",
+) -> list[VmResult]:
+    """Boot ``boot_image`` (the kernel ``kernel``) once and test each driver, given as
+    (key, gzip'd object as published), in it. One result per driver, in order."""
+    keys = [key for key, _ in drivers]
+    strangers = [k for k in keys if k.kernel != kernel]
+    if strangers:
+        raise VmTestError(f"{strangers[0]} is not a driver for {kernel}: test it in its own kernel")
     if boot_image is None:
-        return VmResult(
-            key.kernel,
-            key.driver_version,
-            key.kind,
-            "no_boot_image",
-            [f"no bootable kernel image for {key.kernel}: untested, not passed"],
-        )
+        why = f"no bootable kernel image for {kernel}: untested, not passed"
+        return [VmResult.of(key, "no_boot_image", why) for key in keys]
+    if not keys:
+        return []
     _require_tools()
+    elves = []
+    for key, data in drivers:
+        try:
+            elves.append((key.kind, gunzip(data)))
+        except ValueError as e:  # not loadable at all: the guest need not see it
+            elves.append((key.kind, f"corrupt: {e}".encode()))
+    loader = loader_binary() if "bpf" in {k.kind for k in keys} else None
+    timeout = timeout or BOOT_TIMEOUT_S + DRIVER_TIMEOUT_S * len(keys)
     with tempfile.TemporaryDirectory(prefix="vm-test-") as tmp:
         initrd = Path(tmp) / "initrd.gz"
-        initrd.write_bytes(initramfs(gunzip(driver)))
+        initrd.write_bytes(initramfs(elves, loader))
         serial = Path(tmp) / "serial.log"
         command = [
             QEMU,
-            "-accel", "tcg",
+            "-accel", accel,
             "-m", str(memory_mb),
             "-smp", "1",
             "-kernel", str(boot_image),
@@ -258,6 +409,7 @@ def vm_test(
             "-serial", f"file:{serial}",
         ]  # fmt: skip
         started = time.monotonic()
+        timed_out = False
         try:
             subprocess.run(
                 command,
@@ -268,37 +420,56 @@ def vm_test(
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            pass  # judged by the markers below: no DONE means boot_failed
+            timed_out = True  # judged by the markers: what never ended did not pass
         seconds = round(time.monotonic() - started, 2)
         text = serial.read_text(errors="replace") if serial.exists() else ""
-    result = judge(key, read_markers(text), seconds)
-    if result.status == "boot_failed" and seconds >= timeout:
-        result.messages.append(f"timed out after {timeout:.0f} s")
-    return result
+    return judge(keys, text, seconds, timed_out)
 
 
 # --- CLI -----------------------------------------------------------------------------------
 
 
 def cmd_vm_test(args: argparse.Namespace) -> int:
-    """``drivers vm-test DRIVER.gz [--boot-image VMLINUZ]``: JSON result on stdout; exit
-    0 when loaded, 1 when the driver failed, 75 when the VM did not boot."""
-    path = Path(args.driver)
-    entry = parse_object_name(f"{args.driver_version}/{path.name}")
-    if entry is None or entry.unavailable:
-        raise VmTestError(f"{path.name}: not a driver file name (collector-<kernel>.ko.gz, ...)")
-    key = entry.key
-    image, cache = args.boot_image, Path(args.cache)
+    """``drivers vm-test DRIVER.gz... --driver-version V [--boot-image VMLINUZ]``: one
+    JSON result per driver on stdout; exit 0 when all loaded, 75 when the VM did not
+    boot (retry), 1 when a driver failed or has no boot image."""
+    keys = []
+    for path in map(Path, args.drivers):
+        entry = parse_object_name(f"{args.driver_version}/{path.name}")
+        if entry is None or entry.unavailable:
+            raise VmTestError(
+                f"{path.name}: not a driver file name (collector-<kernel>.ko.gz or .o.gz)"
+            )
+        keys.append(entry.key)
+    kernels = sorted({k.kernel for k in keys})
+    if len(kernels) != 1:
+        raise VmTestError(f"drivers of {len(kernels)} kernels {kernels}: give one kernel's")
+    kernel, cache = kernels[0], Path(args.cache)
+    image = args.boot_image
     if image is None and args.boot_images:
         from drivers.storage import client_from_environment, parse_gs_uri
 
         store = ObjectStore(client_from_environment(), parse_gs_uri(args.boot_images)[0])
-        image = fetch_boot_image(store, key.kernel, cache / "kernel-images")
+        image = fetch_boot_image(store, kernel, cache / "kernel-images")
     elif image is None:
-        image = debian_boot_image(key.kernel, cache / "debs", cache / "kernel-images")
-    result = vm_test(key, path.read_bytes(), image, timeout=args.timeout)
-    print(json.dumps(result.to_json()))
-    return {"loaded": 0, "boot_failed": 75}.get(result.status, 1)
+        image = debian_boot_image(kernel, cache / "debs", cache / "kernel-images")
+    drivers = [(key, Path(p).read_bytes()) for key, p in zip(keys, args.drivers, strict=True)]
+    results = vm_test(kernel, drivers, image, timeout=args.timeout, accel=args.accel)
+    for result in results:
+        print(json.dumps(result.to_json()))
+    statuses = {r.status for r in results}
+    if statuses == {PASSED}:
+        return 0
+    return 75 if statuses <= {PASSED, RETRYABLE} else 1
 
 
-__all__ = ["VmResult", "debian_boot_image", "initramfs", "judge", "read_markers", "vm_test"]
+__all__ = [
+    "VmResult",
+    "debian_boot_image",
+    "fetch_boot_image",
+    "initramfs",
+    "judge",
+    "loader_binary",
+    "read_markers",
+    "vm_test",
+]
