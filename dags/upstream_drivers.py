@@ -8,9 +8,12 @@ support packages.
 
 `pre_build` plans (candidates − done − blocked − unroutable) and writes one shard file
 per builder pod → one task group per builder, mapped over its shards → `unify` merges
-the build records → `verify_drivers` checks every staged object → `push_drivers`
-promotes what verified → `update_support_packages` → `report` fails the run when an
-infrastructure step failed or compile failures exceed `max_failures`.
+the build records → `verify_drivers` checks every staged object →
+`integration_tests` boots each kernel that got new drivers under QEMU and loads them
+there (`vm_tests`: enforce holds back what the kernel refuses) → `push_drivers`
+promotes what passed → `update_support_packages` → `report` fails the run when an
+infrastructure step failed or failures (compile, refused by the kernel) exceed
+`max_failures`.
 `cleanup_staging` always runs. Reports stay in the work bucket under
 `reports/<run_id>/`.
 
@@ -101,6 +104,22 @@ def upstream_drivers():
 
         return pipeline.verify_drivers(glue.stores(), glue.run_id())
 
+    if config.runtime == "kubernetes":
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        tested = KubernetesPodOperator(**glue.vm_test_pod_kwargs(config)).output
+    else:
+
+        @task
+        def integration_tests() -> dict:
+            from drivers import pipeline
+
+            return pipeline.integration_tests(
+                glue.stores(), glue.run_id(), _params(), config.vm_tests
+            )
+
+        tested = integration_tests()
+
     @task
     def push_drivers() -> dict:
         from drivers import pipeline
@@ -117,13 +136,14 @@ def upstream_drivers():
         return pipeline.update_support_packages(glue.stores(), list(params.driver_versions))
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
-    def report(plan: dict | None, unified, verified, pushed, packages) -> dict:
+    def report(plan: dict | None, unified, verified, tested, pushed, packages) -> dict:
         from drivers import pipeline
 
         failed = glue.failed_tasks(get_current_context())
         steps = {
             "unify": unified,
             "verify_drivers": verified,
+            "integration_tests": tested,
             "push_drivers": pushed,
             "update_support_packages": packages,
         }
@@ -142,9 +162,28 @@ def upstream_drivers():
     verified = verify_drivers()
     pushed = push_drivers()
     packages = update_support_packages()
-    verdict = report(plan, unified, verified, pushed, packages)
+    verdict = report(plan, unified, verified, tested, pushed, packages)
     # report is the last task (the run's watcher), so its verdict is the run's state.
-    chain(plan, builder_groups, unified, verified, pushed, packages, cleanup_staging(), verdict)
+    chain(
+        plan,
+        builder_groups,
+        unified,
+        verified,
+        tested,
+        pushed,
+        packages,
+        cleanup_staging(),
+        verdict,
+    )
+    if config.vm_tests["external_suite"]:  # the agent images' own integration suite
+        from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+        trigger_external_suite = TriggerDagRunOperator(
+            task_id="trigger_external_suite",
+            trigger_dag_id=config.vm_tests["external_suite"],
+            conf={"upstream_run_id": "{{ run_id }}", "push": pushed},
+        )
+        chain(pushed, trigger_external_suite, verdict)
 
 
 upstream_drivers()

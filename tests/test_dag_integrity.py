@@ -59,8 +59,14 @@ def test_upstream_drivers_shape_comes_from_config(bag):
         "force",
         "dry_run",
         "max_failures",
+        "vm_tests",
+        "vm_tests_budget_s",
     }
     tasks = dag["tasks"]
+    # drivers are load-tested in their kernel between verification and publication
+    assert tasks["verify_drivers"]["downstream"] == ["integration_tests", "report"]
+    assert tasks["integration_tests"]["downstream"] == ["push_drivers", "report"]
+    assert "trigger_external_suite" not in tasks  # off unless configured
     for builder in ("rhel7", "rhel8", "fc36"):
         assert tasks[f"{builder}.build_shard"]["pool"] == "builders"
         assert tasks[f"{builder}.build_shard"]["downstream"] == ["unify"]
@@ -113,5 +119,20 @@ def test_kubernetes_runtime_maps_pods(tmp_path):
     tasks = bag["dags"]["upstream_drivers"]["tasks"]
     assert tasks["fc36.build_shard"]["type"] == "MappedOperator"
     cpaas = bag["dags"]["cpaas_drivers"]["tasks"]
+    assert tasks["integration_tests"]["type"] == "KubernetesPodOperator"
+    assert tasks["integration_tests"]["downstream"] == ["push_drivers", "report"]
     assert cpaas["mirror_image"]["type"] == "KubernetesPodOperator"
     assert cpaas["mirror_image"]["downstream"] == ["extract_drivers"]
+
+
+def test_an_external_integration_suite_is_triggered_after_push_when_configured(tmp_path):
+    from drivers.config import default_config_path
+
+    config = tmp_path / "pipeline.toml"
+    shipped = default_config_path().read_text()
+    config.write_text(shipped.replace('external_suite = ""', 'external_suite = "agent_suite"'))
+    bag = dagbag({"DRIVERS_CONFIG": str(config), "AIRFLOW_HOME": str(tmp_path)})
+    tasks = bag["dags"]["upstream_drivers"]["tasks"]
+    assert tasks["trigger_external_suite"]["type"] == "TriggerDagRunOperator"
+    assert "trigger_external_suite" in tasks["push_drivers"]["downstream"]
+    assert tasks["trigger_external_suite"]["downstream"] == ["report"]

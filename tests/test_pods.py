@@ -80,28 +80,33 @@ def test_builder_pod_is_a_valid_kubernetes_object(rendered, builder):
     kubernetes_validate.validate(pod, "1.33", strict=True)
 
 
-@pytest.fixture
-def mirror_pod(offline):
-    """cpaas_drivers' mirror pod with its templates rendered for a run."""
+def render_pod(kwargs: dict, context: dict) -> tuple:
+    """A pod operator's request with its templates rendered for a run."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from jinja2.sandbox import SandboxedEnvironment
     from kubernetes.client import ApiClient
 
+    kwargs = dict(kwargs)
+    kwargs.pop("retries"), kwargs.pop("retry_delay")
+    operator = KubernetesPodOperator(**kwargs)
+    operator.render_template_fields(context, jinja_env=SandboxedEnvironment())
+    pod = operator.build_pod_request_obj()
+    return operator, ApiClient().sanitize_for_serialization(pod)
+
+
+@pytest.fixture
+def mirror_pod(offline):
+    """cpaas_drivers' mirror pod with its templates rendered for a run."""
     from drivers import airflow_glue as glue
     from drivers.config import load_config
 
-    kwargs = glue.mirror_pod_kwargs(load_config())
-    kwargs.pop("retries"), kwargs.pop("retry_delay")
-    operator = KubernetesPodOperator(**kwargs)
     context = {
         "params": {"source_image": "docker://quay.io/x/drivers:1", "architectures": ["amd64",
                    "s390x"], "force": True},
         "run_id": "scheduled__2026-11-25T00:00:00+00:00",
         "ts_nodash": "20261125T000000",
     }  # fmt: skip
-    operator.render_template_fields(context, jinja_env=SandboxedEnvironment())
-    pod = operator.build_pod_request_obj()
-    return operator, ApiClient().sanitize_for_serialization(pod)
+    return render_pod(glue.mirror_pod_kwargs(load_config()), context)
 
 
 def test_mirror_pod_copies_with_skopeo_and_hands_targets_to_xcom(mirror_pod):
@@ -113,17 +118,58 @@ def test_mirror_pod_copies_with_skopeo_and_hands_targets_to_xcom(mirror_pod):
     assert container["command"] == ["/bin/sh", "-c"]
     assert container["args"] == [MIRROR_SCRIPT.strip()]  # Jinja drops the last newline
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {
-        "SOURCE_IMAGE": "docker://quay.io/x/drivers:1",
-        "INTERNAL_IMAGE": "docker://us-docker.pkg.dev/collector-drivers/internal/"
-        "drivers-downstream:20261125T000000",
-        "RUN_ID": "scheduled__2026-11-25T00:00:00+00:00",
-        "ARCHITECTURES": "amd64,s390x",
-        "FORCE": "--force",
-    }
+    assert (
+        env.items()
+        >= {
+            "SOURCE_IMAGE": "docker://quay.io/x/drivers:1",
+            "INTERNAL_IMAGE": "docker://us-docker.pkg.dev/collector-drivers/internal/"
+            "drivers-downstream:20261125T000000",
+            "RUN_ID": "scheduled__2026-11-25T00:00:00+00:00",
+            "ARCHITECTURES": "amd64,s390x",
+            "FORCE": "--force",
+            "DRIVERS_BUCKET_WORK": "collector-work",
+        }.items()
+    )
     assert operator.do_xcom_push  # the xcom sidecar reads /airflow/xcom/return.json
     assert pod["metadata"]["labels"]["step"] == "mirror"
     assert pod["spec"]["serviceAccountName"] == "drivers-builder"
     import kubernetes_validate
 
+    kubernetes_validate.validate(pod, "1.33", strict=True)
+
+
+UPSTREAM_CONTEXT = {
+    "params": {"vm_tests": "warn", "vm_tests_budget_s": 600},
+    "run_id": "scheduled__2026-11-25T02:00:00+00:00",
+}
+
+
+@pytest.mark.parametrize("kvm", [False, True])
+def test_vm_test_pod_runs_the_stage_on_the_runs_staged_drivers(offline, tmp_path, kvm, monkeypatch):
+    import kubernetes_validate
+
+    from drivers import airflow_glue as glue
+    from drivers.config import default_config_path, load_config
+
+    monkeypatch.setenv("DRIVERS_BUCKET_WORK", "prod-work")
+    config = tmp_path / "pipeline.toml"
+    shipped = default_config_path().read_text()
+    config.write_text(shipped.replace("kvm = false", f"kvm = {str(kvm).lower()}"))
+    operator, pod = render_pod(glue.vm_test_pod_kwargs(load_config(config)), UPSTREAM_CONTEXT)
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "quay.io/stackrox-io/collector-drivers-vmtest:0.1.0"
+    assert container["command"] == ["drivers"]
+    assert container["args"] == [
+        "integration-tests", "--run-id", "scheduled__2026-11-25T02:00:00+00:00",
+        "--mode", "warn", "--budget-s", "600", "--xcom", "/airflow/xcom/return.json",
+    ]  # fmt: skip
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["DRIVERS_BUCKET_WORK"] == "prod-work"  # the workers' buckets, not defaults
+    assert env["DRIVERS_BUCKET_KERNEL_IMAGES"] == "collector-kernel-images"
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "3Gi"}
+    assert pod["metadata"]["labels"]["step"] == "vm-tests"
+    assert operator.do_xcom_push
+    mounts = [m["mountPath"] for m in container.get("volumeMounts") or []]
+    assert ("/dev/kvm" in mounts) == kvm
+    assert (container.get("securityContext") or {}).get("privileged", False) == kvm
     kubernetes_validate.validate(pod, "1.33", strict=True)

@@ -4,6 +4,7 @@ guest's serial console only."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import shutil
 import subprocess
@@ -68,7 +69,7 @@ def unverifiable_probe(tmp: Path) -> bytes:
     source.write_text(
         "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n"
         "struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);\n"
-        "  __type(key, __u32); __type(value, __u64); } counts SEC(\".maps\");\n"
+        '  __type(key, __u32); __type(value, __u64); } counts SEC(".maps");\n'
         'SEC("tracepoint/sched/sched_switch") int count(void *ctx) {\n'
         "  __u32 key = 0; __u64 *n = bpf_map_lookup_elem(&counts, &key);\n"
         "  *n += 1; return 0; }\n"
@@ -248,3 +249,138 @@ def test_drivers_bundle_also_stores_boot_images_even_for_bundles_already_there(
     assert main([*args, "--boot-images", f"gs://{images.bucket_name}"]) == 0
     assert [i.name for i in images.list()] == [f"{KERNEL}/vmlinuz"]
     assert "boot image" in capsys.readouterr().err
+
+
+# --- the integration_tests stage of upstream_drivers ----------------------------------------
+
+EL8 = "4.18.0-477.el8.x86_64"  # no Debian kernel image: untested, published
+
+
+@pytest.fixture
+def stage(store, boot_image, built, tmp_path):
+    """A run's staged, verified drivers: good ones, one the kernel refuses, one the
+    verifier rejects, one without a boot image, an eBPF-unavailable marker."""
+    from drivers import pipeline
+
+    work, images, cache = store(), store(), store()
+    buckets = dataclasses.replace(
+        layout.Buckets.from_env(),
+        work=work.bucket_name,
+        kernel_images=images.bucket_name,
+        drivers=cache.bucket_name,
+    )
+    stores = pipeline.Stores(work.client, buckets)
+    images.upload_new_file(layout.boot_image_object(KERNEL), boot_image)
+    staged = {
+        f"2.3.0/collector-{KERNEL}.ko.gz": built["mod"],
+        f"2.3.0/collector-ebpf-{KERNEL}.o.gz": built["bpf"],
+        f"2.4.0-rc1/collector-{KERNEL}.ko.gz": build_module(OTHER, tmp_path),
+        f"2.4.0-rc1/collector-ebpf-{KERNEL}.o.gz": unverifiable_probe(tmp_path),
+        f"2.3.0/collector-{EL8}.ko.gz": built["mod"],
+        "2.3.0/.collector-ebpf-3.10.0-957.el7.x86_64.unavail": b"",
+    }
+
+    def run(run_id: str) -> str:
+        for name, data in staged.items():
+            work.put(layout.staged_drivers_prefix(run_id) + name, data)
+        pipeline.write_json(work, f"{layout.staging_prefix(run_id)}verified.json", list(staged))
+        return run_id
+
+    return stores, run
+
+
+def vm_report(stores, run_id: str) -> dict:
+    from drivers import pipeline
+
+    doc = pipeline.read_json(stores.work, f"{pipeline.report_prefix(run_id)}vm-tests.json")
+    return {r["object"]: r for r in doc["results"]}
+
+
+def params(**raw):
+    from drivers import pipeline
+    from drivers.config import load_config
+
+    return pipeline.RunParams.from_params(raw, load_config())
+
+
+VM = {"parallel": 2, "kvm": False, "memory_mb": 512}
+
+
+@needs_qemu
+def test_enforce_publishes_only_what_loads_in_its_kernel_or_is_marked_untested(stage):
+    from drivers import pipeline
+
+    stores, run = stage
+    run_id = run("r-enforce")
+    summary = pipeline.integration_tests(stores, run_id, params(), VM)
+    assert summary["statuses"] == {
+        "load_failed": 1,
+        "loaded": 2,
+        "no_boot_image": 1,
+        "verifier_rejected": 1,
+    }
+    assert (summary["kernels"], summary["refused"], summary["held_back"]) == (2, 2, 2)
+    results = vm_report(stores, run_id)
+    refused = results[f"2.4.0-rc1/collector-{KERNEL}.ko.gz"]
+    assert any("disagrees about version of symbol" in m for m in refused["messages"])
+    rejected = results[f"2.4.0-rc1/collector-ebpf-{KERNEL}.o.gz"]
+    assert rejected["messages"][0].startswith("verifier: R0 invalid mem access")
+    assert results[f"2.3.0/collector-{EL8}.ko.gz"]["status"] == "no_boot_image"
+
+    pushed = pipeline.push_drivers(stores, run_id)
+    assert sorted(i.name for i in stores.drivers.list()) == sorted(
+        [
+            f"2.3.0/collector-{KERNEL}.ko.gz",
+            f"2.3.0/collector-ebpf-{KERNEL}.o.gz",
+            f"2.3.0/collector-{EL8}.ko.gz",  # untested, named why
+            "2.3.0/.collector-ebpf-3.10.0-957.el7.x86_64.unavail",
+        ]
+    )
+    steps = {"unify": {"compile_failures": 0}, "integration_tests": summary, "push_drivers": pushed}
+    verdict = pipeline.report(stores, run_id, params(), None, steps, [])
+    assert verdict["status"] == "failed"
+    assert verdict["reasons"] == [
+        "0 compile failure(s) + 2 driver(s) their kernel refused (not published) > max_failures=0"
+    ]
+    tolerant = params(max_failures=2)
+    assert pipeline.report(stores, run_id, tolerant, None, steps, [])["status"] == "success"
+
+
+@needs_qemu
+def test_warn_publishes_everything_and_reports_what_the_kernel_refused(stage):
+    from drivers import pipeline
+
+    stores, run = stage
+    run_id = run("r-warn")
+    summary = pipeline.integration_tests(stores, run_id, params(vm_tests="warn"), VM)
+    assert (summary["refused"], summary["held_back"]) == (2, 0)
+    assert pipeline.push_drivers(stores, run_id)["created"] == 6
+    steps = {"integration_tests": summary}
+    assert pipeline.report(stores, run_id, params(), None, steps, [])["status"] == "success"
+
+
+def test_off_spent_budget_and_no_new_drivers_boot_no_vm(stage, monkeypatch):
+    from drivers import pipeline
+
+    def no_vm(*args, **kwargs):
+        raise AssertionError("no VM may boot here")
+
+    monkeypatch.setattr(vmtest, "vm_test", no_vm)
+    stores, run = stage
+    off = pipeline.integration_tests(stores, run("r-off"), params(vm_tests="off"), VM)
+    assert off["statuses"] == {"not_tested": 5} and off["held_back"] == 0
+    spent = pipeline.integration_tests(stores, run("r-spent"), params(vm_tests_budget_s=0), VM)
+    assert spent["statuses"] == {"not_tested": 5} and spent["held_back"] == 0
+    why = vm_report(stores, "r-spent")[f"2.3.0/collector-{KERNEL}.ko.gz"]["messages"]
+    assert why == ["the stage's time budget of 0 s was spent before its turn"]
+    nightly = pipeline.integration_tests(stores, "r-noop", params(), VM)  # nothing staged
+    assert (nightly["kernels"], nightly["drivers"]) == (0, 0)
+
+
+def test_bad_vm_test_parameters_are_refused_before_anything_runs():
+    from drivers import pipeline
+
+    with pytest.raises(pipeline.RunInputError, match="vm_tests must be one of"):
+        params(vm_tests="sometimes")
+    with pytest.raises(pipeline.RunInputError, match="vm_tests_budget_s must be seconds"):
+        params(vm_tests_budget_s=-1)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from drivers.config import Config
+from drivers.config import VM_TEST_MODES, Config
+from drivers.layout import ROLES, Buckets
 from drivers.names import DRIVER_VERSION_RE, KINDS
 
 if TYPE_CHECKING:
@@ -104,6 +105,21 @@ def run_params(config: Config) -> dict[str, Param]:
         "accept_shrink": Param(
             False, type="boolean", title="Accept a bundle listing that lost kernels"
         ),
+        "vm_tests": Param(
+            "enforce",
+            type="string",
+            enum=list(VM_TEST_MODES),
+            title="VM load tests",
+            description="enforce: a driver its kernel refuses is not published; warn: "
+            "publish anyway and report; off: publish untested (when you must).",
+        ),
+        "vm_tests_budget_s": Param(
+            config.vm_tests["budget_s"],
+            type="integer",
+            minimum=0,
+            title="VM test time budget (s)",
+            description="Kernels whose turn comes later are published marked untested.",
+        ),
     }
 
 
@@ -126,7 +142,12 @@ def _pod_kwargs(config: Config, resources: dict[str, str], labels: dict[str, str
 
     pod = config.kubernetes
     resources = pod["resources"] | resources
+    buckets = Buckets.from_env()  # the pods use the buckets the workers use
     return {
+        "env_vars": [
+            k8s.V1EnvVar(name=f"DRIVERS_BUCKET_{role.upper()}", value=getattr(buckets, role))
+            for role in ROLES
+        ],
         "namespace": pod["namespace"],
         "kubernetes_conn_id": pod["connection"],
         "service_account_name": pod["service_account"],  # workload identity: no keys
@@ -182,14 +203,52 @@ def mirror_pod_kwargs(config: Config) -> dict[str, Any]:
         "ARCHITECTURES": "{{ params.architectures | join(',') }}",
         "FORCE": "{{ '--force' if params.force else '' }}",
     }
-    return _pod_kwargs(config, {}, {"step": "mirror"}) | {
+    pod = _pod_kwargs(config, {}, {"step": "mirror"})
+    return pod | {
         "task_id": "mirror_image",
         "image": config.cpaas["mirror_image"],
         "cmds": ["/bin/sh", "-c"],
         "arguments": [MIRROR_SCRIPT],
-        "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
+        "env_vars": pod["env_vars"] + [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
         "do_xcom_push": True,
     }
+
+
+def vm_test_arguments(xcom: str | None = None) -> list[str]:
+    """``drivers integration-tests`` for the running upstream_drivers run (templated)."""
+    arguments = ["integration-tests", "--run-id", "{{ run_id }}"]
+    arguments += ["--mode", "{{ params.vm_tests }}", "--budget-s", "{{ params.vm_tests_budget_s }}"]
+    return arguments + (["--xcom", xcom] if xcom else [])
+
+
+def vm_test_pod_kwargs(config: Config) -> dict[str, Any]:
+    """upstream_drivers' integration_tests on the kubernetes runtime: the same stage in
+    a vm-test pod (QEMU in a container; /dev/kvm from the node when it has one)."""
+    from kubernetes.client import models as k8s
+
+    vm = config.vm_tests
+    pod = _pod_kwargs(config, vm["resources"], {"step": "vm-tests"})
+    kvm = {}
+    if vm["kvm"]:
+        device = k8s.V1HostPathVolumeSource(path="/dev/kvm", type="CharDevice")
+        kvm = {
+            "volumes": [k8s.V1Volume(name="kvm", host_path=device)],
+            "volume_mounts": [k8s.V1VolumeMount(name="kvm", mount_path="/dev/kvm")],
+            "container_security_context": k8s.V1SecurityContext(privileged=True),
+        }
+    return (
+        pod
+        | kvm
+        | {
+            "task_id": "integration_tests",
+            "image": vm["image"],
+            "cmds": ["drivers"],
+            "arguments": vm_test_arguments("/airflow/xcom/return.json"),
+            "do_xcom_push": True,
+            # the stage's own budget bounds it; the deadline only catches a stuck pod
+            "active_deadline_seconds": int(vm["budget_s"]) + 3600,
+        }
+    )
 
 
 def cpaas_params(config: Config) -> dict[str, Param]:

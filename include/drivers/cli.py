@@ -324,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
     p.set_defaults(func=_lazy("drivers.builder", "cmd_build_shard"))
 
+    p = sub.add_parser(
+        "integration-tests", help="upstream_drivers' VM load tests of a run's staged drivers"
+    )
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--mode", default="enforce", help="enforce, warn or off")
+    p.add_argument("--budget-s", type=float, help="time budget (default: the config's)")
+    p.add_argument("--xcom", type=Path, help="also write the summary JSON here")
+    p.set_defaults(func=_lazy("drivers.pipeline", "cmd_integration_tests"))
+
     p = sub.add_parser("cache", help="list (ls) or fetch (get) drivers in a cache")
     p.add_argument("action", choices=["ls", "get"])
     p.add_argument("names", nargs="*", help="get: object names, e.g. 2.3.0/collector-<k>.ko.gz")

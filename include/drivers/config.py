@@ -48,6 +48,28 @@ CPAAS_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The integration_tests stage's modes (a trigger parameter): hold back what the kernel
+# refuses, publish it anyway and report, or test nothing.
+VM_TEST_MODES = ("enforce", "warn", "off")
+
+# The integration_tests stage of upstream_drivers (drivers.vmtest); the config's
+# [vm_tests] table overrides these.
+VM_TEST_DEFAULTS: dict[str, Any] = {
+    "parallel": 2,  # VMs at a time, per worker (local) or per vm-test pod
+    "budget_s": 1800,  # the trigger form's default time budget for the stage
+    "memory_mb": 512,
+    # Production (runtime "kubernetes"): the vm-test pod's image (QEMU, busybox-static,
+    # the loader, this package), its resources, and whether nodes expose a /dev/kvm
+    # that works (then QEMU uses -accel kvm; else software emulation, -accel tcg).
+    "image": "quay.io/stackrox-io/collector-drivers-vmtest:0.1.0",
+    "resources": {"cpu": "2", "memory": "3Gi"},
+    "kvm": False,
+    # A DAG that runs the agent images' integration suite on the published drivers,
+    # triggered after push_drivers; empty: off.
+    "external_suite": "",
+}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -92,6 +114,7 @@ class Config:
     retries: int = 2
     retry_delay_s: float = 120.0
     cpaas: dict[str, Any] = field(default_factory=lambda: dict(CPAAS_DEFAULTS))
+    vm_tests: dict[str, Any] = field(default_factory=lambda: dict(VM_TEST_DEFAULTS))
 
     def route(self, kernel: Kernel, kind: Kind) -> str | None:
         """The builder for a task, or None when no route takes it."""
@@ -208,6 +231,16 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
     ):
         raise ConfigError(f"shrink_tolerance must be a fraction in [0, 1), not {tolerance!r}")
 
+    vm_tests = VM_TEST_DEFAULTS | data.get("vm_tests", {})
+    for name in ("parallel", "memory_mb"):
+        if (
+            isinstance(vm_tests[name], bool)
+            or not isinstance(vm_tests[name], int)
+            or (vm_tests[name] < 1)
+        ):
+            raise ConfigError(f"vm_tests.{name} must be a positive integer")
+    _seconds(vm_tests["budget_s"], "vm_tests.budget_s")
+
     blocklists = tuple(path.parent / p for p in data.get("blocklists", []))
     return Config(
         path,
@@ -223,4 +256,5 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         int(data.get("retries", 2)),
         _seconds(data.get("retry_delay_s", 120), "retry_delay_s"),
         CPAAS_DEFAULTS | data.get("cpaas", {}),
+        vm_tests,
     )

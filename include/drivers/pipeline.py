@@ -17,7 +17,7 @@ from typing import Any
 from google.cloud import storage as gcs
 
 from drivers import layout
-from drivers.config import Config
+from drivers.config import VM_TEST_MODES, Config
 from drivers.kernels import Kernel
 from drivers.names import KINDS, CacheIndex, check_driver_version, check_kinds, parse_object_name
 from drivers.planner import plan
@@ -58,6 +58,8 @@ class RunParams:
     dry_run: bool = False
     max_failures: int = 0
     accept_shrink: bool = False
+    vm_tests: str = "enforce"
+    vm_tests_budget_s: float = 1800.0
 
     @classmethod
     def from_params(cls, params: dict[str, Any], config: Config) -> RunParams:
@@ -79,6 +81,12 @@ class RunParams:
         max_failures = params.get("max_failures", 0)
         if not isinstance(max_failures, int) or max_failures < 0:
             raise RunInputError(f"max_failures must be an integer >= 0, not {max_failures!r}")
+        vm_tests = params.get("vm_tests") or "enforce"
+        if vm_tests not in VM_TEST_MODES:
+            raise RunInputError(f"vm_tests must be one of {list(VM_TEST_MODES)}, not {vm_tests!r}")
+        budget = params.get("vm_tests_budget_s", config.vm_tests["budget_s"])
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0:
+            raise RunInputError(f"vm_tests_budget_s must be seconds >= 0, not {budget!r}")
         return cls(
             driver_versions=versions,
             select=select,
@@ -88,6 +96,8 @@ class RunParams:
             dry_run=bool(params.get("dry_run")),
             max_failures=max_failures,
             accept_shrink=bool(params.get("accept_shrink")),
+            vm_tests=vm_tests,
+            vm_tests_budget_s=float(budget),
         )
 
 
@@ -290,19 +300,108 @@ def verify_drivers(stores: Stores, run_id: str) -> dict[str, Any]:
     return {"staged": len(staged), "verified": len(verified), "rejected": len(rejected)}
 
 
+def integration_tests(
+    stores: Stores, run_id: str, params: RunParams, vm: dict[str, Any]
+) -> dict[str, Any]:
+    """Boot each kernel that got new drivers in this run and load them there
+    (:mod:`drivers.vmtest`; ``vm`` is the config's [vm_tests]). Writes what push may
+    publish: with ``vm_tests=enforce`` a driver the kernel refused (or that could not be
+    tested because the VM never booted) is held back; a kernel without a boot image, or
+    whose turn came after the time budget, is published marked untested. ``warn``
+    publishes everything and reports; ``off`` tests nothing."""
+    from drivers.vmtest import REFUSED, RETRYABLE, VmResult, fetch_boot_image, test_kernels
+
+    staging, prefix = layout.staging_prefix(run_id), layout.staged_drivers_prefix(run_id)
+    try:
+        verified = read_json(stores.work, f"{staging}verified.json")
+    except ObjectNotFound:
+        verified = []
+    names: dict[Any, str] = {}
+    kernels: dict[str, list] = defaultdict(list)
+    for name in verified:
+        entry = parse_object_name(name)
+        if entry is not None and not entry.unavailable:  # markers have nothing to load
+            names[entry.key] = name
+            kernels[entry.key.kernel].append(entry.key)
+
+    def load_drivers(kernel: str) -> list:
+        return [(key, stores.work.download(prefix + names[key])) for key in kernels[kernel]]
+
+    started = datetime.now(UTC)
+    if params.vm_tests == "off":
+        off = f"vm_tests=off in run {run_id}: published untested"
+        results = [VmResult.of(key, "not_tested", off) for key in names]
+    else:
+        results = test_kernels(
+            kernels,
+            lambda kernel, folder: fetch_boot_image(stores.kernel_images, kernel, folder),
+            load_drivers,
+            parallel=vm["parallel"],
+            budget_s=params.vm_tests_budget_s,
+            accel="kvm" if vm["kvm"] else "tcg",
+            memory_mb=vm["memory_mb"],
+        )
+    statuses = Counter(r.status for r in results)
+    held = set()
+    if params.vm_tests == "enforce":
+        held = {names[r.key] for r in results if r.status in (*REFUSED, RETRYABLE)}
+    publish = [name for name in verified if name not in held]
+    write_json(stores.work, f"{staging}publish.json", publish)
+    summary = {
+        "mode": params.vm_tests,
+        "kernels": len(kernels),
+        "drivers": len(results),
+        "statuses": dict(sorted(statuses.items())),
+        "refused": sum(statuses[s] for s in REFUSED),
+        "boot_failed": statuses[RETRYABLE],
+        "untested": sum(statuses[s] for s in ("no_boot_image", "not_tested")),
+        "held_back": len(held),
+        "seconds": round((datetime.now(UTC) - started).total_seconds(), 1),
+    }
+    doc = summary | {
+        "budget_s": params.vm_tests_budget_s,
+        "results": [r.to_json() | {"object": names[r.key]} for r in results],
+    }
+    write_json(stores.work, f"{report_prefix(run_id)}vm-tests.json", doc)
+    return summary
+
+
+def cmd_integration_tests(args: Any) -> int:
+    """``drivers integration-tests --run-id ID``: the integration_tests step outside
+    Airflow (what the production vm-test pod runs); prints its summary as JSON."""
+    from drivers.config import load_config
+    from drivers.storage import client_from_environment
+
+    config = load_config()
+    raw: dict[str, Any] = {"vm_tests": args.mode}
+    if args.budget_s is not None:
+        raw["vm_tests_budget_s"] = args.budget_s
+    params = RunParams.from_params(raw, config)
+    summary = integration_tests(
+        Stores(client_from_environment()), args.run_id, params, config.vm_tests
+    )
+    text = json.dumps(summary)
+    if args.xcom:
+        args.xcom.parent.mkdir(parents=True, exist_ok=True)
+        args.xcom.write_text(text)
+    print(text)
+    return 0
+
+
 def push_drivers(stores: Stores, run_id: str) -> dict[str, Any]:
-    """Promote verified drivers into the cache, never overwriting (:mod:`drivers.push`)."""
+    """Promote what the integration tests let through into the cache, never overwriting
+    (:mod:`drivers.push`)."""
     from drivers.push import Candidate, push_new
 
     prefix = layout.staged_drivers_prefix(run_id)
     try:
-        verified = set(read_json(stores.work, f"{layout.staging_prefix(run_id)}verified.json"))
+        publish = set(read_json(stores.work, f"{layout.staging_prefix(run_id)}publish.json"))
     except ObjectNotFound:
-        verified = set()
+        publish = set()
     candidates = {
         info.name[len(prefix) :]: Candidate(info.size, info.md5)
         for info in stores.work.list(prefix)
-        if info.name[len(prefix) :] in verified
+        if info.name[len(prefix) :] in publish
     }
 
     def load(names: list[str]):
@@ -347,9 +446,18 @@ def report(
         reasons.append(f"task(s) failed: {', '.join(sorted(failed_tasks))}")
     if build.get("infra_failures"):
         reasons.append(f"{build['infra_failures']} infrastructure failure(s) in builders")
-    if build.get("compile_failures", 0) > params.max_failures:
+    vm = steps.get("integration_tests") or {}
+    enforced = vm.get("mode") == "enforce"
+    refused = vm.get("refused", 0) if enforced else 0  # warn: reported, published anyway
+    if build.get("compile_failures", 0) + refused > params.max_failures:
+        what = f"{build.get('compile_failures', 0)} compile failure(s)"
+        if refused:
+            what += f" + {refused} driver(s) their kernel refused (not published)"
+        reasons.append(f"{what} > max_failures={params.max_failures}")
+    if enforced and vm.get("boot_failed"):
         reasons.append(
-            f"{build['compile_failures']} compile failure(s) > max_failures={params.max_failures}"
+            f"{vm['boot_failed']} driver(s) held back: their VM did not boot (infrastructure; "
+            "the next run builds and tests them again)"
         )
     if (steps.get("verify_drivers") or {}).get("rejected"):
         reasons.append(

@@ -90,6 +90,7 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
             file=out,
         )
     steps = doc.get("steps", {})
+    _print_vm_tests(work, prefix, steps.get("integration_tests"), out)
     push = steps.get("push_drivers") or {}
     if push:
         print(
@@ -101,6 +102,29 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
     print(f"  packages: gs://{buckets.support}/index.html", file=out)
     print(f"  report:   gs://{buckets.work}/{prefix}report.json", file=out)
     return 0 if doc["status"] == "success" else 1
+
+
+def _print_vm_tests(work: storage.ObjectStore, prefix: str, vm: dict | None, out) -> None:
+    if not vm:
+        return
+    if vm["mode"] == "off":
+        print(f"  vm tests: off ({vm['drivers']} driver(s) published untested)", file=out)
+        return
+    counts = ", ".join(f"{n} {status}" for status, n in vm["statuses"].items()) or "nothing new"
+    print(
+        f"  vm tests ({vm['mode']}): {vm['kernels']} kernel(s), {counts} in {vm['seconds']} s; "
+        f"{vm['held_back']} held back",
+        file=out,
+    )
+    if vm["drivers"] == vm["statuses"].get("loaded", 0):
+        return
+    results = json.loads(work.download(prefix + "vm-tests.json"))["results"]
+    for r in [r for r in results if r["status"] != "loaded"][:10]:
+        why = (r["messages"] or [""])[0]
+        print(
+            f"    {r['status'].upper()} {r['kernel']} {r['driver_version']} {r['kind']}: {why}",
+            file=out,
+        )
 
 
 def print_cpaas_report(

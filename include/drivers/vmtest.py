@@ -17,7 +17,10 @@ nothing, and the whole boot is under a timeout. Results per driver: ``loaded``;
 ``load_failed`` (with the kernel's own messages); ``verifier_rejected`` (with the
 verifier's log); ``no_boot_image`` (no bootable kernel for that release: never a pass);
 ``boot_failed`` (the guest never reached or finished its script: infrastructure,
-retryable).
+retryable); ``not_tested`` (the stage's time budget was spent, or the tests are off).
+
+``test_kernels`` runs many kernels, a few VMs at a time, within a time budget: what the
+``integration_tests`` stage of upstream_drivers does (:func:`drivers.pipeline.integration_tests`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,8 +56,16 @@ BOOT_TIMEOUT_S = 60.0  # boot and power-off; each driver adds DRIVER_TIMEOUT_S
 DRIVER_TIMEOUT_S = 20.0
 DEFAULT_MODULE_NAME = "collector"
 EVENTS_PARAMETER = "sched_switches"  # what the collector module counts (its contract)
-STATUSES = ("loaded", "load_failed", "verifier_rejected", "no_boot_image", "boot_failed")
+STATUSES = (
+    "loaded",
+    "load_failed",
+    "verifier_rejected",
+    "no_boot_image",
+    "boot_failed",
+    "not_tested",
+)
 PASSED, RETRYABLE = "loaded", "boot_failed"
+REFUSED = ("load_failed", "verifier_rejected")  # the driver's fault: never published
 
 # The guest's /init: functions, then one block per driver (see init_script).
 INIT_HEAD = f"""#!/bin/busybox sh
@@ -102,6 +114,10 @@ class VmResult:
     @classmethod
     def of(cls, key: DriverKey, status: str, *messages: str) -> VmResult:
         return cls(key.kernel, key.driver_version, key.kind, status, list(messages))
+
+    @property
+    def key(self) -> DriverKey:
+        return DriverKey(self.kernel, self.driver_version, self.kind)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -314,8 +330,11 @@ def _judge_probe(result: VmResult, m: Markers) -> None:
         result.messages = [f"not a loadable eBPF object: {m['BPF_OPEN_FAILED'][0]}", *log]
         return
     if "BPF_REJECTED" in m:
+        # The verifier's own reason is the line before its "processed N insns" summary.
+        ends = [i for i, line in enumerate(log) if line.startswith("processed ")]
+        reason = log[ends[0] - 1] if ends and ends[0] > 0 else m["BPF_REJECTED"][0]
         result.status = "verifier_rejected"
-        result.messages = [*log, f"the kernel refused the program: {m['BPF_REJECTED'][0]}"]
+        result.messages = [f"verifier: {reason}", *log, f"refused: {m['BPF_REJECTED'][0]}"]
         return
     if "BPF_ATTACH_FAILED" in m:
         result.status = "load_failed"
@@ -426,6 +445,41 @@ def vm_test(
     return judge(keys, text, seconds, timed_out)
 
 
+def test_kernels(
+    kernels: dict[str, list[DriverKey]],
+    fetch_image: Callable[[str, Path], Path | None],
+    load_drivers: Callable[[str], list[tuple[DriverKey, bytes]]],
+    parallel: int = 2,
+    budget_s: float = float("inf"),
+    accel: str = "tcg",
+    memory_mb: int = 512,
+) -> list[VmResult]:
+    """Test each kernel's drivers in its own boot, ``parallel`` VMs at a time. A kernel
+    whose turn comes after ``budget_s`` is not tested; a boot that failed is retried
+    once (infrastructure). ``fetch_image(kernel, folder)`` puts the boot image in a
+    scratch folder (None: there is none), removed after that kernel; ``load_drivers``
+    reads a kernel's drivers only when its turn comes, so memory stays bounded."""
+    deadline = time.monotonic() + budget_s
+
+    def one(kernel: str) -> list[VmResult]:
+        keys = kernels[kernel]
+        if time.monotonic() >= deadline:
+            why = f"the stage's time budget of {budget_s:.0f} s was spent before its turn"
+            return [VmResult.of(key, "not_tested", why) for key in keys]
+        with tempfile.TemporaryDirectory(prefix="vm-image-") as scratch:
+            image = fetch_image(kernel, Path(scratch))
+            drivers = load_drivers(kernel) if image is not None else [(k, b"") for k in keys]
+            results = vm_test(kernel, drivers, image, memory_mb=memory_mb, accel=accel)
+            again = [d for d, r in zip(drivers, results, strict=True) if r.status == RETRYABLE]
+            if again and time.monotonic() < deadline:
+                retried = iter(vm_test(kernel, again, image, memory_mb=memory_mb, accel=accel))
+                results = [next(retried) if r.status == RETRYABLE else r for r in results]
+        return results
+
+    with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="vm-test") as pool:
+        return [r for results in pool.map(one, sorted(kernels)) for r in results]
+
+
 # --- CLI -----------------------------------------------------------------------------------
 
 
@@ -471,5 +525,6 @@ __all__ = [
     "judge",
     "loader_binary",
     "read_markers",
+    "test_kernels",
     "vm_test",
 ]
