@@ -31,11 +31,14 @@ gcs-up: setup
 gcs-down: setup
 	$(BIN)/drivers gcs down
 
-# The main job: bundles and sources into the embedded buckets, one real upstream_drivers
-# run (parallel builder shards), then its summary. A second run builds nothing.
+# The main job: bundles (and each kernel's bootable image, for the VM load tests) and
+# sources into the embedded buckets, one real upstream_drivers run (parallel builder
+# shards, then every new driver loaded in its own kernel under QEMU), then its summary.
+# A second run builds nothing and boots no VM.
 # (The JSON those commands print for machines is dropped; their stderr says what they did.)
 run: gcs-up
-	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles >/dev/null
+	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles \
+	    --boot-images gs://collector-kernel-images >/dev/null
 	$(BIN)/drivers sources publish --upload gs://collector-sources >/dev/null
 	$(BIN)/drivers run-dag upstream_drivers
 

@@ -1,6 +1,7 @@
 """upstream_drivers end to end: real Airflow (LocalExecutor + api-server), the real GCS
 emulator, real Debian bundles, real compilers. Runs share one set of buckets in order:
-build, no-op rerun, a broken driver version, then the shrink guard."""
+build (every new driver load-tested in its own kernel under QEMU where a boot image
+exists), no-op rerun, a broken driver version, then the shrink guard."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers import layout
+from drivers import layout, vmtest
 from drivers.bundles import make_debian_bundle
 from drivers.embedded import EmbeddedAirflow
 from drivers.sources import package_sources, shipped_sources_dir
@@ -65,6 +66,13 @@ def env(gcs, tmp_path_factory):
         for kernel in KERNELS:
             path = make_debian_bundle(kernel, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
             stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
+        # A boot image for the first kernel only: the second's drivers go out untested.
+        assert (
+            vmtest.publish_boot_image(
+                stores["kernel_images"], KERNELS[0], REPO / ".cache" / "debs", tmp / "images"
+            )
+            == "created"
+        )
         for version in VERSIONS:
             path = package_sources(shipped_sources_dir() / version, tmp / "sources")
             stores["sources"].upload_new_file(layout.source_object(version), path)
@@ -86,7 +94,7 @@ def run(airflow: EmbeddedAirflow, stores, conf: dict | None = None) -> dict:
     doc = json.loads(stores["work"].download(reports[0].name))
     doc["exit_status"] = status
     prefix = reports[0].name.removesuffix("report.json")
-    for part in ("build", "push"):
+    for part in ("build", "push", "vm-tests"):
         name = f"{prefix}{part}.json"
         doc[part] = (
             json.loads(stores["work"].download(name)) if stores["work"].exists(name) else None
@@ -119,6 +127,16 @@ def test_first_run_builds_verifies_and_publishes_real_drivers(env, first_run):
         "deb612/mod": {"built": 2},
     }
     assert first_run["push"]["counts"] == {"created": 8}
+    # each kernel booted once; drivers without a boot image are published, named untested
+    statuses = {
+        (r["kernel"], r["driver_version"], r["kind"]): r for r in first_run["vm-tests"]["results"]
+    }
+    assert {k: r["status"] for k, r in statuses.items()} == {
+        (k, v, kind): "loaded" if k == KERNELS[0] else "no_boot_image"
+        for k in KERNELS for v in VERSIONS for kind in ("mod", "bpf")
+    }  # fmt: skip
+    assert all(r["events"] > 0 for r in statuses.values() if r["status"] == "loaded")
+    assert first_run["steps"]["integration_tests"]["held_back"] == 0
     # staging is gone, reports stay
     assert not list(stores["work"].list(layout.STAGING_PREFIX))
 
@@ -150,6 +168,7 @@ def test_second_run_builds_nothing(env, first_run):
     assert second["status"] == "success", second["reasons"]
     assert second["plan"]["summary"]["to_build"] == 0
     assert second["plan"]["summary"]["done"] == 8
+    assert second["vm-tests"]["kernels"] == 0 and second["vm-tests"]["results"] == []  # no VM
     assert cache_names(stores) == before  # same objects, same generations
 
 
