@@ -29,8 +29,11 @@ needs_qemu = pytest.mark.skipif(
 )
 
 
-def build_driver_for(kernel: str, tmp: Path, kind: str = "mod") -> bytes:
-    """The example 2.3.0 module or probe, built by the builder against Debian's headers."""
+def build_driver_for(
+    kernel: str, tmp: Path, kind: str = "mod", sources: Path | None = None
+) -> bytes:
+    """The example 2.3.0 module or probe (or ``sources`` of that shape), built by the
+    builder against Debian's headers."""
     bundle = CACHE / "bundles" / layout.bundle_object(kernel)
     if not bundle.exists():
         make_debian_bundle(kernel, CACHE / "bundles", CACHE / "debs")
@@ -38,7 +41,8 @@ def build_driver_for(kernel: str, tmp: Path, kind: str = "mod") -> bytes:
     if not root.exists():
         safe_extract(bundle, root)
     key = DriverKey(kernel, "2.3.0", kind)
-    built = build_driver(key, shipped_sources_dir() / "2.3.0", open_bundle(root, kernel), tmp)
+    sources = sources or shipped_sources_dir() / "2.3.0"
+    built = build_driver(key, sources, open_bundle(root, kernel), tmp)
     assert built.data, built.message
     return built.data
 
@@ -166,7 +170,7 @@ def test_the_initramfs_is_a_newc_archive_the_guest_can_use(tmp_path):
     )
     assert (tmp_path / "x/drivers/1.ko").read_bytes() == b"\x7fELF module bytes"
     init = (tmp_path / "x/init").read_text()
-    assert "test_module 1 collector\n" in init and "test_probe 2\n" in init
+    assert 'test_module 1 collector ""\n' in init and "test_probe 2\n" in init
     assert (tmp_path / "x/init").stat().st_mode & 0o111
 
 
@@ -249,6 +253,64 @@ def test_drivers_bundle_also_stores_boot_images_even_for_bundles_already_there(
     assert main([*args, "--boot-images", f"gs://{images.bucket_name}"]) == 0
     assert [i.name for i in images.list()] == [f"{KERNEL}/vmlinuz"]
     assert "boot image" in capsys.readouterr().err
+
+
+# --- modules a driver depends on ---------------------------------------------------------
+
+USES_CRC8 = """
+#include <linux/crc8.h>
+static u8 collector_crc_table[CRC8_TABLE_SIZE];
+u8 collector_crc(const u8 *data, size_t len)  /* exported: the call to crc8() stays */
+{
+	crc8_populate_msb(collector_crc_table, 0x07);
+	return crc8(collector_crc_table, data, len, 0);
+}
+EXPORT_SYMBOL(collector_crc);
+"""
+
+
+@pytest.fixture(scope="module")
+def needs_crc8(tmp_path_factory) -> bytes:
+    """The example module, changed to call crc8(): modpost gives it depends=crc8."""
+    tmp = tmp_path_factory.mktemp("crc8")
+    sources = tmp / "2.3.0"
+    shutil.copytree(shipped_sources_dir() / "2.3.0", sources)
+    module = sources / "module" / "collector.c"
+    module.write_text(module.read_text() + USES_CRC8)
+    data = build_driver_for(KERNEL, tmp, "mod", sources)
+    assert vmtest.module_depends(gzip.decompress(data)) == ["crc8"]
+    return data
+
+
+def test_the_modules_a_driver_needs_are_resolved_with_their_own_dependencies():
+    depends = {"a": ["b_c"], "b-c": ["d"], "d": [], "e": []}
+    assert vmtest.module_closure(["a"], depends) == ["a", "b-c", "d"]
+    assert vmtest.module_closure([], depends) == []
+    with pytest.raises(vmtest.VmTestError, match="no loadable module 'zz'"):
+        vmtest.module_closure(["zz"], depends)
+
+
+@needs_qemu
+def test_a_module_loads_after_the_modules_it_depends_on_kept_beside_the_boot_image(
+    store, needs_crc8, built, boot_image, tmp_path
+):
+    images = store()
+    published = vmtest.publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a", ["crc8"])
+    assert published == "created"
+    assert sorted(i.name for i in images.list()) == [
+        f"{KERNEL}/modules/lib/crc8.ko",
+        f"{KERNEL}/vmlinuz",
+    ]
+    image = vmtest.fetch_boot_image(images, KERNEL, tmp_path / "b")
+    results = vmtest.vm_test(KERNEL, [(MOD, needs_crc8), (MOD, built["mod"])], image)
+    assert [r.status for r in results] == ["loaded", "loaded"], results
+
+    bare = tmp_path / "bare" / "vmlinuz"  # the same kernel without its modules
+    bare.parent.mkdir()
+    shutil.copy(boot_image, bare)
+    untested, loaded = vmtest.vm_test(KERNEL, [(MOD, needs_crc8), (MOD, built["mod"])], bare)
+    assert untested.status == "not_tested" and "needs module(s) crc8" in untested.messages[0]
+    assert loaded.status == "loaded"
 
 
 # --- the integration_tests stage of upstream_drivers ----------------------------------------

@@ -545,7 +545,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             )
             unames.remove(uname)
             if args.boot_images:  # its boot image may still be missing
-                _publish_boot_image(args.boot_images, uname, deb_cache, out_dir)
+                _publish_boot_image(args, uname, deb_cache, out_dir)
     check_unames(unames, deb_cache)  # every bad name at once, before any slow work
 
     status = 0
@@ -569,18 +569,31 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             out["upload"] = result = _upload(store, uname, report.path)
             status = max(status, 0 if result != "different" else 1)
         if args.boot_images:
-            out["boot_image"] = _publish_boot_image(args.boot_images, uname, deb_cache, out_dir)
+            out["boot_image"] = _publish_boot_image(args, uname, deb_cache, out_dir)
         print(json.dumps(out))
     return status
 
 
-def _publish_boot_image(uri: str, uname: str, deb_cache: Path, out_dir: Path) -> str:
+def _publish_boot_image(
+    args: argparse.Namespace, uname: str, deb_cache: Path, out_dir: Path
+) -> str:
     from drivers import storage, vmtest
+    from drivers.config import load_config
 
-    store = storage.ObjectStore(storage.client_from_environment(), storage.parse_gs_uri(uri)[0])
-    result = vmtest.publish_boot_image(store, uname, deb_cache, out_dir.parent / "kernel-images")
+    store = storage.ObjectStore(
+        storage.client_from_environment(), storage.parse_gs_uri(args.boot_images)[0]
+    )
+    modules = (
+        [m for m in args.boot_modules.split(",") if m]
+        if args.boot_modules is not None
+        else load_config().vm_tests["modules"]
+    )
+    result = vmtest.publish_boot_image(
+        store, uname, deb_cache, out_dir.parent / "kernel-images", modules
+    )
     where = f"gs://{store.bucket_name}/{boot_image_object(uname)}"
-    print(f"  boot image {where}: {result}", file=sys.stderr)
+    extra = f" (with module(s) {', '.join(modules)} and their dependencies)" if modules else ""
+    print(f"  boot image {where}: {result}{extra}", file=sys.stderr)
     return result
 
 

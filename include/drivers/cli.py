@@ -270,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--boot-images", metavar="gs://BUCKET", help="also store each kernel's boot image there"
     )
+    p.add_argument(
+        "--boot-modules",
+        metavar="MOD,...",
+        help="modules drivers depend on, kept beside each boot image (default: the config's)",
+    )
     p.set_defaults(func=_lazy("drivers.bundles", "cmd_bundle"))
 
     p = sub.add_parser("image", help="OCI drivers images: build, mirror")

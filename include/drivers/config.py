@@ -64,6 +64,9 @@ VM_TEST_DEFAULTS: dict[str, Any] = {
     "image": "quay.io/stackrox-io/collector-drivers-vmtest:0.1.0",
     "resources": {"cpu": "2", "memory": "3Gi"},
     "kvm": False,
+    # Modules drivers may depend on (their .modinfo depends=): the bundle tooling keeps
+    # them, with their own dependencies, beside each boot image.
+    "modules": [],
     # A DAG that runs the agent images' integration suite on the published drivers,
     # triggered after push_drivers; empty: off.
     "external_suite": "",

@@ -120,6 +120,12 @@ def boot_image_object(kernel: str) -> str:
     return f"{kernel}/vmlinuz"
 
 
+def boot_module_object(kernel: str, path: str) -> str:
+    """Beside it, a module drivers may depend on, by its path under the kernel's module
+    tree (``lib/crc8.ko``); ``path=""`` gives the prefix."""
+    return f"{kernel}/modules/{path}"
+
+
 def cpaas_prefix(arch: str, driver_version: str = "") -> str:
     """An architecture's CPaaS cache (arch as the cache names it: x86_64, s390x, ppc64le),
     or one driver version in it; also the CPaaS support packages' root in their bucket."""

@@ -30,6 +30,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -75,8 +76,11 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 echo {MARK}BOOTED $(uname -r)
-test_module() {{  # index, module name
+test_module() {{  # index, module name, the modules it depends on
   dmesg -c >/dev/null
+  for m in $3; do
+    modprobe $m 2>/tmp/err || {{ echo "{MARK}LOAD_FAILED modprobe $m: $(cat /tmp/err)"; return; }}
+  done
   if insmod /drivers/$1.ko 2>/tmp/err; then
     echo {MARK}LOADED
     for i in 1 2 3 4 5 6 7 8; do ls / >/dev/null; sleep 0.05; done
@@ -144,20 +148,60 @@ def module_name(elf: bytes) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) else DEFAULT_MODULE_NAME
 
 
+def module_depends(elf: bytes) -> list[str]:
+    """The modules a module needs loaded first (its ``.modinfo`` depends=)."""
+    try:
+        return [d for d in read_modinfo(elf).get("depends", "").split(",") if d]
+    except ElfError:
+        return []
+
+
 def init_script(drivers: Sequence[tuple[str, bytes]]) -> str:
     """/init for drivers given as (kind, uncompressed bytes), numbered from 1."""
     body = []
     for i, (kind, elf) in enumerate(drivers, 1):
-        test = f"test_module {i} {module_name(elf)}" if kind == "mod" else f"test_probe {i}"
+        if kind == "mod":
+            test = f'test_module {i} {module_name(elf)} "{" ".join(module_depends(elf))}"'
+        else:
+            test = f"test_probe {i}"
         body.append(f"echo {MARK}BEGIN {i}\n{test}\necho {MARK}END {i}\n")
     return INIT_HEAD + "".join(body) + INIT_TAIL
 
 
+Entry = tuple[str, bytes, int]  # initramfs path, contents, mode
+
+
+def module_tree(kernel: str, modules: Path) -> list[Entry]:
+    """Initramfs entries for the kernel's stored modules (a folder laid out like its
+    ``kernel/`` module tree): ``lib/modules/<kernel>/`` with the ``modules.dep`` that
+    ``depmod`` makes for them, which the guest's ``modprobe`` follows."""
+    with tempfile.TemporaryDirectory(prefix="vm-modules-") as tmp:
+        shutil.copytree(modules, Path(tmp) / "lib" / "modules" / kernel / "kernel")
+        try:
+            depmod = subprocess.run(
+                ["depmod", "-b", tmp, kernel], capture_output=True, text=True, check=False
+            )
+        except FileNotFoundError:
+            raise VmTestError("depmod is not installed: apt-get install kmod") from None
+        if depmod.returncode != 0:
+            raise VmTestError(f"depmod failed for {kernel}: {depmod.stderr.strip()[-300:]}")
+        return [
+            (str(p.relative_to(tmp)), b"", 0o040755)
+            if p.is_dir()
+            else (str(p.relative_to(tmp)), p.read_bytes(), 0o100644)
+            for p in sorted(Path(tmp).rglob("*"))  # parents before children
+        ]
+
+
 def initramfs(
-    drivers: Sequence[tuple[str, bytes]], loader: Path | None = None, busybox: Path = BUSYBOX
+    drivers: Sequence[tuple[str, bytes]],
+    loader: Path | None = None,
+    modules: Sequence[Entry] = (),
+    busybox: Path = BUSYBOX,
 ) -> bytes:
-    """A gzip'd newc cpio: busybox, /init, the loader (when there are probes) and the
-    drivers, given as (kind, uncompressed bytes), as /drivers/<n>.ko or .o."""
+    """A gzip'd newc cpio: busybox, /init, the loader (when there are probes), the
+    kernel's modules (:func:`module_tree`) and the drivers, given as (kind,
+    uncompressed bytes), as /drivers/<n>.ko or .o."""
     entries = [
         ("bin", b"", 0o040755),
         ("dev", b"", 0o040755),
@@ -170,6 +214,7 @@ def initramfs(
     ]
     if loader is not None:
         entries.append(("bin/vmtest-loader", loader.read_bytes(), 0o100755))
+    entries += modules
     for i, (kind, elf) in enumerate(drivers, 1):
         entries.append((f"drivers/{i}.{'ko' if kind == 'mod' else 'o'}", elf, 0o100644))
     archive = b"".join(_newc(n, d, m, i + 1) for i, (n, d, m) in enumerate(entries))
@@ -214,55 +259,114 @@ def loader_binary(out_dir: Path | None = None) -> Path:
 # --- boot images -------------------------------------------------------------------------
 
 
-def debian_boot_image(uname: str, deb_cache: Path, out_dir: Path) -> Path | None:
+def _deb_members(deb: Path):
+    """The members of a .deb's data tar, streamed (a kernel package holds ~400 MB)."""
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as dpkg:
+        try:
+            with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
+                for member in tar:
+                    f = tar.extractfile(member) if member.isfile() else None
+                    yield member.name, f
+        finally:
+            dpkg.kill()
+
+
+def _plain_module(name: str, data: bytes) -> bytes:
+    """A module file's ELF bytes (Debian compresses 6.12's with xz)."""
+    return lzma.decompress(data) if name.endswith(".ko.xz") else data
+
+
+def module_closure(wanted: Sequence[str], depends: dict[str, list[str]]) -> list[str]:
+    """``wanted`` and everything they depend on (names as ``modinfo`` gives them, with
+    ``-`` and ``_`` equal); raises VmTestError for a name the kernel does not have."""
+    norm = {n.replace("-", "_"): n for n in depends}
+    out: list[str] = []
+    todo = [w.replace("-", "_") for w in wanted]
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        if name not in norm:
+            raise VmTestError(f"the kernel has no loadable module {name!r}")
+        out.append(name)
+        todo += [d.replace("-", "_") for d in depends[norm[name]]]
+    return sorted(norm[n] for n in out)
+
+
+def debian_boot_image(
+    uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+) -> Path | None:
     """``vmlinuz`` of Debian's ``linux-image-<uname>`` (from the .deb cache, else apt),
-    extracted to ``out_dir/<uname>/vmlinuz``; None when Debian has no such package."""
+    extracted to ``out_dir/<uname>/vmlinuz``, and the ``modules`` drivers may depend on
+    (with their own dependencies) as plain ``.ko`` files under
+    ``out_dir/<uname>/modules/``; None when Debian has no such package."""
     from drivers.bundles import BundleError, Dependency, fetch_deb
 
-    target = out_dir / uname / "vmlinuz"
-    if target.is_file():
+    folder = out_dir / uname
+    target = folder / "vmlinuz"
+    if target.is_file() and not modules:
         return target
     try:
         deb, _ = fetch_deb(Dependency(f"linux-image-{uname}"), deb_cache)
     except BundleError:
         return None
-    member = f"./boot/vmlinuz-{uname}"
-    # Streamed: the package also holds ~400 MB of modules that are not needed here.
-    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as dpkg:
-        kernel = None
-        with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
-            for m in tar:
-                if m.name == member and m.isfile():
-                    f = tar.extractfile(m)
-                    kernel = f.read() if f else None
-                    break
-        dpkg.kill()
-    if not kernel:
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    tmp.write_bytes(kernel)
-    tmp.replace(target)
+    tree = f"./lib/modules/{uname}/kernel/"
+    if not target.is_file():
+        kernel = next(
+            (f.read() for n, f in _deb_members(deb) if n == f"./boot/vmlinuz-{uname}" and f),
+            None,
+        )
+        if not kernel:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".part")
+        partial.write_bytes(kernel)
+        partial.replace(target)
+    if modules:
+        # One pass for every module's dependencies, one for the closure's files.
+        paths, depends = {}, {}
+        for name, f in _deb_members(deb):
+            if f and name.startswith(tree) and name.endswith((".ko", ".ko.xz")):
+                info = read_modinfo(_plain_module(name, f.read()))
+                paths[info["name"]] = name
+                depends[info["name"]] = [d for d in info.get("depends", "").split(",") if d]
+        wanted = {paths[m] for m in module_closure(modules, depends)}
+        for name, f in _deb_members(deb):
+            if name in wanted and f:
+                path = folder / "modules" / name[len(tree) :].removesuffix(".xz")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(_plain_module(name, f.read()))
     return target
 
 
-def publish_boot_image(store: ObjectStore, uname: str, deb_cache: Path, out_dir: Path) -> str:
-    """Put Debian's kernel image for ``uname`` in the kernel-images bucket (never
-    overwriting); returns what happened: created, identical, different or absent."""
-    image = debian_boot_image(uname, deb_cache, out_dir)
+def publish_boot_image(
+    store: ObjectStore, uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+) -> str:
+    """Put Debian's kernel image for ``uname``, and the ``modules`` drivers may depend on,
+    in the kernel-images bucket (never overwriting); returns what happened to the image:
+    created, identical, different or absent."""
+    image = debian_boot_image(uname, deb_cache, out_dir, modules)
     if image is None:
         return "absent"
+    tree = image.parent / "modules"
+    for path in sorted(tree.rglob("*.ko")) if modules else ():
+        store.upload_new_file(layout.boot_module_object(uname, str(path.relative_to(tree))), path)
     return store.upload_new_file(layout.boot_image_object(uname), image).value
 
 
 def fetch_boot_image(store: ObjectStore, uname: str, out_dir: Path) -> Path | None:
-    """The kernel image of ``uname`` from the kernel-images bucket (None: there is none,
-    so its drivers are untested, never passed)."""
+    """The kernel image of ``uname`` from the kernel-images bucket, with the modules kept
+    beside it in ``modules/`` (None: there is none, so its drivers are untested, never
+    passed)."""
     target = out_dir / uname / "vmlinuz"
     try:
-        return store.download_to(layout.boot_image_object(uname), target)
+        store.download_to(layout.boot_image_object(uname), target)
     except ObjectNotFound:
         return None
+    prefix = layout.boot_module_object(uname, "")
+    for info in store.list(prefix):
+        store.download_to(info.name, target.parent / "modules" / info.name[len(prefix) :])
+    return target
 
 
 # --- the test ----------------------------------------------------------------------------
@@ -408,13 +512,64 @@ def vm_test(
     for key, data in drivers:
         try:
             elves.append((key.kind, gunzip(data)))
-        except ValueError as e:  # not loadable at all: the guest need not see it
+        except ValueError as e:  # goes in as is: the guest refuses it like any bad file
             elves.append((key.kind, f"corrupt: {e}".encode()))
+    modules = boot_image.parent / "modules"
+    stored = {_norm(module_name(p.read_bytes())) for p in modules.rglob("*.ko")}
+    results: dict[int, VmResult] = {}
+    for i, (kind, elf) in enumerate(elves):
+        missing = (
+            [d for d in module_depends(elf) if _norm(d) not in stored] if kind == "mod" else []
+        )
+        if missing:
+            results[i] = VmResult.of(
+                keys[i],
+                "not_tested",
+                f"needs module(s) {', '.join(missing)}, which the kernel-images bucket does not "
+                f"keep for {kernel}: list them in [vm_tests] modules and publish its boot "
+                "image again (drivers bundle debian ... --boot-images)",
+            )
+    booted = [i for i in range(len(keys)) if i not in results]
+    if booted:
+        boot = _boot(
+            kernel,
+            [keys[i] for i in booted],
+            [elves[i] for i in booted],
+            boot_image,
+            module_tree(kernel, modules) if stored else [],
+            timeout or BOOT_TIMEOUT_S + DRIVER_TIMEOUT_S * len(booted),
+            memory_mb,
+            accel,
+        )
+        results.update(zip(booted, boot, strict=True))
+    return [results[i] for i in range(len(keys))]
+
+
+def _depends_of(data: bytes) -> list[str]:
+    try:
+        return module_depends(gunzip(data))
+    except ValueError:
+        return []
+
+
+def _norm(module: str) -> str:
+    return module.replace("-", "_")
+
+
+def _boot(
+    kernel: str,
+    keys: list[DriverKey],
+    elves: list[tuple[str, bytes]],
+    boot_image: Path,
+    modules: list[Entry],
+    timeout: float,
+    memory_mb: int,
+    accel: str,
+) -> list[VmResult]:
     loader = loader_binary() if "bpf" in {k.kind for k in keys} else None
-    timeout = timeout or BOOT_TIMEOUT_S + DRIVER_TIMEOUT_S * len(keys)
     with tempfile.TemporaryDirectory(prefix="vm-test-") as tmp:
         initrd = Path(tmp) / "initrd.gz"
-        initrd.write_bytes(initramfs(elves, loader))
+        initrd.write_bytes(initramfs(elves, loader, modules))
         serial = Path(tmp) / "serial.log"
         command = [
             QEMU,
@@ -499,15 +654,16 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     if len(kernels) != 1:
         raise VmTestError(f"drivers of {len(kernels)} kernels {kernels}: give one kernel's")
     kernel, cache = kernels[0], Path(args.cache)
+    drivers = [(key, Path(p).read_bytes()) for key, p in zip(keys, args.drivers, strict=True)]
     image = args.boot_image
     if image is None and args.boot_images:
         from drivers.storage import client_from_environment, parse_gs_uri
 
         store = ObjectStore(client_from_environment(), parse_gs_uri(args.boot_images)[0])
         image = fetch_boot_image(store, kernel, cache / "kernel-images")
-    elif image is None:
-        image = debian_boot_image(kernel, cache / "debs", cache / "kernel-images")
-    drivers = [(key, Path(p).read_bytes()) for key, p in zip(keys, args.drivers, strict=True)]
+    elif image is None:  # Debian's package, with the modules these drivers need
+        needs = {d for key, data in drivers if key.kind == "mod" for d in _depends_of(data)}
+        image = debian_boot_image(kernel, cache / "debs", cache / "kernel-images", sorted(needs))
     results = vm_test(kernel, drivers, image, timeout=args.timeout, accel=args.accel)
     for result in results:
         print(json.dumps(result.to_json()))
