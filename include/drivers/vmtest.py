@@ -17,10 +17,12 @@ nothing, and the whole boot is under a timeout. Results per driver: ``loaded``;
 ``load_failed`` (with the kernel's own messages); ``verifier_rejected`` (with the
 verifier's log); ``no_boot_image`` (no bootable kernel for that release: never a pass);
 ``boot_failed`` (the guest never reached or finished its script: infrastructure,
-retryable); ``not_tested`` (the stage's time budget was spent, or the tests are off).
+retryable); ``not_tested`` (the stage's time budget was spent, the tests are off, or a
+module it needs is not kept beside the boot image).
 
 ``test_kernels`` runs many kernels, a few VMs at a time, within a time budget: what the
-``integration_tests`` stage of upstream_drivers does (:func:`drivers.pipeline.integration_tests`).
+``integration_tests`` stage of upstream_drivers does
+(:func:`drivers.pipeline.integration_tests`).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ STATUSES = (
     "not_tested",
 )
 PASSED, RETRYABLE = "loaded", "boot_failed"
-REFUSED = ("load_failed", "verifier_rejected")  # the driver's fault: never published
+REFUSED = ("load_failed", "verifier_rejected")  # the driver's fault: held back (enforce)
 
 # The guest's /init: functions, then one block per driver (see init_script).
 INIT_HEAD = f"""#!/bin/busybox sh
