@@ -16,11 +16,12 @@
 #   qemu-system-x86      vm-test: each driver's own kernel booted under software emulation
 #   busybox-static       vm-test: the guest's whole userland (insmod, rmmod, sh)
 #   gcc libc6-dev        vm-test: its eBPF loader, linked statically against libbpf
+#   docker-compose       the tests validate docker-compose.yaml with Compose itself
 # Bundles are made with apt-get download and dpkg-deb, which every Debian system has.
 set -eu
 
 PACKAGES="make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo
-    qemu-system-x86 busybox-static gcc libc6-dev"
+    qemu-system-x86 busybox-static gcc libc6-dev docker-compose"
 
 # shellcheck disable=SC2086  # the package list is split on purpose
 installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import importlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -168,6 +169,18 @@ def cmd_gcs(args: argparse.Namespace) -> int:
     """Start, stop or show the embedded GCS (fake-gcs-server, data under DRIVERS_GCS_ROOT)."""
     from drivers.emulator import EmbeddedGCS
 
+    if args.action == "buckets":  # on the emulator STORAGE_EMULATOR_HOST names (compose)
+        from drivers.emulator import create_buckets
+
+        url = os.environ.get("STORAGE_EMULATOR_HOST")
+        if not url:
+            raise UsageError(
+                "drivers gcs buckets: STORAGE_EMULATOR_HOST is not set; on GCS the buckets "
+                "are created with the deployment (docs/deployment.md)"
+            )
+        create_buckets(url, Buckets.from_env().all())
+        print(f"buckets on {url}: {', '.join(Buckets.from_env().all())}", file=sys.stderr)
+        return 0
     server = EmbeddedGCS(port=args.port)
     if args.action == "down":
         server.stop()
@@ -356,8 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", help="trigger parameters as JSON")
     p.set_defaults(func=cmd_run_dag)
 
-    p = sub.add_parser("gcs", help="embedded GCS: up (start + create buckets), down, status")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p = sub.add_parser(
+        "gcs",
+        help="embedded GCS: up (start + create buckets), down, status; buckets (create them "
+        "on the emulator STORAGE_EMULATOR_HOST names, e.g. docker-compose's)",
+    )
+    p.add_argument("action", choices=["up", "down", "status", "buckets"])
     p.add_argument("--port", type=int, default=4443)
     p.set_defaults(func=cmd_gcs)
 

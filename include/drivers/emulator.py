@@ -107,21 +107,7 @@ class EmbeddedGCS:
 
     def create_buckets(self, names: Iterable[str]) -> None:
         """Create each bucket unless it exists."""
-        for name in names:
-            body = json.dumps({"name": name}).encode()
-            request = urllib.request.Request(
-                f"{self.url}/storage/v1/b?project=embedded",
-                data=body,
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                _OPENER.open(request, timeout=10).close()
-            except urllib.error.HTTPError as e:
-                if e.code != 409:  # 409: already exists
-                    raise EmulatorError(
-                        f"cannot create bucket {name!r} on {self.url}: HTTP {e.code} "
-                        f"{e.read().decode(errors='replace')}"
-                    ) from e
+        create_buckets(self.url, names)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -230,3 +216,25 @@ class EmbeddedGCS:
         with open(self.root / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
+
+
+def create_buckets(url: str, names: Iterable[str]) -> None:
+    """Create each bucket unless it exists, on the emulator at ``url`` (this server, or
+    the docker-compose one)."""
+    for name in names:
+        body = json.dumps({"name": name}).encode()
+        request = urllib.request.Request(
+            f"{url.rstrip('/')}/storage/v1/b?project=embedded",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            _OPENER.open(request, timeout=10).close()
+        except urllib.error.HTTPError as e:
+            if e.code != 409:  # 409: already exists
+                raise EmulatorError(
+                    f"cannot create bucket {name!r} on {url}: HTTP {e.code} "
+                    f"{e.read().decode(errors='replace')}"
+                ) from e
+        except OSError as e:
+            raise EmulatorError(f"cannot reach the GCS emulator at {url}: {e}") from e
