@@ -38,7 +38,7 @@ def _params() -> CpaasParams:
 
 
 @dag(
-    schedule="0 0 * * *",
+    schedule=config.schedules["cpaas_drivers"] or None,  # "": by hand only
     params=glue.cpaas_params(config),
     tags=["drivers", "cpaas"],
     doc_md=__doc__,

@@ -45,7 +45,7 @@ def _params() -> RunParams:
 
 
 @dag(
-    schedule="0 2 * * *",
+    schedule=config.schedules["upstream_drivers"] or None,  # "": by hand only
     params=glue.run_params(config),
     tags=["drivers", "upstream"],
     doc_md=__doc__,
@@ -81,6 +81,13 @@ def upstream_drivers():
                 return KubernetesPodOperator.partial(
                     **glue.builder_pod_kwargs(config, builder)
                 ).expand(arguments=shard_uris.map(glue.builder_arguments))
+
+            if config.runtime == "docker":
+                from airflow.providers.docker.operators.docker import DockerOperator
+
+                return DockerOperator.partial(
+                    **glue.builder_container_kwargs(config, builder)
+                ).expand(command=shard_uris.map(glue.builder_arguments))
 
             @task(pool=glue.BUILDER_POOL)
             def build_shard(shard: str) -> None:

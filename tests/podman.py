@@ -107,7 +107,8 @@ def podman_unavailable_reason() -> str | None:
         return f"podman builder images need Linux, not {sys.platform}"
     missing = [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
     if missing:
-        return f"{' and '.join(missing)} not installed: run scripts/podman-setup.sh"
+        verb = "is" if len(missing) == 1 else "are"
+        return f"{' and '.join(missing)} {verb} not installed: run scripts/podman-setup.sh"
     if os.geteuid() != 0:
         return "podman runs rootful here (debootstrap, root storage): run the tests as root"
     try:

@@ -136,3 +136,13 @@ def test_an_external_integration_suite_is_triggered_after_push_when_configured(t
     assert tasks["trigger_external_suite"]["type"] == "TriggerDagRunOperator"
     assert "trigger_external_suite" in tasks["push_drivers"]["downstream"]
     assert tasks["trigger_external_suite"]["downstream"] == ["report"]
+
+
+def test_docker_runtime_maps_builder_containers(tmp_path):
+    bag = dagbag({"DRIVERS_RUNTIME": "docker", "AIRFLOW_HOME": str(tmp_path)})
+    assert bag["errors"] == {}
+    tasks = bag["dags"]["upstream_drivers"]["tasks"]
+    for builder in ("rhel7", "rhel8", "fc36"):
+        shard = tasks[f"{builder}.build_shard"]
+        assert shard["type"] == "MappedOperator" and shard["pool"] == "builders"
+        assert shard["downstream"] == ["unify"]

@@ -173,3 +173,18 @@ def test_vm_test_pod_runs_the_stage_on_the_runs_staged_drivers(offline, tmp_path
     assert ("/dev/kvm" in mounts) == kvm
     assert (container.get("securityContext") or {}).get("privileged", False) == kvm
     kubernetes_validate.validate(pod, "1.33", strict=True)
+
+
+def test_builder_containers_run_the_entrypoint_with_the_builders_image_and_limits(monkeypatch):
+    from drivers import airflow_glue as glue
+    from drivers.config import load_config
+
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/podman/podman.sock")
+    monkeypatch.setenv("DRIVERS_BUCKET_WORK", "prod-work")
+    kwargs = glue.builder_container_kwargs(load_config(), "fc36")
+    assert kwargs["image"] == "quay.io/stackrox-io/collector-drivers-builder-fc36:0.1.0"
+    assert kwargs["docker_url"] == "unix:///run/podman/podman.sock"  # DOCKER_HOST wins
+    assert (kwargs["cpus"], kwargs["mem_limit"]) == (2.0, "4g")  # the builder's resources
+    assert kwargs["environment"]["DRIVERS_BUCKET_WORK"] == "prod-work"
+    assert kwargs["labels"] == {"app": "collector-drivers", "builder": "fc36"}
+    assert kwargs["pool"] == "builders" and kwargs["auto_remove"] == "success"

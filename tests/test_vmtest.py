@@ -446,3 +446,11 @@ def test_bad_vm_test_parameters_are_refused_before_anything_runs():
         params(vm_tests="sometimes")
     with pytest.raises(pipeline.RunInputError, match="vm_tests_budget_s must be seconds"):
         params(vm_tests_budget_s=-1)
+
+
+def test_6_12_modules_build_reproducibly_btf_included(tmp_path):
+    """pahole < 1.27 encodes BTF with threads unless kbuild is asked for a reproducible
+    build; then a retried shard would find other bytes staged under the same name."""
+    kernel = "6.12.115+deb12-cloud-amd64"
+    builds = {build_driver_for(kernel, tmp_path / str(i)) for i in range(5)}
+    assert len(builds) == 1

@@ -1,8 +1,8 @@
 """Airflow glue: the one library module that imports Airflow.
 
 Connections, the trigger form's parameters, the builder pool and the builder runtimes
-(local subprocess, Kubernetes pod), all running the same entrypoint with the same
-arguments. DAG files import from here and from :mod:`drivers.pipeline`.
+(local subprocess, Kubernetes pod, Docker container), all running the same entrypoint
+with the same arguments. DAG files import from here and from :mod:`drivers.pipeline`.
 """
 
 from __future__ import annotations
@@ -173,6 +173,28 @@ def builder_pod_kwargs(config: Config, builder: str) -> dict[str, Any]:
         "task_id": "build_shard",
         "image": config.builders[builder].image,
         "cmds": ["drivers"],
+        "pool": BUILDER_POOL,
+    }
+
+
+def builder_container_kwargs(config: Config, builder: str) -> dict[str, Any]:
+    """The docker runtime: one builder container per shard (DockerOperator.partial
+    keywords), the builder's image running the same entrypoint as a pod."""
+    resources = config.kubernetes["resources"] | config.builders[builder].resources
+    env = {f"DRIVERS_BUCKET_{role.upper()}": getattr(Buckets.from_env(), role) for role in ROLES}
+    if os.environ.get("STORAGE_EMULATOR_HOST"):  # the embedded GCS: same endpoint
+        env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
+    return {
+        "task_id": "build_shard",
+        "image": config.builders[builder].image,
+        "docker_url": os.environ.get("DOCKER_HOST") or config.docker["url"],
+        "network_mode": config.docker["network_mode"],
+        "environment": env,
+        "cpus": float(resources["cpu"]),
+        "mem_limit": resources["memory"].replace("Gi", "g").replace("Mi", "m"),
+        "labels": {"app": "collector-drivers", "builder": builder},
+        "auto_remove": "success",
+        "mount_tmp_dir": False,  # the builder's scratch is inside the container
         "pool": BUILDER_POOL,
     }
 

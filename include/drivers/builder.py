@@ -656,7 +656,9 @@ def make_command(build_dir: Path, src: Path, scratch: Path) -> list[str]:
     """kbuild for an external folder (what driver_sources/README.md says builds both
     kinds). KCFLAGS maps the scratch folder out of the module's debug info and __FILE__,
     so its bytes (build-id included) do not depend on where the shard ran; the probe
-    Makefile maps its own paths."""
+    Makefile maps its own paths. A set KBUILD_BUILD_TIMESTAMP is kbuild's switch for
+    reproducible builds: without it, pahole < 1.27 encodes a module's BTF with threads
+    (-j) and the order of its types varies from build to build (6.12 headers)."""
     return [
         "make",
         "-C",
@@ -664,6 +666,7 @@ def make_command(build_dir: Path, src: Path, scratch: Path) -> list[str]:
         f"M={src}",
         f"-j{len(os.sched_getaffinity(0))}",
         f"KCFLAGS=-ffile-prefix-map={scratch}/=",
+        "KBUILD_BUILD_TIMESTAMP=1970-01-01T00:00:00Z",
         "modules",
     ]
 

@@ -21,7 +21,7 @@ from drivers.selectors import Selector, SelectorError, parse_selector
 
 CONFIG_ENV = "DRIVERS_CONFIG"
 RUNTIME_ENV = "DRIVERS_RUNTIME"
-RUNTIMES = ("local", "kubernetes")  # docker: the deployment issue
+RUNTIMES = ("local", "kubernetes", "docker")
 MAX_SHARDS = 1024  # Airflow's max_map_length
 
 
@@ -33,6 +33,13 @@ POD_DEFAULTS: dict[str, Any] = {
     "active_deadline_seconds": 4 * 3600,
     "resources": {"cpu": "1", "memory": "2Gi"},
     "node_selector": {},
+}
+
+
+# Builder containers (runtime "docker"); the config's [docker] table overrides these.
+DOCKER_DEFAULTS: dict[str, Any] = {
+    "url": "unix:///var/run/docker.sock",  # DOCKER_HOST, when set, wins (as for docker)
+    "network_mode": "bridge",  # "host" reaches an emulator on the host's 127.0.0.1
 }
 
 
@@ -71,6 +78,10 @@ VM_TEST_DEFAULTS: dict[str, Any] = {
     # triggered after push_drivers; empty: off.
     "external_suite": "",
 }
+
+
+# When each DAG runs by itself (cron, UTC); "" leaves it to triggers by hand.
+SCHEDULE_DEFAULTS: dict[str, str] = {"upstream_drivers": "0 2 * * *", "cpaas_drivers": "0 0 * * *"}
 
 
 class ConfigError(ValueError):
@@ -118,6 +129,8 @@ class Config:
     retry_delay_s: float = 120.0
     cpaas: dict[str, Any] = field(default_factory=lambda: dict(CPAAS_DEFAULTS))
     vm_tests: dict[str, Any] = field(default_factory=lambda: dict(VM_TEST_DEFAULTS))
+    schedules: dict[str, str] = field(default_factory=lambda: dict(SCHEDULE_DEFAULTS))
+    docker: dict[str, Any] = field(default_factory=lambda: dict(DOCKER_DEFAULTS))
 
     def route(self, kernel: Kernel, kind: Kind) -> str | None:
         """The builder for a task, or None when no route takes it."""
@@ -165,6 +178,21 @@ def _seconds(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ConfigError(f"{where} must be a number of seconds >= 0, not {value!r}")
     return float(value)
+
+
+def _schedules(table: dict[str, Any]) -> dict[str, str]:
+    unknown = set(table) - set(SCHEDULE_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"schedules: unknown DAG(s) {sorted(unknown)}; known: {list(SCHEDULE_DEFAULTS)}"
+        )
+    for dag_id, cron in table.items():
+        if not isinstance(cron, str) or (cron and len(cron.split()) != 5):
+            raise ConfigError(
+                f"schedules.{dag_id} must be a cron expression like '0 2 * * *', or \"\" "
+                f"for by hand only, not {cron!r}"
+            )
+    return SCHEDULE_DEFAULTS | table
 
 
 def _parse(path: Path, data: dict[str, Any]) -> Config:
@@ -260,4 +288,6 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         _seconds(data.get("retry_delay_s", 120), "retry_delay_s"),
         CPAAS_DEFAULTS | data.get("cpaas", {}),
         vm_tests,
+        _schedules(data.get("schedules", {})),
+        DOCKER_DEFAULTS | data.get("docker", {}),
     )

@@ -1,0 +1,166 @@
+"""upstream_drivers through the real scheduler (`make test-distributed`): PostgreSQL,
+`airflow scheduler`, `dag-processor`, `api-server` and `triggerer` as separate processes
+(LocalExecutor), runs triggered and watched through the REST API with a token, the
+embedded GCS, the local runtime, real Debian bundles and compilers.
+
+Then the scheduler's whole process group is SIGKILLed in the middle of a second run with
+new kernels and started again: the run still succeeds, what was published before is
+untouched, shards that had finished are not built again, and every upload planned as new
+creates its object (none meets a precondition failure)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from distributed import DistributedAirflow, unavailable_reason
+from drivers import layout
+from drivers.bundles import make_debian_bundle
+from drivers.pipeline import report_prefix
+from drivers.sources import package_sources, shipped_sources_dir
+from drivers.storage import ObjectStore, client_from_environment
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+REPO = Path(__file__).resolve().parents[1]
+DAG = "upstream_drivers"
+FIRST = ("6.1.0-56-cloud-amd64", "6.12.115+deb12-cloud-amd64")
+SECOND = (  # new kernels for the run the scheduler dies in: one shard each
+    "6.1.0-47-cloud-amd64",
+    "6.1.0-47-amd64",
+    "6.12.113+deb12-cloud-amd64",
+    "6.12.113+deb12-amd64",
+)
+CONFIG = """
+driver_versions = ["2.3.0"]
+blocklists = []
+slots = 4
+retries = 2
+retry_delay_s = 5
+[schedules]
+upstream_drivers = ""
+[[builders]]
+name = "deb61"
+toolchain = "host gcc-12 + clang (Debian 12)"
+[[builders]]
+name = "deb612"
+toolchain = "host gcc-12 + clang (Debian 12)"
+[[routes]]
+builder = "deb612"
+kernels = ">=6.12"
+kinds = ["mod", "bpf"]
+[[routes]]
+builder = "deb61"
+kernels = ">=3"
+kinds = ["mod", "bpf"]
+"""
+
+
+@pytest.fixture(scope="module")
+def deployment(gcs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    tag = uuid.uuid4().hex[:8]
+    buckets = {role: f"dist-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
+    gcs.create_buckets(buckets.values())
+    config = tmp / "pipeline.toml"
+    config.write_text(CONFIG)
+    with pytest.MonkeyPatch.context() as mp:
+        for role, name in buckets.items():
+            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", name)
+        mp.setenv("DRIVERS_CONFIG", str(config))
+        mp.setenv("DRIVERS_RUNTIME", "local")
+        client = client_from_environment()
+        stores = {role: ObjectStore(client, name) for role, name in buckets.items()}
+        for kernel in FIRST:
+            publish_bundle(stores, kernel)
+        path = package_sources(shipped_sources_dir() / "2.3.0", tmp / "sources")
+        stores["sources"].upload_new_file(layout.source_object("2.3.0"), path)
+        with DistributedAirflow(home=tmp / "airflow", heartbeat_timeout_s=30) as airflow:
+            airflow.wait_for_dag(DAG)
+            yield airflow, stores
+
+
+def publish_bundle(stores, kernel: str) -> None:
+    path = make_debian_bundle(kernel, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
+    stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
+
+
+def report(stores, run_id: str, part: str = "report") -> dict:
+    return json.loads(stores["work"].download(f"{report_prefix(run_id)}{part}.json"))
+
+
+def generations(stores) -> dict[str, int]:
+    return {i.name: i.generation for i in stores["drivers"].list()}
+
+
+def shard_attempts(airflow, run_id: str) -> dict[tuple[str, int], tuple[str, int]]:
+    """(task, map index) -> (state, try number) of every builder shard."""
+    return {
+        (ti["task_id"], ti["map_index"]): (ti["state"], ti["try_number"])
+        for ti in airflow.task_instances(DAG, run_id)
+        if ti["task_id"].endswith(".build_shard") and ti["map_index"] >= 0
+    }
+
+
+@pytest.fixture(scope="module")
+def first_run(deployment):
+    airflow, stores = deployment
+    run_id = airflow.trigger(DAG)  # through POST /api/v2/dags/{id}/dagRuns, token auth
+    return run_id, airflow.wait_for_run(DAG, run_id, timeout=900)
+
+
+def test_a_run_triggered_through_the_api_succeeds_on_the_real_scheduler(deployment, first_run):
+    _, stores = deployment
+    run_id, state = first_run
+    assert state == "success", report(stores, run_id)["reasons"]
+    assert set(generations(stores)) == {
+        f"2.3.0/collector{kind}-{k}.{ext}"
+        for k in FIRST
+        for kind, ext in (("", "ko.gz"), ("-ebpf", "o.gz"))
+    }
+    assert report(stores, run_id, "push")["counts"] == {"created": 4}
+
+
+def test_a_scheduler_killed_mid_run_recovers_without_rebuilding_or_overwriting(
+    deployment, first_run
+):
+    airflow, stores = deployment
+    before = generations(stores)
+    for kernel in SECOND:
+        publish_bundle(stores, kernel)
+    run_id = airflow.trigger(DAG)
+
+    # Wait until some shards have finished and others have not, then kill.
+    deadline = time.monotonic() + 600
+    while True:
+        attempts = shard_attempts(airflow, run_id)
+        finished = {k: v for k, v in attempts.items() if v[0] == "success"}
+        if finished and len(finished) < len(attempts):
+            break
+        assert airflow.run_state(DAG, run_id) in ("queued", "running"), attempts
+        assert time.monotonic() < deadline, f"no shard finished in time: {attempts}"
+        time.sleep(0.5)
+    airflow.kill("scheduler")  # SIGKILL to its process group: executor workers die too
+    killed_at = time.monotonic()
+    time.sleep(5)
+    airflow.start("scheduler")
+
+    assert airflow.wait_for_run(DAG, run_id, timeout=900) == "success", report(stores, run_id)[
+        "reasons"
+    ]
+    after = shard_attempts(airflow, run_id)
+    assert len(after) == 4, after  # one shard per new kernel
+    for shard, (state, tries) in finished.items():  # not built again
+        assert after[shard] == (state, tries), (shard, after[shard])
+    assert all(state == "success" for state, _ in after.values())
+    # The published drivers of the first run: the same objects, same generations.
+    now = generations(stores)
+    assert {name: now[name] for name in before} == before
+    # Every upload planned as new created its object: no precondition failure.
+    assert report(stores, run_id, "push")["counts"] == {"created": 8}
+    assert len(now) == len(before) + 8
+    print(f"recovered {time.monotonic() - killed_at:.0f} s after the kill; shards {after}")

@@ -1,0 +1,90 @@
+"""The docker runtime end to end: upstream_drivers run by Airflow (`airflow dags test`)
+with DRIVERS_RUNTIME=docker, each shard a DockerOperator container of the Debian builder
+image (built here with podman, tests/podman.py) started through podman's Docker API
+socket; real bundle, real compilers inside the container, the embedded GCS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from drivers import layout
+from drivers.bundles import make_debian_bundle
+from drivers.embedded import EmbeddedAirflow
+from drivers.sources import package_sources, shipped_sources_dir
+from drivers.storage import ObjectStore, client_from_environment
+from podman import ensure_builder_image, podman_env, podman_service, podman_unavailable_reason
+
+pytestmark = pytest.mark.skipif(
+    podman_unavailable_reason() is not None, reason=str(podman_unavailable_reason())
+)
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL = "6.1.0-56-cloud-amd64"
+CONFIG = """
+driver_versions = ["2.3.0"]
+blocklists = []
+slots = 2
+retries = 0
+[schedules]
+upstream_drivers = ""
+[docker]
+network_mode = "host"  # the embedded GCS listens on the host's 127.0.0.1
+[[builders]]
+name = "debian"
+toolchain = "Debian 12 gcc-12 + clang 14 (images/builder-debian)"
+image = "{image}"
+[[routes]]
+builder = "debian"
+kernels = ">=3"
+kinds = ["mod", "bpf"]
+"""
+
+
+def test_each_shard_runs_in_its_builder_container_and_publishes(gcs, tmp_path):
+    image = ensure_builder_image()
+    tag = uuid.uuid4().hex[:8]
+    buckets = {role: f"docker-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
+    gcs.create_buckets(buckets.values())
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.format(image=image))
+    with podman_service(tmp_path) as docker_url, pytest.MonkeyPatch.context() as mp:
+        for role, name in buckets.items():
+            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", name)
+        mp.setenv("DRIVERS_CONFIG", str(config))
+        mp.setenv("DRIVERS_RUNTIME", "docker")
+        mp.setenv("DOCKER_HOST", docker_url)
+        client = client_from_environment()
+        stores = {role: ObjectStore(client, name) for role, name in buckets.items()}
+        bundle = make_debian_bundle(KERNEL, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
+        stores["bundles"].upload_new_file(layout.bundle_object(KERNEL), bundle)
+        sources = package_sources(shipped_sources_dir() / "2.3.0", tmp_path / "sources")
+        stores["sources"].upload_new_file(layout.source_object("2.3.0"), sources)
+
+        started = datetime.now(UTC)
+        with EmbeddedAirflow(home=tmp_path / "airflow") as airflow:
+            status = airflow.dags_test(
+                "upstream_drivers",
+                {"vm_tests": "off"},
+                log=tmp_path / "run.log",
+                timeout=900,
+                use_executor=False,
+            )
+        assert status == 0, (tmp_path / "run.log").read_text()[-3000:]
+        assert {i.name for i in stores["drivers"].list()} == {
+            f"2.3.0/collector-{KERNEL}.ko.gz",
+            f"2.3.0/collector-ebpf-{KERNEL}.o.gz",
+        }
+        # The shard ran in a container of the builder image, labelled, and exited 0.
+        events = subprocess.run(
+            ["podman", "events", "--stream=false", "--format", "json", "--since",
+             started.isoformat(), "--filter", "event=died", "--filter", "label=builder=debian"],
+            env=podman_env(), capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        died = [json.loads(line) for line in events.splitlines() if line.strip()]
+        assert [(e["Image"], e["ContainerExitCode"]) for e in died] == [(image, 0)], died
