@@ -14,8 +14,9 @@ there (`vm_tests`: enforce holds back what the kernel refuses) → `push_drivers
 promotes what passed → `update_support_packages` → `report` fails the run when an
 infrastructure step failed or failures (compile, refused by the kernel) exceed
 `max_failures`.
-`cleanup_staging` always runs. Reports stay in the work bucket under
-`reports/<run_id>/`.
+`cleanup_staging` always runs; a run that fails or is marked failed (cancelled) also
+has its pods deleted by label and its staging removed (plugins/drivers_teardown.py).
+Reports stay in the work bucket under `reports/<run_id>/`.
 
 The DAG's shape (builders, runtime) comes from the shipped config (`DRIVERS_CONFIG`,
 `DRIVERS_RUNTIME`), never from trigger parameters.

@@ -210,10 +210,12 @@ class DistributedAirflow(EmbeddedAirflow):
             "task_instances"
         ]
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900) -> str:
+    def wait_for_run(
+        self, dag_id: str, run_id: str, timeout: float = 900, poll_s: float = 2.0
+    ) -> str:
         deadline = time.monotonic() + timeout
         while (state := self.run_state(dag_id, run_id)) not in ("success", "failed"):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{dag_id} {run_id} still {state} after {timeout:.0f} s")
-            time.sleep(2)
+            time.sleep(poll_s)
         return state

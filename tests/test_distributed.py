@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -164,3 +165,26 @@ def test_a_scheduler_killed_mid_run_recovers_without_rebuilding_or_overwriting(
     assert report(stores, run_id, "push")["counts"] == {"created": 8}
     assert len(now) == len(before) + 8
     print(f"recovered {time.monotonic() - killed_at:.0f} s after the kill; shards {after}")
+
+
+def test_a_run_marked_failed_in_the_middle_loses_its_staging(deployment, first_run):
+    """Cancelling a run (marking it failed through the API, as the UI does) runs the
+    DAG's failure callback: its staging goes (and, on Kubernetes, its pods, by label:
+    tests/test_pods.py); published drivers stay."""
+    airflow, stores = deployment
+    before = generations(stores)
+    run_id = airflow.trigger(DAG, {"force": True, "select": FIRST[0]})
+    staging = layout.staging_prefix(run_id)
+    deadline = time.monotonic() + 300
+    while not any(s == "running" for s, _ in shard_attempts(airflow, run_id).values()):
+        assert time.monotonic() < deadline, "no builder shard started"
+        time.sleep(0.5)
+    assert list(stores["work"].list(staging))  # the plan and shard files are there
+    quoted = urllib.parse.quote(run_id, safe="")
+    airflow.api("PATCH", f"/dags/{DAG}/dagRuns/{quoted}", {"state": "failed"})
+    deadline = time.monotonic() + 120
+    while list(stores["work"].list(staging)):
+        assert time.monotonic() < deadline, "the failed run's staging is still there"
+        time.sleep(1)
+    assert airflow.run_state(DAG, run_id) == "failed"
+    assert generations(stores) == before

@@ -188,3 +188,47 @@ def test_builder_containers_run_the_entrypoint_with_the_builders_image_and_limit
     assert kwargs["environment"]["DRIVERS_BUCKET_WORK"] == "prod-work"
     assert kwargs["labels"] == {"app": "collector-drivers", "builder": "fc36"}
     assert kwargs["pool"] == "builders" and kwargs["auto_remove"] == "success"
+
+
+def test_a_cancelled_runs_pods_are_found_by_the_labels_they_really_carry(rendered, monkeypatch):
+    """The teardown selector matches the labels KubernetesPodOperator puts on a builder
+    pod of that run (rendered with a task context), and only that run's."""
+    from types import SimpleNamespace
+
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    from drivers import airflow_glue as glue
+    from drivers.config import load_config
+
+    run_id = "manual__2026-11-25T02:00:00.123456+00:00"
+    operator, _ = rendered("fc36")
+    ti = SimpleNamespace(dag_id="upstream_drivers", task_id="fc36.build_shard", map_index=3,
+                         try_number=1)  # fmt: skip
+    context = {"ti": ti, "run_id": run_id, "dag": SimpleNamespace(dag_id="upstream_drivers")}
+    labels = operator.build_pod_request_obj(context).metadata.labels
+    assert labels["map_index"] == "3" and labels["task_id"] == "fc36.build_shard"  # the shard
+
+    def matches(selector: str, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in (r.split("=") for r in selector.split(",")))
+
+    assert matches(glue.run_pods_selector("upstream_drivers", run_id), labels)
+    assert not matches(glue.run_pods_selector("upstream_drivers", run_id + "x"), labels)
+
+    calls = []
+
+    class FakeCoreV1:  # no API server here: record what would be asked of it
+        def list_namespaced_pod(self, namespace, label_selector):
+            calls.append(("list", namespace, label_selector))
+            pods = [SimpleNamespace(metadata=SimpleNamespace(name=n)) for n in ("p0", "p3")]
+            return SimpleNamespace(items=pods)
+
+        def delete_namespaced_pod(self, name, namespace, grace_period_seconds):
+            calls.append(("delete", namespace, name))
+
+    monkeypatch.setattr(KubernetesHook, "core_v1_client", FakeCoreV1())
+    assert glue.delete_run_pods(load_config(), "upstream_drivers", run_id) == ["p0", "p3"]
+    assert calls == [
+        ("list", "collector-drivers", glue.run_pods_selector("upstream_drivers", run_id)),
+        ("delete", "collector-drivers", "p0"),
+        ("delete", "collector-drivers", "p3"),
+    ]

@@ -300,6 +300,65 @@ def cpaas_params(config: Config) -> dict[str, Param]:
     }
 
 
+# --- tearing a run down ---------------------------------------------------------------------
+
+
+def run_pods_selector(dag_id: str, run_id: str) -> str:
+    """The label selector of every pod a run started: the team's ``app`` label plus the
+    ``dag_id`` and ``run_id`` labels KubernetesPodOperator puts on each pod it starts
+    (with ``task_id`` and ``map_index``: the builder and the shard)."""
+    from airflow.providers.cncf.kubernetes.pod_generator import make_safe_label_value
+
+    return (
+        f"app=collector-drivers,dag_id={make_safe_label_value(dag_id)},"
+        f"run_id={make_safe_label_value(run_id)}"
+    )
+
+
+def delete_run_pods(config: Config, dag_id: str, run_id: str) -> list[str]:
+    """Delete the run's pods still there (a cancelled run's builders); their names."""
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    namespace = config.kubernetes["namespace"]
+    api = KubernetesHook(conn_id=config.kubernetes["connection"]).core_v1_client
+    pods = api.list_namespaced_pod(namespace, label_selector=run_pods_selector(dag_id, run_id))
+    names = [pod.metadata.name for pod in pods.items]
+    for name in names:
+        api.delete_namespaced_pod(name, namespace, grace_period_seconds=30)
+    return names
+
+
+# What removes a run's staging, per DAG ("module:function" taking the stores and the run
+# id, imported only when needed, so parsing stays cheap).
+STAGING_CLEANUP = {
+    "upstream_drivers": "drivers.pipeline:cleanup_staging",
+    "cpaas_drivers": "drivers.cpaas:cleanup_staging",
+}
+
+
+def teardown_run(dag_id: str, run_id: str) -> None:
+    """A failed or cancelled run's teardown (plugins/drivers_teardown.py calls it when a
+    run fails or is marked failed in the UI): its pods are deleted by label and its
+    staging removed; reports stay. Runs that end normally are cleaned by their
+    cleanup_staging task."""
+    import importlib
+    import logging
+
+    from drivers.config import load_config
+
+    if dag_id not in STAGING_CLEANUP:
+        return
+    log = logging.getLogger(__name__)
+    config = load_config()
+    if config.runtime == "kubernetes":
+        log.warning(
+            "%s %s: deleted pods %s", dag_id, run_id, delete_run_pods(config, dag_id, run_id)
+        )
+    module, _, function = STAGING_CLEANUP[dag_id].partition(":")
+    removed = getattr(importlib.import_module(module), function)(stores(), run_id)
+    log.warning("%s %s: removed %d staging object(s)", dag_id, run_id, removed)
+
+
 def failed_tasks(context: dict[str, Any]) -> list[str]:
     """Tasks of this run that failed (for the report task, the run's watcher); the ones
     that did not run because of them (upstream_failed) are not the culprits."""
