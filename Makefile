@@ -18,6 +18,7 @@ DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
 
 setup: $(STAMP)
 	@scripts/host-deps.sh
+	@scripts/podman-setup.sh >/dev/null
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -55,6 +56,27 @@ run-cpaas: gcs-up
 
 test: setup
 	$(BIN)/pytest -q
+
+# The pipeline through the real scheduler: PostgreSQL, `airflow scheduler`,
+# `dag-processor`, `api-server`, `triggerer`, runs triggered through the REST API, the
+# scheduler killed mid-run and restarted, a run cancelled. Also part of `make test`.
+.PHONY: test-distributed images
+test-distributed: setup
+	$(BIN)/pytest -q tests/test_distributed.py
+
+# Container images, tagged with pyproject.toml's version (one version source). Only the
+# Debian builder builds here (its base comes from debootstrap); the others pull their
+# bases from Docker Hub, quay.io and the Fedora registry.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+ENGINE ?= podman
+REGISTRY ?= quay.io/stackrox-io
+images:
+	scripts/debian-base-image.sh
+	$(ENGINE) build -f images/builder-debian/Dockerfile \
+	    -t localhost/collector-drivers/builder-debian:$(VERSION) .
+	$(ENGINE) build -f Dockerfile -t $(REGISTRY)/collector-drivers-airflow:$(VERSION) .
+	for b in rhel7 rhel8 fc36; do $(ENGINE) build -f images/builder-$$b/Dockerfile \
+	    -t $(REGISTRY)/collector-drivers-builder-$$b:$(VERSION) . || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -18,10 +18,13 @@ First one building run through the scheduler (4 drivers: the cache is then full)
 ``--runs`` no-op runs (``to_build=0``) through each path, interleaved. Per run: wall time
 from trigger to final state, the DAG run's own start -> end, the gaps between a task's end
 and the next task's start along pre_build -> shards -> build_shard -> unify -> ... ->
-report, queued -> start of each task, and the CPU seconds the path used. Both paths use
-parallelism 2 (the machine's cores), so only what drives the run differs.
+report (the task each step waited for), queued -> start of each task, how long each
+task's LocalExecutor worker stayed busy after the task ended (from the supervisors'
+"Workload finished" lines; both paths log at INFO), and the CPU seconds the path used.
+Both paths get the same ``--parallelism`` (LocalExecutor workers; 4, as `make run`), so
+only what drives the run differs. Everything started is stopped at the end, on error too.
 
-Usage: .venv/bin/python bench/bench_scheduler.py [--runs 5] [--keep]
+Usage: .venv/bin/python bench/bench_scheduler.py [--runs 5] [--parallelism 4] [--keep]
 """
 
 from __future__ import annotations
@@ -362,23 +365,30 @@ def ratio(a: list[float | None], b: list[float | None]) -> str:
 
 
 def print_results(
-    machine: str, startup: dict, building: dict, tests: list[dict], scheds: list[dict]
+    machine: str,
+    parallelism: int,
+    startup: dict,
+    building: dict,
+    tests: list[dict],
+    scheds: list[dict],
 ) -> None:
     n = len(tests)
-    print(f"\n{machine}")
+    print(f"\n{machine}; parallelism {parallelism} (LocalExecutor workers) on both paths")
     print(
         f"start-up (once, not in the runs): real scheduler {startup['distributed']:.1f} s "
         f"(PostgreSQL, db migrate, api-server, components) + {startup['dag_parsed']:.1f} s "
         f"until the DAG was parsed; dags test's SQLite home + api-server "
         f"{startup['embedded']:.1f} s"
     )
+    b = building
     print(
-        f"\nbuilding run (4 drivers) through the scheduler: wall {building['wall']:.1f} s, "
-        f"DAG run {building['dag_run']:.1f} s, run queued → running "
-        f"{building['run_queued']:.2f} s; shard end → unify start "
-        f"{[round(g, 2) for g in building['shard_gaps']]} s; gaps along the chain "
-        f"{ {k: round(v, 2) for k, v in building['gaps'].items()} }, sum "
-        f"{building['gap_sum']:.1f} s; queued → start median {building['queued_to_start']:.2f} s"
+        f"\nbuilding run (4 drivers) through the scheduler: wall {b['wall']:.1f} s, DAG run "
+        f"{b['dag_run']:.1f} s, run queued → running {b['run_queued']:.2f} s; each shard's "
+        f"end → unify's start {', '.join(f'{g:.2f}' for g in b['shard_gaps'])} s; gaps "
+        f"along the chain {', '.join(f'{k} {v:.2f}' for k, v in b['gaps'].items())} "
+        f"(sum {b['gap_sum']:.1f} s, median {b['gap_median']:.2f} s); task queued → started "
+        f"median {b['queued_to_start']:.2f} s; workers lingering > 2 s after a task: "
+        f"{b['lingered']} of {b['tasks']}"
     )
     print(f"\nno-op runs (to_build=0), medians (min–max) of {n}, interleaved")
     print("| per run | `airflow dags test` | real scheduler | scheduler ÷ dags test |")
@@ -386,35 +396,45 @@ def print_results(
     rows = (
         ("trigger → final state, wall s", "wall", 1),
         ("DAG run start → end (Airflow's record), s", "dag_run", 1),
-        ("run queued → running, s", "run_queued", 2),
+        ("… run start → first task start, s", "lead", 2),
+        ("… gaps task end → next task start, sum, s", "gap_sum", 1),
+        ("… tasks' own run time along the chain, sum, s", "task_sum", 1),
+        ("… last task end → run end, s", "tail", 2),
         ("gap task end → next task start, median per run, s", "gap_median", 2),
-        ("sum of those gaps, s", "gap_sum", 1),
+        ("run queued → running, s", "run_queued", 2),
         ("task queued → started, median per run, s", "queued_to_start", 2),
+        ("worker busy after its task ended, median per run, s", "linger_median", 2),
+        ("tasks whose worker stayed busy > 2 s after them", "lingered", 0),
         ("CPU seconds of the path's processes", "cpu", 1),
     )
     for label, key, digits in rows:
-        a, b = [r[key] for r in tests], [r[key] for r in scheds]
-        print(f"| {label} | {spread(a, digits)} | {spread(b, digits)} | {ratio(b, a)} |")
-    print("\ngap per step of the chain, medians, s")
-    print("| step | `airflow dags test` | real scheduler |")
-    print("|---|---|---|")
-    edges = list(dict.fromkeys(k for r in scheds + tests for k in r["gaps"]))
-    for edge in edges:
-        a, b = [r["gaps"].get(edge) for r in tests], [r["gaps"].get(edge) for r in scheds]
-        print(f"| {edge} | {spread(a, 2)} | {spread(b, 2)} |")
-    background = [r["background_cpu"] / r["wall"] for r in tests]
+        a, c = [r[key] for r in tests], [r[key] for r in scheds]
+        print(f"| {label} | {spread(a, digits)} | {spread(c, digits)} | {ratio(c, a)} |")
+    print("\nalong the chain (the task each step waited for), medians, s")
+    print("| step | gap: dags test | gap: scheduler | task run: dags test | task run: scheduler |")
+    print("|---|---|---|---|---|")
+    for name, _ in STAGES:
+        edge = next((k for r in scheds + tests for k in r["gaps"] if k.endswith(f"→ {name}")), "")
+        ga, gc = [r["gaps"].get(edge) for r in tests], [r["gaps"].get(edge) for r in scheds]
+        ra, rc = [r["runs"].get(name) for r in tests], [r["runs"].get(name) for r in scheds]
+        if any(v is not None for v in ga + gc + ra + rc):
+            cells = (spread(v, 2) for v in (ga, gc, ra, rc))
+            print(f"| {edge or name} | {' | '.join(cells)} |")
+    background = [100 * r["background_cpu"] / r["wall"] for r in tests]
     print(
         f"\nthe idle deployment (scheduler, dag-processor, triggerer, api-server, PostgreSQL) "
-        f"used {spread([100 * x for x in background], 0)} % of one core during the dags "
-        f"test runs; `dags test` hung after its run and was killed: "
-        f"{sum(r['hung'] for r in tests)} of {n}"
+        f"used {spread(background, 0)} % of one core during the dags test runs; `dags test` "
+        f"hung after its run and was killed: {sum(r['hung'] for r in tests)} of {n}"
     )
-    print("\ntask states, no-op run through the scheduler:", scheds[-1]["states"])
+    print("task states, last no-op run through the scheduler:", scheds[-1]["states"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--parallelism", type=int, default=4, help="LocalExecutor workers, both paths"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     if reason := unavailable_reason():
@@ -423,12 +443,14 @@ def main() -> None:
     machine = describe()
     began = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench-scheduler-"))
-    embedded.POLL_S = POLL_S  # dags_test's wait loop: finer than its 2 s, as for the other
+    embedded.POLL_S = POLL_S  # dags_test's wait loop: as fine as wait_for_run's
+    # INFO, as DistributedAirflow has it: the supervisors' "Workload finished" lines.
+    os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "INFO"
     with ExitStack() as stack:
-        if not args.keep:
-            stack.callback(shutil.rmtree, root, ignore_errors=True)
-        else:
+        if args.keep:
             print(f"keeping {root}")
+        else:
+            stack.callback(shutil.rmtree, root, ignore_errors=True)
         gcs = EmbeddedGCS(root / "gcs", port=free_port())
         stack.callback(gcs.stop)
         gcs.ensure_running()
@@ -440,7 +462,7 @@ def main() -> None:
 
         started = time.perf_counter()
         scheduler = stack.enter_context(
-            DistributedAirflow(home=root / "distributed", parallelism=PARALLELISM)
+            DistributedAirflow(home=root / "distributed", parallelism=args.parallelism)
         )
         startup = {"distributed": time.perf_counter() - started}
         started = time.perf_counter()
@@ -448,7 +470,7 @@ def main() -> None:
         startup["dag_parsed"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        dags_test = EmbeddedAirflow(home=root / "embedded", parallelism=PARALLELISM)
+        dags_test = EmbeddedAirflow(home=root / "embedded", parallelism=args.parallelism)
         stack.callback(dags_test.stop)
         dags_test.prepare()
         dags_test.start_api_server()
@@ -476,7 +498,7 @@ def main() -> None:
                     f"{result['dag_run']:.1f} s, gaps {result['gap_sum']:.1f} s",
                     flush=True,
                 )
-    print_results(machine, startup, building, tests, scheds)
+    print_results(machine, args.parallelism, startup, building, tests, scheds)
     print(f"\nbenchmark total: {time.perf_counter() - began:.0f} s")
 
 

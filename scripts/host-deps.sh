@@ -17,11 +17,13 @@
 #   busybox-static       vm-test: the guest's whole userland (insmod, rmmod, sh)
 #   gcc libc6-dev        vm-test: its eBPF loader, linked statically against libbpf
 #   docker-compose       the tests validate docker-compose.yaml with Compose itself
+#   postgresql           the metadata database of the run through the real scheduler
 # Bundles are made with apt-get download and dpkg-deb, which every Debian system has.
 set -eu
 
 PACKAGES="make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo
-    qemu-system-x86 busybox-static gcc libc6-dev docker-compose"
+    qemu-system-x86 busybox-static gcc libc6-dev docker-compose
+    postgresql"
 
 # shellcheck disable=SC2086  # the package list is split on purpose
 installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |
