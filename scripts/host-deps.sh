@@ -19,11 +19,18 @@
 #   docker-compose       the tests validate docker-compose.yaml with Compose itself
 #   postgresql           the metadata database of the run through the real scheduler
 # Bundles are made with apt-get download and dpkg-deb, which every Debian system has.
+#
+# Other scripts install their own packages through it: host-deps.sh [--with-recommends]
+# PACKAGE...
 set -eu
 
-PACKAGES="make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo
-    qemu-system-x86 busybox-static gcc libc6-dev docker-compose
-    postgresql"
+RECOMMENDS="--no-install-recommends"
+if [ "${1:-}" = "--with-recommends" ]; then
+    RECOMMENDS=""
+    shift
+fi
+PACKAGES="${*:-make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo
+    qemu-system-x86 busybox-static gcc libc6-dev docker-compose postgresql}"
 
 # shellcheck disable=SC2086  # the package list is split on purpose
 installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |
@@ -38,6 +45,6 @@ echo "host-deps: installing$missing" >&2
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
+$SUDO apt-get update -qq >&2
 # shellcheck disable=SC2086
-$SUDO apt-get install -y -qq --no-install-recommends $missing
+$SUDO apt-get install -y -qq $RECOMMENDS $missing >&2

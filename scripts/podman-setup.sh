@@ -19,24 +19,7 @@ set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CONF_DIR="$ROOT/.cache/podman"
 CONF="$CONF_DIR/containers.conf"
-PACKAGES="podman runc debootstrap"
-
-# shellcheck disable=SC2086  # the package list is split on purpose
-installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |
-    awk '$1 == "installed" { print $2 }')
-missing=""
-for p in $PACKAGES; do
-    echo "$installed" | grep -qx "$p" || missing="$missing $p"
-done
-if [ -n "$missing" ]; then
-    echo "podman-setup: installing$missing" >&2
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq >&2
-    # shellcheck disable=SC2086
-    $SUDO apt-get install -y -qq $missing >&2
-fi
+"$ROOT/scripts/host-deps.sh" --with-recommends podman runc debootstrap
 
 # Limits a container may have: at most the hard limits here (and conmon's 32768 processes).
 hard_limit() { # NAME CAP: the hard limit whose /proc line starts with NAME, at most CAP

@@ -13,21 +13,16 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
-import uuid
-from pathlib import Path
 
 import pytest
 
 from distributed import DistributedAirflow, unavailable_reason
 from drivers import layout
-from drivers.bundles import make_debian_bundle
 from drivers.pipeline import report_prefix
-from drivers.sources import package_sources, shipped_sources_dir
-from drivers.storage import ObjectStore, client_from_environment
+from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
-REPO = Path(__file__).resolve().parents[1]
 DAG = "upstream_drivers"
 FIRST = ("6.1.0-56-cloud-amd64", "6.12.115+deb12-cloud-amd64")
 SECOND = (  # new kernels for the run the scheduler dies in: one shard each
@@ -36,7 +31,8 @@ SECOND = (  # new kernels for the run the scheduler dies in: one shard each
     "6.12.113+deb12-cloud-amd64",
     "6.12.113+deb12-amd64",
 )
-CONFIG = """
+CONFIG = (
+    """
 driver_versions = ["2.3.0"]
 blocklists = []
 slots = 4
@@ -44,50 +40,21 @@ retries = 2
 retry_delay_s = 5
 [schedules]
 upstream_drivers = ""
-[[builders]]
-name = "deb61"
-toolchain = "host gcc-12 + clang (Debian 12)"
-[[builders]]
-name = "deb612"
-toolchain = "host gcc-12 + clang (Debian 12)"
-[[routes]]
-builder = "deb612"
-kernels = ">=6.12"
-kinds = ["mod", "bpf"]
-[[routes]]
-builder = "deb61"
-kernels = ">=3"
-kinds = ["mod", "bpf"]
 """
+    + DEBIAN_BUILDERS
+)
 
 
 @pytest.fixture(scope="module")
 def deployment(gcs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
-    tag = uuid.uuid4().hex[:8]
-    buckets = {role: f"dist-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
-    gcs.create_buckets(buckets.values())
-    config = tmp / "pipeline.toml"
-    config.write_text(CONFIG)
-    with pytest.MonkeyPatch.context() as mp:
-        for role, name in buckets.items():
-            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", name)
-        mp.setenv("DRIVERS_CONFIG", str(config))
-        mp.setenv("DRIVERS_RUNTIME", "local")
-        client = client_from_environment()
-        stores = {role: ObjectStore(client, name) for role, name in buckets.items()}
+    with pipeline_env(gcs, tmp, CONFIG, name="dist") as stores:
         for kernel in FIRST:
             publish_bundle(stores, kernel)
-        path = package_sources(shipped_sources_dir() / "2.3.0", tmp / "sources")
-        stores["sources"].upload_new_file(layout.source_object("2.3.0"), path)
+        publish_sources(stores, "2.3.0", tmp)
         with DistributedAirflow(home=tmp / "airflow", heartbeat_timeout_s=30) as airflow:
             airflow.wait_for_dag(DAG)
             yield airflow, stores
-
-
-def publish_bundle(stores, kernel: str) -> None:
-    path = make_debian_bundle(kernel, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
-    stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
 
 
 def report(stores, run_id: str, part: str = "report") -> dict:

@@ -7,24 +7,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from drivers import layout
-from drivers.bundles import make_debian_bundle
 from drivers.embedded import EmbeddedAirflow
-from drivers.sources import package_sources, shipped_sources_dir
-from drivers.storage import ObjectStore, client_from_environment
+from pipeline_env import pipeline_env, publish_bundle, publish_sources
 from podman import ensure_builder_image, podman_env, podman_service, podman_unavailable_reason
 
 pytestmark = pytest.mark.skipif(
     podman_unavailable_reason() is not None, reason=str(podman_unavailable_reason())
 )
 
-REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-56-cloud-amd64"
 CONFIG = """
 driver_versions = ["2.3.0"]
@@ -48,23 +42,14 @@ kinds = ["mod", "bpf"]
 
 def test_each_shard_runs_in_its_builder_container_and_publishes(gcs, tmp_path):
     image = ensure_builder_image()
-    tag = uuid.uuid4().hex[:8]
-    buckets = {role: f"docker-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
-    gcs.create_buckets(buckets.values())
-    config = tmp_path / "pipeline.toml"
-    config.write_text(CONFIG.format(image=image))
-    with podman_service(tmp_path) as docker_url, pytest.MonkeyPatch.context() as mp:
-        for role, name in buckets.items():
-            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", name)
-        mp.setenv("DRIVERS_CONFIG", str(config))
-        mp.setenv("DRIVERS_RUNTIME", "docker")
+    with (
+        podman_service(tmp_path) as docker_url,
+        pipeline_env(gcs, tmp_path, CONFIG.format(image=image), "docker", "docker") as stores,
+        pytest.MonkeyPatch.context() as mp,
+    ):
         mp.setenv("DOCKER_HOST", docker_url)
-        client = client_from_environment()
-        stores = {role: ObjectStore(client, name) for role, name in buckets.items()}
-        bundle = make_debian_bundle(KERNEL, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
-        stores["bundles"].upload_new_file(layout.bundle_object(KERNEL), bundle)
-        sources = package_sources(shipped_sources_dir() / "2.3.0", tmp_path / "sources")
-        stores["sources"].upload_new_file(layout.source_object("2.3.0"), sources)
+        publish_bundle(stores, KERNEL)
+        publish_sources(stores, "2.3.0", tmp_path)
 
         started = datetime.now(UTC)
         with EmbeddedAirflow(home=tmp_path / "airflow") as airflow:

@@ -7,43 +7,30 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from drivers import layout, vmtest
-from drivers.bundles import make_debian_bundle
 from drivers.embedded import EmbeddedAirflow
 from drivers.sources import package_sources, shipped_sources_dir
-from drivers.storage import ObjectStore, client_from_environment
+from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources
 
 REPO = Path(__file__).resolve().parents[1]
 # Two kernels on two builders, so the multi-builder path runs for real.
 KERNELS = ("6.1.0-56-cloud-amd64", "6.12.115+deb12-cloud-amd64")
 VERSIONS = ("2.3.0", "2.4.0-rc1")
-CONFIG = """
+CONFIG = (
+    """
 driver_versions = ["2.3.0", "2.4.0-rc1"]
 blocklists = []
 slots = 4
 retries = 1
 retry_delay_s = 5
-[[builders]]
-name = "deb61"
-toolchain = "host gcc-12 + clang (Debian 12)"
-[[builders]]
-name = "deb612"
-toolchain = "host gcc-12 + clang (Debian 12)"
-[[routes]]
-builder = "deb612"
-kernels = ">=6.12"
-kinds = ["mod", "bpf"]
-[[routes]]
-builder = "deb61"
-kernels = ">=3"
-kinds = ["mod", "bpf"]
 """
+    + DEBIAN_BUILDERS
+)
 BROKEN = 'MODULE_LICENSE("GPL");\nthis does not compile;\n'
 
 
@@ -51,21 +38,9 @@ BROKEN = 'MODULE_LICENSE("GPL");\nthis does not compile;\n'
 def env(gcs, tmp_path_factory):
     """Unique buckets, a two-builder config, bundles and sources published."""
     tmp = tmp_path_factory.mktemp("e2e")
-    tag = uuid.uuid4().hex[:8]
-    buckets = {role: f"e2e-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
-    gcs.create_buckets(buckets.values())
-    config = tmp / "pipeline.toml"
-    config.write_text(CONFIG)
-    with pytest.MonkeyPatch.context() as mp:
-        for role, name in buckets.items():
-            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", name)
-        mp.setenv("DRIVERS_CONFIG", str(config))
-        mp.setenv("DRIVERS_RUNTIME", "local")
-        client = client_from_environment()
-        stores = {role: ObjectStore(client, name) for role, name in buckets.items()}
+    with pipeline_env(gcs, tmp, CONFIG) as stores:
         for kernel in KERNELS:
-            path = make_debian_bundle(kernel, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
-            stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
+            publish_bundle(stores, kernel)
         # A boot image for the first kernel only: the second's drivers go out untested.
         assert (
             vmtest.publish_boot_image(
@@ -74,10 +49,8 @@ def env(gcs, tmp_path_factory):
             == "created"
         )
         for version in VERSIONS:
-            path = package_sources(shipped_sources_dir() / version, tmp / "sources")
-            stores["sources"].upload_new_file(layout.source_object(version), path)
-        airflow = EmbeddedAirflow(home=tmp / "airflow")
-        with airflow:
+            publish_sources(stores, version, tmp)
+        with EmbeddedAirflow(home=tmp / "airflow") as airflow:
             yield airflow, stores
 
 

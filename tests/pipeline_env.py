@@ -1,0 +1,70 @@
+"""A whole pipeline on its own buckets of the embedded GCS, for the tests (and the
+benchmarks) that run DAGs: unique bucket names for every role, a config file, and the
+environment that points the library, and any Airflow started from here, at them."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drivers import layout
+from drivers.bundles import make_debian_bundle
+from drivers.emulator import EmbeddedGCS
+from drivers.sources import package_sources, shipped_sources_dir
+from drivers.storage import ObjectStore, client_from_environment
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache"
+
+# Two builders on the host toolchain, so the multi-builder path runs for real.
+DEBIAN_BUILDERS = """
+[[builders]]
+name = "deb61"
+toolchain = "host gcc-12 + clang (Debian 12)"
+[[builders]]
+name = "deb612"
+toolchain = "host gcc-12 + clang (Debian 12)"
+[[routes]]
+builder = "deb612"
+kernels = ">=6.12"
+kinds = ["mod", "bpf"]
+[[routes]]
+builder = "deb61"
+kernels = ">=3"
+kinds = ["mod", "bpf"]
+"""
+
+
+@contextlib.contextmanager
+def pipeline_env(
+    gcs: EmbeddedGCS, tmp: Path, config: str, runtime: str = "local", name: str = "e2e"
+) -> Iterator[dict[str, ObjectStore]]:
+    """Buckets ``<name>-<random>-<role>``, ``config`` as DRIVERS_CONFIG, the runtime;
+    yields an ObjectStore per role. The environment is restored afterwards."""
+    tag = uuid.uuid4().hex[:8]
+    buckets = {role: f"{name}-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
+    gcs.create_buckets(buckets.values())
+    (tmp / "pipeline.toml").write_text(config)
+    with pytest.MonkeyPatch.context() as mp:
+        for role, bucket in buckets.items():
+            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", bucket)
+        mp.setenv("DRIVERS_CONFIG", str(tmp / "pipeline.toml"))
+        mp.setenv("DRIVERS_RUNTIME", runtime)
+        client = client_from_environment()
+        yield {role: ObjectStore(client, bucket) for role, bucket in buckets.items()}
+
+
+def publish_bundle(stores: dict[str, ObjectStore], kernel: str) -> None:
+    """A real Debian bundle of ``kernel`` (made once into .cache/bundles)."""
+    path = make_debian_bundle(kernel, CACHE / "bundles", CACHE / "debs")
+    stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
+
+
+def publish_sources(stores: dict[str, ObjectStore], version: str, tmp: Path) -> None:
+    """The shipped example sources of ``version``."""
+    path = package_sources(shipped_sources_dir() / version, tmp / "sources")
+    stores["sources"].upload_new_file(layout.source_object(version), path)
