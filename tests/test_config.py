@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from drivers.config import ConfigError, load_config
@@ -64,7 +66,7 @@ def test_config_is_selected_by_the_environment(tmp_path, monkeypatch):
         (('kernels = "*"', 'kernels = "6.0..5.0"'), r"routes\[1\] \(b\)"),
         (('["2.3.0"]', '["2.3"]'), "driver version '2.3'"),
         (("slots = 4", "slots = 0"), "slots must be a positive integer"),
-        (("slots = 4", 'slots = 4\nruntime = "docker"'), "runtime 'docker' is not one of"),
+        (("slots = 4", 'slots = 4\nruntime = "podman"'), "runtime 'podman' is not one of"),
         (("mod = 10", "mod = -1"), "costs.mod must be a number"),
         (('builder = "b"\n', 'builder = "a"\n'), r"builder\(s\) \['b'\] have no route"),
     ],
@@ -81,3 +83,22 @@ def test_unreadable_or_malformed_config_is_named(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "slots = = 3"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('cpaas_drivers = "0 0 * * *"', 'nightly = "0 2 * * *"'), "unknown DAG(s) ['nightly']"),
+        (('upstream_drivers = "0 2 * * *"', 'upstream_drivers = "2am"'), "a cron expression"),
+    ],
+)
+def test_schedules_are_checked(tmp_path, change, message):
+    from drivers.config import ConfigError, default_config_path, load_config
+
+    path = tmp_path / "pipeline.toml"
+    shipped = default_config_path().read_text()
+    path.write_text(shipped.replace(*change))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+    path.write_text(shipped)
+    assert load_config(path).schedules["upstream_drivers"] == "0 2 * * *"
