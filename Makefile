@@ -14,7 +14,8 @@ export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
                 6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64 6.12.115+deb12-rt-amd64
 
-.PHONY: setup run run-cpaas test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest gcs-up gcs-down
+.PHONY: setup run run-cpaas test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest \
+        bench-scheduler gcs-up gcs-down
 
 setup: $(STAMP)
 	@scripts/host-deps.sh
@@ -101,3 +102,7 @@ bench-cpaas: setup
 # ~10 min the first time (Debian kernel images and bundles into .cache/).
 bench-vmtest: setup
 	$(BIN)/python bench/bench_vmtest.py
+
+# ~5 min: the no-op run through the real scheduler (PostgreSQL) and through `dags test`.
+bench-scheduler: setup
+	$(BIN)/python bench/bench_scheduler.py

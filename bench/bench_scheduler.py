@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from collections import defaultdict
 from contextlib import ExitStack
 from datetime import UTC, datetime
@@ -53,18 +52,18 @@ from machine import describe
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from distributed import DistributedAirflow, unavailable_reason  # noqa: E402
-from drivers import embedded, layout  # noqa: E402
-from drivers.bundles import make_debian_bundle  # noqa: E402
+from drivers import embedded  # noqa: E402
 from drivers.embedded import EmbeddedAirflow  # noqa: E402
-from drivers.emulator import EmbeddedGCS, create_buckets, free_port  # noqa: E402
+from drivers.emulator import EmbeddedGCS, free_port  # noqa: E402
 from drivers.pipeline import report_prefix  # noqa: E402
-from drivers.sources import package_sources, shipped_sources_dir  # noqa: E402
-from drivers.storage import ObjectStore, client_from_environment  # noqa: E402
+from drivers.storage import ObjectStore  # noqa: E402
+from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources  # noqa: E402
 
 DAG = "upstream_drivers"
 KERNELS = ("6.1.0-56-cloud-amd64", "6.12.115+deb12-cloud-amd64")
 BUILDERS = ("deb61", "deb612")
-CONFIG = """
+CONFIG = (
+    """
 driver_versions = ["2.3.0"]
 blocklists = []
 slots = 4
@@ -72,21 +71,9 @@ retries = 2
 retry_delay_s = 5
 [schedules]
 upstream_drivers = ""
-[[builders]]
-name = "deb61"
-toolchain = "host gcc-12 + clang (Debian 12)"
-[[builders]]
-name = "deb612"
-toolchain = "host gcc-12 + clang (Debian 12)"
-[[routes]]
-builder = "deb612"
-kernels = ">=6.12"
-kinds = ["mod", "bpf"]
-[[routes]]
-builder = "deb61"
-kernels = ">=3"
-kinds = ["mod", "bpf"]
 """
+    + DEBIAN_BUILDERS
+)  # the deployment of tests/test_distributed.py
 # The DAG's chain, stage by stage (tasks of a stage run side by side).
 STAGES = (
     ("pre_build", ("pre_build",)),
@@ -258,7 +245,11 @@ def to_build(stores: dict[str, ObjectStore], run_id: str) -> int:
     return doc["plan"]["summary"]["to_build"]
 
 
-def measure(run: dict, tis: list[dict], wall: float, cpu: float, log: Path) -> dict:
+def measure(
+    run: dict, tis: list[dict], span: tuple[datetime, datetime], cpu: float, log: Path
+) -> dict:
+    """``span``: when this process started the run (trigger, or `dags test` started) and
+    when it saw the run's end (final state, or `dags test` exited)."""
     gaps, runs = critical_path(tis)
     queued = queued_to_start(tis)
     linger = lingering(log, tis)
@@ -266,8 +257,10 @@ def measure(run: dict, tis: list[dict], wall: float, cpu: float, log: Path) -> d
     ends = [t["end"] for t in tis if t["end"]]
     return {
         "run_id": run["run_id"],
-        "wall": wall,
+        "wall": seconds(*span),
+        "before": seconds(span[0], run["start_date"]),
         "dag_run": seconds(run["start_date"], run["end_date"]),
+        "after": seconds(run["end_date"], span[1]),
         "run_queued": seconds(run["queued_at"], run["start_date"]),
         "lead": seconds(run["start_date"], min(starts)),
         "tail": seconds(max(ends), run["end_date"]),
@@ -289,10 +282,10 @@ def measure(run: dict, tis: list[dict], wall: float, cpu: float, log: Path) -> d
 def through_scheduler(airflow: DistributedAirflow) -> dict:
     roots = deployment_roots(airflow)
     cpu = tree_cpu(roots)
-    started = time.perf_counter()
+    began = datetime.now(UTC)
     run_id = airflow.trigger(DAG)
     state = airflow.wait_for_run(DAG, run_id, timeout=1200, poll_s=POLL_S)
-    wall = time.perf_counter() - started
+    span = (began, datetime.now(UTC))
     cpu = tree_cpu(roots) - cpu
     if state != "success":
         raise RuntimeError(f"scheduler run {run_id} {state}; logs in {airflow.home}")
@@ -301,7 +294,7 @@ def through_scheduler(airflow: DistributedAirflow) -> dict:
     run = {"run_id": run_id} | {
         k: when(run.get(k)) for k in ("queued_at", "start_date", "end_date")
     }
-    return measure(run, api_tis(airflow, run_id), wall, cpu, airflow.home / "scheduler.log")
+    return measure(run, api_tis(airflow, run_id), span, cpu, airflow.home / "scheduler.log")
 
 
 def through_dags_test(airflow: EmbeddedAirflow, background: DistributedAirflow) -> dict:
@@ -309,15 +302,15 @@ def through_dags_test(airflow: EmbeddedAirflow, background: DistributedAirflow) 
     log_size = log.stat().st_size if log.exists() else 0
     roots = [airflow._api.pid]
     cpu, deployment = children_cpu() + tree_cpu(roots), tree_cpu(deployment_roots(background))
-    started = time.perf_counter()
+    began = datetime.now(UTC)
     status = airflow.dags_test(DAG, log=log, timeout=1200, use_executor=True)
-    wall = time.perf_counter() - started
+    span = (began, datetime.now(UTC))
     cpu = children_cpu() + tree_cpu(roots) - cpu
     deployment = tree_cpu(deployment_roots(background)) - deployment
     if status != 0:
         raise RuntimeError(f"`airflow dags test` exited {status}; see {log}")
     run, tis = sqlite_run(airflow.home / "airflow.db")
-    result = measure(run, tis, wall, cpu, log)
+    result = measure(run, tis, span, cpu, log)
     with open(log, "rb") as f:
         f.seek(log_size)
         result["hung"] = b"hung after it: killed" in f.read()
@@ -328,20 +321,10 @@ def through_dags_test(airflow: EmbeddedAirflow, background: DistributedAirflow) 
 # --- set-up ------------------------------------------------------------------------------
 
 
-def publish_inputs(root: Path) -> dict[str, ObjectStore]:
-    tag = uuid.uuid4().hex[:8]
-    buckets = {role: f"bench-{tag}-{role.replace('_', '-')}" for role in layout.ROLES}
-    client = client_from_environment()
-    create_buckets(os.environ["STORAGE_EMULATOR_HOST"], buckets.values())
-    for role, name in buckets.items():
-        os.environ[f"DRIVERS_BUCKET_{role.upper()}"] = name
-    stores = {role: ObjectStore(client, name) for role, name in buckets.items()}
+def publish_inputs(stores: dict, root: Path) -> None:
     for kernel in KERNELS:
-        path = make_debian_bundle(kernel, REPO / ".cache" / "bundles", REPO / ".cache" / "debs")
-        stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
-    path = package_sources(shipped_sources_dir() / "2.3.0", root / "sources")
-    stores["sources"].upload_new_file(layout.source_object("2.3.0"), path)
-    return stores
+        publish_bundle(stores, kernel)
+    publish_sources(stores, "2.3.0", root)
 
 
 # --- output ------------------------------------------------------------------------------
@@ -395,11 +378,13 @@ def print_results(
     print("|---|---|---|---|")
     rows = (
         ("trigger → final state, wall s", "wall", 1),
-        ("DAG run start → end (Airflow's record), s", "dag_run", 1),
-        ("… run start → first task start, s", "lead", 2),
-        ("… gaps task end → next task start, sum, s", "gap_sum", 1),
-        ("… tasks' own run time along the chain, sum, s", "task_sum", 1),
-        ("… last task end → run end, s", "tail", 2),
+        ("… before the DAG run (trigger or process start → run start), s", "before", 1),
+        ("… DAG run start → end (Airflow's record), s", "dag_run", 1),
+        ("… after the DAG run (run end → end seen or process exit), s", "after", 1),
+        ("DAG run: start → first task start, s", "lead", 2),
+        ("DAG run: gaps task end → next task start, sum, s", "gap_sum", 1),
+        ("DAG run: tasks' own run time along the chain, sum, s", "task_sum", 1),
+        ("DAG run: last task end → run end, s", "tail", 2),
         ("gap task end → next task start, median per run, s", "gap_median", 2),
         ("run queued → running, s", "run_queued", 2),
         ("task queued → started, median per run, s", "queued_to_start", 2),
@@ -455,10 +440,8 @@ def main() -> None:
         stack.callback(gcs.stop)
         gcs.ensure_running()
         os.environ.update(gcs.env())
-        config = root / "pipeline.toml"
-        config.write_text(CONFIG)
-        os.environ |= {"DRIVERS_CONFIG": str(config), "DRIVERS_RUNTIME": "local"}
-        stores = publish_inputs(root)
+        stores = stack.enter_context(pipeline_env(gcs, root, CONFIG, name="bench"))
+        publish_inputs(stores, root)
 
         started = time.perf_counter()
         scheduler = stack.enter_context(
