@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import json
 import tarfile
-import uuid
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from drivers import cpaas, layout, oci
+from drivers import cpaas, oci
 from drivers.embedded import EmbeddedAirflow
 from drivers.names import DriverKey
 from drivers.pipeline import Stores
 from drivers.storage import client_from_environment
 from drivers.synthetic import driver
+from pipeline_env import pipeline_env
 
 VERSIONS = ("2.3.0", "2.4.0-rc1")
 UPSTREAM_KERNELS = ("6.1.0-56-amd64", "6.1.0-56-rt-amd64")
@@ -41,17 +41,8 @@ kinds = ["mod", "bpf"]
 def env(gcs, tmp_path_factory):
     """Unique buckets, an upstream cache (as `make run` leaves it), the demo images."""
     tmp = tmp_path_factory.mktemp("cpaas-e2e")
-    tag = uuid.uuid4().hex[:8]
-    buckets = layout.Buckets(**{r: f"cpaas-e2e-{tag}-{r.replace('_', '-')}" for r in layout.ROLES})
-    gcs.create_buckets(buckets.all())
-    config = tmp / "pipeline.toml"
-    config.write_text(CONFIG)
-    with pytest.MonkeyPatch.context() as mp:
-        for role in layout.ROLES:
-            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", getattr(buckets, role))
-        mp.setenv("DRIVERS_CONFIG", str(config))
-        mp.setenv("DRIVERS_RUNTIME", "local")
-        stores = Stores(client_from_environment(), buckets)
+    with pipeline_env(gcs, tmp, CONFIG, name="cpaas-e2e"):
+        stores = Stores(client_from_environment())  # on the buckets pipeline_env named
         for kernel in UPSTREAM_KERNELS:
             for version in VERSIONS:
                 for kind in ("mod", "bpf"):
