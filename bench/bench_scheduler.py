@@ -51,29 +51,17 @@ from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from distributed import DistributedAirflow, unavailable_reason  # noqa: E402
+from distributed import CONFIG, DistributedAirflow, unavailable_reason  # noqa: E402
 from drivers import embedded  # noqa: E402
 from drivers.embedded import EmbeddedAirflow  # noqa: E402
 from drivers.emulator import EmbeddedGCS, free_port  # noqa: E402
 from drivers.pipeline import report_prefix  # noqa: E402
 from drivers.storage import ObjectStore  # noqa: E402
-from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources  # noqa: E402
+from pipeline_env import pipeline_env, publish_bundle, publish_sources  # noqa: E402
 
 DAG = "upstream_drivers"
 KERNELS = ("6.1.0-56-cloud-amd64", "6.12.115+deb12-cloud-amd64")
 BUILDERS = ("deb61", "deb612")
-CONFIG = (
-    """
-driver_versions = ["2.3.0"]
-blocklists = []
-slots = 4
-retries = 2
-retry_delay_s = 5
-[schedules]
-upstream_drivers = ""
-"""
-    + DEBIAN_BUILDERS
-)  # the deployment of tests/test_distributed.py
 # The DAG's chain, stage by stage (tasks of a stage run side by side).
 STAGES = (
     ("pre_build", ("pre_build",)),

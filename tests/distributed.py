@@ -19,10 +19,25 @@ from pathlib import Path
 
 from drivers.embedded import BIN, EmbeddedAirflow
 from drivers.emulator import free_port
+from pipeline_env import DEBIAN_BUILDERS
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 PASSWORD = "distributed-test"
+# The pipeline it runs: two host-toolchain builders, one driver version, no schedule (only
+# the runs it triggers), retries for the tasks a killed scheduler leaves behind.
+CONFIG = (
+    """
+driver_versions = ["2.3.0"]
+blocklists = []
+slots = 4
+retries = 2
+retry_delay_s = 5
+[schedules]
+upstream_drivers = ""
+"""
+    + DEBIAN_BUILDERS
+)
 
 
 def unavailable_reason() -> str | None:

@@ -16,10 +16,10 @@ import urllib.parse
 
 import pytest
 
-from distributed import DistributedAirflow, unavailable_reason
+from distributed import CONFIG, DistributedAirflow, unavailable_reason
 from drivers import layout
 from drivers.pipeline import report_prefix
-from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources
+from pipeline_env import pipeline_env, publish_bundle, publish_sources
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
@@ -30,18 +30,6 @@ SECOND = (  # new kernels for the run the scheduler dies in: one shard each
     "6.1.0-47-amd64",
     "6.12.113+deb12-cloud-amd64",
     "6.12.113+deb12-amd64",
-)
-CONFIG = (
-    """
-driver_versions = ["2.3.0"]
-blocklists = []
-slots = 4
-retries = 2
-retry_delay_s = 5
-[schedules]
-upstream_drivers = ""
-"""
-    + DEBIAN_BUILDERS
 )
 
 
