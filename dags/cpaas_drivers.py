@@ -110,6 +110,7 @@ def cpaas_drivers():
 
         failed = glue.failed_tasks(get_current_context())
         verdict = cpaas.report(glue.stores(), glue.run_id(), _params(), failed)
+        glue.notify_run(get_current_context(), verdict)  # a failed run: one message
         if verdict["status"] == "failed":
             raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
         return verdict

@@ -156,6 +156,7 @@ def upstream_drivers():
             "update_support_packages": packages,
         }
         verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), plan, steps, failed)
+        glue.notify_run(get_current_context(), verdict)  # failed or degraded: one message
         if verdict["status"] != "success":
             raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
         return verdict

@@ -16,6 +16,7 @@ from drivers import layout, vmtest
 from drivers.embedded import EmbeddedAirflow
 from drivers.sources import package_sources, shipped_sources_dir
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources
+from webhook import webhook
 
 REPO = Path(__file__).resolve().parents[1]
 # Two kernels on two builders, so the multi-builder path runs for real.
@@ -50,8 +51,14 @@ def env(gcs, tmp_path_factory):
         )
         for version in VERSIONS:
             publish_sources(stores, version, tmp)
-        with EmbeddedAirflow(home=tmp / "airflow") as airflow:
-            yield airflow, stores
+        with (
+            webhook() as (url, received),
+            EmbeddedAirflow(home=tmp / "airflow") as airflow,
+            pytest.MonkeyPatch.context() as mp,
+        ):
+            conn = {"conn_type": "http", "host": url}
+            mp.setenv("AIRFLOW_CONN_DRIVERS_NOTIFY", json.dumps(conn))
+            yield airflow, stores, received
 
 
 def run(airflow: EmbeddedAirflow, stores, conf: dict | None = None) -> dict:
@@ -81,12 +88,12 @@ def cache_names(stores) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def first_run(env):
-    airflow, stores = env
+    airflow, stores, messages = env
     return run(airflow, stores)
 
 
 def test_first_run_builds_verifies_and_publishes_real_drivers(env, first_run):
-    _, stores = env
+    _, stores, messages = env
     assert first_run["status"] == "success" and first_run["exit_status"] == 0, first_run["reasons"]
     expected = {f"{v}/collector-{k}.ko.gz" for k in KERNELS for v in VERSIONS} | {
         f"{v}/collector-ebpf-{k}.o.gz" for k in KERNELS for v in VERSIONS
@@ -125,7 +132,7 @@ def test_builder_shards_ran_in_parallel(first_run):
 
 
 def test_support_packages_are_published(env, first_run):
-    _, stores = env
+    _, stores, messages = env
     names = {i.name for i in stores["support"].list()}
     for version in VERSIONS:
         assert f"{version}/latest" in names
@@ -135,10 +142,11 @@ def test_support_packages_are_published(env, first_run):
 
 
 def test_second_run_builds_nothing(env, first_run):
-    airflow, stores = env
+    airflow, stores, messages = env
     before = cache_names(stores)
     second = run(airflow, stores)
     assert second["status"] == "success", second["reasons"]
+    assert messages == []  # clean runs send no notification
     assert second["plan"]["summary"]["to_build"] == 0
     assert second["plan"]["summary"]["done"] == 8
     assert second["vm-tests"]["kernels"] == 0 and second["vm-tests"]["results"] == []  # no VM
@@ -146,7 +154,7 @@ def test_second_run_builds_nothing(env, first_run):
 
 
 def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first_run, tmp_path):
-    airflow, stores = env
+    airflow, stores, messages = env
     broken = tmp_path / "9.9.9-rc1"
     shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", broken)
     for f in (broken / "module").glob("*.c"):
@@ -154,8 +162,11 @@ def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first
     path = package_sources(broken, tmp_path / "out")
     stores["sources"].upload_new_file(layout.source_object("9.9.9-rc1"), path)
 
+    sent = len(messages)
     failed = run(airflow, stores, {"driver_versions": ["9.9.9-rc1"], "max_failures": 1})
     assert failed["status"] == "failed" and failed["exit_status"] != 0
+    assert len(messages) == sent + 1  # one message to the drivers_notify webhook
+    assert "*FAILED*" in messages[-1]["text"] and "compile failure(s)" in messages[-1]["text"]
     assert any("compile failure" in r for r in failed["reasons"]), failed["reasons"]
     assert failed["build"]["compile_failures"] == 2
     assert all(f["failure"] == "compile" for f in failed["build"]["failures"])
@@ -169,7 +180,7 @@ def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first
 
 
 def test_a_corrupt_bundle_fails_the_run_but_other_shards_publish(env, first_run, tmp_path):
-    airflow, stores = env
+    airflow, stores, messages = env
     corrupt = layout.bundle_object("6.1.0-50-cloud-amd64")
     stores["bundles"].upload_new(corrupt, b"\x1f\x8b this is not a bundle")
     shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", tmp_path / "2.5.0")
@@ -190,7 +201,7 @@ def test_a_corrupt_bundle_fails_the_run_but_other_shards_publish(env, first_run,
 
 
 def test_shrink_guard_stops_before_building_and_deletes_nothing(env, first_run):
-    airflow, stores = env
+    airflow, stores, messages = env
     before = cache_names(stores)
     missing = layout.bundle_object(KERNELS[1])
     data = stores["bundles"].download(missing)

@@ -359,6 +359,40 @@ def teardown_run(dag_id: str, run_id: str) -> None:
     log.warning("%s %s: removed %d staging object(s)", dag_id, run_id, removed)
 
 
+NOTIFY_CONN_ID = os.environ.get("DRIVERS_NOTIFY_CONN_ID", "drivers_notify")
+
+
+def notify_run(context: dict[str, Any], verdict: dict[str, Any]) -> bool:
+    """Send one message for a failed or degraded run (:mod:`drivers.notify`) to the
+    webhook of the ``drivers_notify`` connection (its host is the webhook URL); no
+    connection, no message. Returns whether a message went out."""
+    from airflow.configuration import conf
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    from drivers import notify
+
+    dag_id, run_id = context["dag"].dag_id, context["run_id"]
+    base = conf.get("api", "base_url", fallback=None)
+    run_url = f"{base.rstrip('/')}/dags/{dag_id}/runs/{run_id}" if base else None
+    payload = notify.run_message(dag_id, run_id, verdict, run_url)
+    if payload is None:
+        return False
+    try:
+        connection = BaseHook.get_connection(NOTIFY_CONN_ID)
+    except AirflowNotFoundException:
+        return False
+    url = connection.host if "://" in (connection.host or "") else connection.get_uri()
+    try:
+        notify.post(url, payload)
+    except notify.NotifyError as e:  # the run's verdict stands; the message is lost, said so
+        import logging
+
+        logging.getLogger(__name__).error("%s %s: no notification sent: %s", dag_id, run_id, e)
+        return False
+    return True
+
+
 def failed_tasks(context: dict[str, Any]) -> list[str]:
     """Tasks of this run that failed (for the report task, the run's watcher); the ones
     that did not run because of them (upstream_failed) are not the culprits."""

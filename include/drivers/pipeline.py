@@ -454,6 +454,14 @@ def report(
         if refused:
             what += f" + {refused} driver(s) their kernel refused (not published)"
         reasons.append(f"{what} > max_failures={params.max_failures}")
+    warnings = []
+    tolerated = build.get("compile_failures", 0) + refused
+    if tolerated and tolerated <= params.max_failures:
+        warnings.append(f"{tolerated} failure(s) tolerated (max_failures={params.max_failures})")
+    if not enforced and vm.get("refused"):
+        warnings.append(
+            f"{vm['refused']} driver(s) their kernel refused were published (vm_tests={vm['mode']})"
+        )
     if enforced and vm.get("boot_failed"):
         reasons.append(
             f"{vm['boot_failed']} driver(s) held back: their VM did not boot (infrastructure; "
@@ -468,6 +476,7 @@ def report(
         "run_id": run_id,
         "status": status,
         "reasons": reasons,
+        "warnings": warnings,
         "params": params.__dict__,
         "plan": pre,
         "steps": steps,
@@ -479,7 +488,7 @@ def report(
         # The listing of a successful run becomes the shrink guard's new reference.
         kernels = read_json(stores.work, f"{report_prefix(run_id)}kernels.json")
         write_json(stores.work, STATE_OBJECT, {"run_id": run_id, "kernels": kernels})
-    return {"status": status, "reasons": reasons, "report": uri}
+    return {"status": status, "reasons": reasons, "warnings": warnings, "report": uri}
 
 
 def cleanup_staging(stores: Stores, run_id: str) -> int:
