@@ -50,8 +50,8 @@ def pipeline_env(
     gcs.create_buckets(buckets.values())
     (tmp / "pipeline.toml").write_text(config)
     with pytest.MonkeyPatch.context() as mp:
-        for role, bucket in buckets.items():
-            mp.setenv(f"DRIVERS_BUCKET_{role.upper()}", bucket)
+        for variable, bucket in layout.Buckets(**buckets).to_env().items():
+            mp.setenv(variable, bucket)
         mp.setenv("DRIVERS_CONFIG", str(tmp / "pipeline.toml"))
         mp.setenv("DRIVERS_RUNTIME", runtime)
         client = client_from_environment()

@@ -17,7 +17,7 @@ from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from drivers.config import VM_TEST_MODES, Config
-from drivers.layout import ROLES, Buckets
+from drivers.layout import Buckets
 from drivers.names import DRIVER_VERSION_RE, KINDS
 
 if TYPE_CHECKING:
@@ -142,12 +142,9 @@ def _pod_kwargs(config: Config, resources: dict[str, str], labels: dict[str, str
 
     pod = config.kubernetes
     resources = pod["resources"] | resources
-    buckets = Buckets.from_env()  # the pods use the buckets the workers use
     return {
-        "env_vars": [
-            k8s.V1EnvVar(name=f"DRIVERS_BUCKET_{role.upper()}", value=getattr(buckets, role))
-            for role in ROLES
-        ],
+        # the pods use the buckets the workers use
+        "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in Buckets.from_env().to_env().items()],
         "namespace": pod["namespace"],
         "kubernetes_conn_id": pod["connection"],
         "service_account_name": pod["service_account"],  # workload identity: no keys
@@ -181,7 +178,7 @@ def builder_container_kwargs(config: Config, builder: str) -> dict[str, Any]:
     """The docker runtime: one builder container per shard (DockerOperator.partial
     keywords), the builder's image running the same entrypoint as a pod."""
     resources = config.kubernetes["resources"] | config.builders[builder].resources
-    env = {f"DRIVERS_BUCKET_{role.upper()}": getattr(Buckets.from_env(), role) for role in ROLES}
+    env = Buckets.from_env().to_env()
     if os.environ.get("STORAGE_EMULATOR_HOST"):  # the embedded GCS: same endpoint
         env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
     return {

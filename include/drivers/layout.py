@@ -32,6 +32,10 @@ LEDGER_PREFIX = "ledger/"
 IMAGES_PREFIX = "images/"
 
 
+def bucket_env_var(role: str) -> str:
+    return f"DRIVERS_BUCKET_{role.upper()}"
+
+
 @dataclass(frozen=True)
 class Buckets:
     bundles: str
@@ -45,7 +49,11 @@ class Buckets:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Buckets:
         env = os.environ if env is None else env
-        return cls(**{r: env.get(f"DRIVERS_BUCKET_{r.upper()}", DEFAULT_BUCKETS[r]) for r in ROLES})
+        return cls(**{r: env.get(bucket_env_var(r), DEFAULT_BUCKETS[r]) for r in ROLES})
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that names these buckets (what pods and containers get)."""
+        return {bucket_env_var(r): getattr(self, r) for r in ROLES}
 
     def all(self) -> list[str]:
         return [getattr(self, r) for r in ROLES]
