@@ -162,6 +162,12 @@ def upstream_drivers():
         return verdict
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
+    def record_ledger() -> dict:
+        from drivers import pipeline
+
+        return pipeline.record_ledger(glue.stores(), glue.run_id())
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
     def cleanup_staging() -> int:
         from drivers import pipeline
 
@@ -181,6 +187,7 @@ def upstream_drivers():
         tested,
         pushed,
         packages,
+        record_ledger(),
         cleanup_staging(),
         verdict,
     )

@@ -491,6 +491,12 @@ def report(
     return {"status": status, "reasons": reasons, "warnings": warnings, "report": uri}
 
 
+def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
+    """Append the run's decisions and attempts to the build ledger and refresh the
+    coverage index (:mod:`drivers.ledger`). Placeholder until the ledger lands."""
+    return {"records": 0}
+
+
 def cleanup_staging(stores: Stores, run_id: str) -> int:
     """Delete the run's staging prefix; reports stay."""
     return stores.work.delete_prefix(layout.staging_prefix(run_id))
