@@ -16,6 +16,7 @@ DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
 
 .PHONY: setup run run-cpaas test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest \
         bench-scheduler gcs-up gcs-down
+.PHONY: bench-coverage
 
 setup: $(STAMP)
 	@scripts/host-deps.sh
@@ -106,3 +107,7 @@ bench-vmtest: setup
 # ~5 min: the no-op run through the real scheduler (PostgreSQL) and through `dags test`.
 bench-scheduler: setup
 	$(BIN)/python bench/bench_scheduler.py
+
+# ~1 min: the coverage page with 10,000 kernels x 5 versions, first render in chromium.
+bench-coverage: setup
+	$(BIN)/python bench/bench_coverage_page.py

@@ -6,20 +6,21 @@ drivers, build them on the right toolchain, verify them, publish them to the dri
 cache **without ever overwriting** what agents already download, and refresh the
 support packages.
 
-`pre_build` plans (candidates − done − blocked − unroutable) and writes one shard file
-per builder pod → one task group per builder, mapped over its shards → `unify` merges
-the build records → `verify_drivers` checks every staged object →
-`integration_tests` boots each kernel that got new drivers under QEMU and loads them
-there (`vm_tests`: enforce holds back what the kernel refuses) → `push_drivers`
-promotes what passed → `update_support_packages` → `report` fails the run when an
-infrastructure step failed or failures (compile, refused by the kernel) exceed
-`max_failures`.
+`pre_build` plans (candidates − done − claimed by a run in flight − blocked −
+unroutable) and writes one shard file per builder pod → one task group per builder,
+mapped over its shards → `unify` merges the build records → `verify_drivers` checks
+every staged object → `integration_tests` boots each kernel that got new drivers under
+QEMU and loads them there (`vm_tests`: enforce holds back what the kernel refuses) →
+`push_drivers` promotes what passed → `update_support_packages` → `record_ledger` →
+`cleanup_staging` → `report` fails the run when an infrastructure step failed or
+failures (compile, refused by the kernel) exceed `max_failures`.
 `cleanup_staging` always runs; a run that fails or is marked failed (cancelled) also
 has its pods deleted by label and its staging removed (plugins/drivers_teardown.py).
 Reports stay in the work bucket under `reports/<run_id>/`.
 
 The DAG's shape (builders, runtime) comes from the shipped config (`DRIVERS_CONFIG`,
-`DRIVERS_RUNTIME`), never from trigger parameters.
+`DRIVERS_RUNTIME`), never from trigger parameters. `backfill_drivers` is built by the
+same factory below.
 """
 
 from __future__ import annotations
@@ -35,7 +36,26 @@ from drivers.config import load_config
 if TYPE_CHECKING:
     from drivers.pipeline import RunParams
 
-config = load_config()  # a local TOML file: cheap, and the DAG's shape depends on it
+BACKFILL_DOC = """
+### Backfill drivers
+
+A kernel-range backfill, by hand only: the same pipeline as `upstream_drivers` (one
+factory in `dags/upstream_drivers.py` builds both, so they cannot drift apart) for the
+kernels a **required** selector names, e.g. `el8:4.18.0-305..4.18.0-372`. It **dry-runs
+by default**: `pre_build`'s log and the run's report show the plan (tasks per builder
+and kind, first kernels, estimated pod-hours and makespan) and nothing is built; trigger
+again with `dry_run: false` to build. What the cache holds is never rebuilt unless
+`force`.
+
+It neither starves nor collides with the nightly: its builder tasks take slots of their
+own pool `backfill_builders` (`[backfill] slots`, which its plan is balanced over),
+never of `builders`; its tasks weigh less (`priority_weight` 1 against 10, weight rule
+absolute) where both DAGs wait for the same executor slots; one backfill runs at a
+time; and every run plans under one lock, leaving out the tasks another run in flight
+claimed (`drivers.claims`), so no driver is planned twice.
+"""
+
+config = load_config()  # a local TOML file: cheap, and the DAGs' shape depends on it
 # drivers.pipeline (and google-cloud-storage) is imported inside tasks: parsing stays cheap.
 
 
@@ -45,161 +65,186 @@ def _params() -> RunParams:
     return RunParams.from_params(get_current_context()["params"], config)
 
 
-@dag(
-    schedule=config.schedules["upstream_drivers"] or None,  # "": by hand only
-    params=glue.run_params(config),
-    tags=["drivers", "upstream"],
-    doc_md=__doc__,
-    **glue.dag_policy(config),
-)
-def upstream_drivers():
-    @task
-    def pre_build() -> dict:
-        from drivers import pipeline
+def drivers_dag(dag_id: str):
+    """One DAG of the pipeline: the nightly ``upstream_drivers`` or the by-hand
+    ``backfill_drivers`` (no schedule, selector required, dry run by default, its own
+    builder pool, a lower priority). Same tasks, same order."""
+    backfill = dag_id == glue.BACKFILL
+    policy = glue.dag_policy(config)
+    policy["default_args"] |= {
+        "priority_weight": glue.PRIORITY_WEIGHTS[dag_id],
+        "weight_rule": "absolute",  # the weight above, whatever the DAG's shape
+    }
+    pool = glue.BUILDER_POOLS[dag_id]
+    run_config = glue.run_config(config, dag_id)  # a backfill plans over its pool's slots
 
-        try:
-            return pipeline.pre_build(glue.stores(), config, glue.run_id(), _params())
-        except (pipeline.ShrinkGuardError, ValueError) as e:  # bad input: retrying cannot help
-            raise AirflowFailException(str(e)) from None
-
-    plan = pre_build()
-
-    builder_groups = []
-    for builder in config.builders:
-
-        @task_group(group_id=builder)
-        def build(plan: dict, builder: str = builder):
-            @task
-            def shards(plan: dict, builder: str) -> list[str]:
-                return plan["shards"].get(builder, [])
-
-            shard_uris = shards(plan, builder)
-            if config.runtime == "kubernetes":
-                from airflow.providers.cncf.kubernetes.operators.pod import (
-                    KubernetesPodOperator,
-                )
-
-                return KubernetesPodOperator.partial(
-                    **glue.builder_pod_kwargs(config, builder)
-                ).expand(arguments=shard_uris.map(glue.builder_arguments))
-
-            if config.runtime == "docker":
-                from airflow.providers.docker.operators.docker import DockerOperator
-
-                return DockerOperator.partial(
-                    **glue.builder_container_kwargs(config, builder)
-                ).expand(command=shard_uris.map(glue.builder_arguments))
-
-            @task(pool=glue.BUILDER_POOL)
-            def build_shard(shard: str) -> None:
-                glue.run_local_shard(shard)
-
-            return build_shard.expand(shard=shard_uris)
-
-        builder_groups.append(build(plan))
-
-    @task(trigger_rule=TriggerRule.ALL_DONE)
-    def unify(plan: dict | None) -> dict:
-        from drivers import pipeline
-
-        if plan is None:
-            raise AirflowFailException("pre_build produced no plan")
-        return pipeline.unify(glue.stores(), glue.run_id(), plan["shards"])
-
-    @task
-    def verify_drivers() -> dict:
-        from drivers import pipeline
-
-        return pipeline.verify_drivers(glue.stores(), glue.run_id())
-
-    if config.runtime == "kubernetes":
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-
-        tested = KubernetesPodOperator(**glue.vm_test_pod_kwargs(config)).output
-    else:
-
+    @dag(
+        dag_id=dag_id,
+        schedule=None if backfill else (config.schedules[dag_id] or None),  # "": by hand
+        params=glue.run_params(config, backfill=backfill),
+        tags=["drivers", "upstream", "backfill"] if backfill else ["drivers", "upstream"],
+        doc_md=BACKFILL_DOC if backfill else __doc__,
+        **policy,
+    )
+    def pipeline():
         @task
-        def integration_tests() -> dict:
+        def pre_build() -> dict:
+            from drivers import pipeline
+            from drivers.planview import format_plan_view
+
+            try:
+                params = _params()
+                planned = pipeline.pre_build(glue.stores(), run_config, glue.run_id(), params)
+            except (pipeline.ShrinkGuardError, ValueError) as e:  # bad input: no retry
+                raise AirflowFailException(str(e)) from None
+            print(format_plan_view(planned["plan_view"], params.dry_run))  # the task log
+            return planned
+
+        plan = pre_build()
+
+        builder_groups = []
+        for builder in config.builders:
+
+            @task_group(group_id=builder)
+            def build(plan: dict, builder: str = builder):
+                @task
+                def shards(plan: dict, builder: str) -> list[str]:
+                    return plan["shards"].get(builder, [])
+
+                shard_uris = shards(plan, builder)
+                if config.runtime == "kubernetes":
+                    from airflow.providers.cncf.kubernetes.operators.pod import (
+                        KubernetesPodOperator,
+                    )
+
+                    return KubernetesPodOperator.partial(
+                        **glue.builder_pod_kwargs(config, builder, pool)
+                    ).expand(arguments=shard_uris.map(glue.builder_arguments))
+
+                if config.runtime == "docker":
+                    from airflow.providers.docker.operators.docker import DockerOperator
+
+                    return DockerOperator.partial(
+                        **glue.builder_container_kwargs(config, builder, pool)
+                    ).expand(command=shard_uris.map(glue.builder_arguments))
+
+                @task(pool=pool)
+                def build_shard(shard: str) -> None:
+                    glue.run_local_shard(shard)
+
+                return build_shard.expand(shard=shard_uris)
+
+            builder_groups.append(build(plan))
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def unify(plan: dict | None) -> dict:
             from drivers import pipeline
 
-            return pipeline.integration_tests(
-                glue.stores(), glue.run_id(), _params(), config.vm_tests
+            if plan is None:
+                raise AirflowFailException("pre_build produced no plan")
+            return pipeline.unify(glue.stores(), glue.run_id(), plan["shards"])
+
+        @task
+        def verify_drivers() -> dict:
+            from drivers import pipeline
+
+            return pipeline.verify_drivers(glue.stores(), glue.run_id())
+
+        if config.runtime == "kubernetes":
+            from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+            tested = KubernetesPodOperator(**glue.vm_test_pod_kwargs(config)).output
+        else:
+
+            @task
+            def integration_tests() -> dict:
+                from drivers import pipeline
+
+                return pipeline.integration_tests(
+                    glue.stores(), glue.run_id(), _params(), config.vm_tests
+                )
+
+            tested = integration_tests()
+
+        @task
+        def push_drivers() -> dict:
+            from drivers import pipeline
+
+            return pipeline.push_drivers(glue.stores(), glue.run_id())
+
+        @task
+        def update_support_packages(plan: dict) -> dict:
+            from drivers import pipeline
+
+            if _params().dry_run:  # plan and report only: publish nothing
+                return {"dry_run": True}
+            # the versions pre_build resolved (an empty choice: the run-time config's)
+            return pipeline.update_support_packages(glue.stores(), plan["driver_versions"])
+
+        @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+        def report(plan: dict | None, unified, verified, tested, pushed, packages) -> dict:
+            from drivers import pipeline
+
+            failed = glue.failed_tasks(get_current_context())
+            steps = {
+                "unify": unified,
+                "verify_drivers": verified,
+                "integration_tests": tested,
+                "push_drivers": pushed,
+                "update_support_packages": packages,
+            }
+            verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), plan, steps, failed)
+            glue.notify_run(get_current_context(), verdict)  # failed or degraded: one message
+            if verdict["status"] != "success":
+                raise AirflowFailException(
+                    "; ".join(verdict["reasons"]) + f" ({verdict['report']})"
+                )
+            return verdict
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def record_ledger() -> dict:
+            from drivers import pipeline
+
+            return pipeline.record_ledger(glue.stores(), glue.run_id())
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def cleanup_staging() -> int:
+            from drivers import pipeline
+
+            return pipeline.cleanup_staging(glue.stores(), glue.run_id())
+
+        unified = unify(plan)
+        verified = verify_drivers()
+        pushed = push_drivers()
+        packages = update_support_packages(plan)
+        verdict = report(plan, unified, verified, tested, pushed, packages)
+        # report is the last task (the run's watcher), so its verdict is the run's state.
+        chain(
+            plan,
+            builder_groups,
+            unified,
+            verified,
+            tested,
+            pushed,
+            packages,
+            record_ledger(),
+            cleanup_staging(),
+            verdict,
+        )
+        if config.vm_tests["external_suite"]:  # the agent images' own integration suite
+            from airflow.providers.standard.operators.trigger_dagrun import (
+                TriggerDagRunOperator,
             )
 
-        tested = integration_tests()
+            trigger_external_suite = TriggerDagRunOperator(
+                task_id="trigger_external_suite",
+                trigger_dag_id=config.vm_tests["external_suite"],
+                conf={"upstream_run_id": "{{ run_id }}", "push": pushed},
+            )
+            chain(pushed, trigger_external_suite, verdict)
 
-    @task
-    def push_drivers() -> dict:
-        from drivers import pipeline
-
-        return pipeline.push_drivers(glue.stores(), glue.run_id())
-
-    @task
-    def update_support_packages() -> dict:
-        from drivers import pipeline
-
-        params = _params()
-        if params.dry_run:  # plan and report only: publish nothing
-            return {"dry_run": True}
-        return pipeline.update_support_packages(glue.stores(), list(params.driver_versions))
-
-    @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
-    def report(plan: dict | None, unified, verified, tested, pushed, packages) -> dict:
-        from drivers import pipeline
-
-        failed = glue.failed_tasks(get_current_context())
-        steps = {
-            "unify": unified,
-            "verify_drivers": verified,
-            "integration_tests": tested,
-            "push_drivers": pushed,
-            "update_support_packages": packages,
-        }
-        verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), plan, steps, failed)
-        glue.notify_run(get_current_context(), verdict)  # failed or degraded: one message
-        if verdict["status"] != "success":
-            raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
-        return verdict
-
-    @task(trigger_rule=TriggerRule.ALL_DONE)
-    def record_ledger() -> dict:
-        from drivers import pipeline
-
-        return pipeline.record_ledger(glue.stores(), glue.run_id())
-
-    @task(trigger_rule=TriggerRule.ALL_DONE)
-    def cleanup_staging() -> int:
-        from drivers import pipeline
-
-        return pipeline.cleanup_staging(glue.stores(), glue.run_id())
-
-    unified = unify(plan)
-    verified = verify_drivers()
-    pushed = push_drivers()
-    packages = update_support_packages()
-    verdict = report(plan, unified, verified, tested, pushed, packages)
-    # report is the last task (the run's watcher), so its verdict is the run's state.
-    chain(
-        plan,
-        builder_groups,
-        unified,
-        verified,
-        tested,
-        pushed,
-        packages,
-        record_ledger(),
-        cleanup_staging(),
-        verdict,
-    )
-    if config.vm_tests["external_suite"]:  # the agent images' own integration suite
-        from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-
-        trigger_external_suite = TriggerDagRunOperator(
-            task_id="trigger_external_suite",
-            trigger_dag_id=config.vm_tests["external_suite"],
-            conf={"upstream_run_id": "{{ run_id }}", "push": pushed},
-        )
-        chain(pushed, trigger_external_suite, verdict)
+    return pipeline()
 
 
-upstream_drivers()
+upstream_drivers = drivers_dag(glue.NIGHTLY)
+backfill_drivers = drivers_dag(glue.BACKFILL)

@@ -1,5 +1,6 @@
 """Tear down a drivers run that failed or was cancelled (marked failed in the UI or the
-REST API): its builder pods, found by label, are deleted and its staging is removed.
+REST API): its builder pods, found by label, are deleted, its staging is removed and its
+claim released (drivers.claims: the next run plans what it did not build).
 
 A listener, not a DAG callback: Airflow runs DAG failure callbacks only for runs the
 scheduler fails, while this hook also fires in the API server when an operator marks a

@@ -18,6 +18,8 @@
 #   gcc libc6-dev        vm-test: its eBPF loader, linked statically against libbpf
 #   docker-compose       the tests validate docker-compose.yaml with Compose itself
 #   postgresql           the metadata database of the run through the real scheduler
+#   chromium             the coverage page's browser test and benchmark: Debian's headless
+#   chromium-driver      chromium, driven by selenium through Debian's chromedriver
 # Bundles are made with apt-get download and dpkg-deb, which every Debian system has.
 #
 # Other scripts install their own packages through it: host-deps.sh [--with-recommends]
@@ -30,7 +32,8 @@ if [ "${1:-}" = "--with-recommends" ]; then
     shift
 fi
 PACKAGES="${*:-make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo
-    qemu-system-x86 busybox-static gcc libc6-dev docker-compose postgresql}"
+    qemu-system-x86 busybox-static gcc libc6-dev docker-compose postgresql chromium
+    chromium-driver}"
 
 # shellcheck disable=SC2086  # the package list is split on purpose
 installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |

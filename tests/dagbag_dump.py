@@ -6,6 +6,14 @@ import sys
 from airflow.dag_processing.dagbag import DagBag
 
 
+def _default(params, key: str) -> dict:
+    """``has_default`` and the ``default`` (a param without one is required)."""
+    from airflow.sdk.definitions._internal.types import NOTSET
+
+    value = params.get_param(key).value
+    return {"has_default": False} if value is NOTSET else {"has_default": True, "default": value}
+
+
 def describe(dag) -> dict:
     return {
         "file": dag.fileloc,
@@ -15,13 +23,23 @@ def describe(dag) -> dict:
         "catchup": dag.catchup,
         "max_active_runs": dag.max_active_runs,
         "params": sorted(dag.params),
+        # each param's JSON schema and whether it has a default (no default: required)
+        "param_schemas": {
+            k: dag.params.get_param(k).schema
+            | {"description": dag.params.get_param(k).description}
+            | _default(dag.params, k)
+            for k in dag.params
+        },
         "tasks": {
             t.task_id: {
                 "owner": t.owner,
                 "retries": t.retries,
+                "backoff": bool(t.retry_exponential_backoff),
                 "type": type(t).__name__,
                 "trigger_rule": getattr(t.trigger_rule, "value", t.trigger_rule),
                 "pool": t.pool,
+                "priority_weight": t.priority_weight,
+                "weight_rule": str(getattr(t.weight_rule, "value", t.weight_rule)),
                 "downstream": sorted(t.downstream_task_ids),
             }
             for t in dag.tasks

@@ -33,6 +33,8 @@ def test_plan_on_the_real_list_honours_the_json_contract():
         "blocked": 0,
         "unroutable": 246,
         "excluded": 0,
+        "quarantined": 0,
+        "claimed": 0,
         "to_build": 5676 * 2 - 246,
     }
     builders = plan["builders"]

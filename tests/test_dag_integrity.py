@@ -32,19 +32,26 @@ def bag(tmp_path_factory):
     return dagbag({"AIRFLOW_HOME": str(tmp_path_factory.mktemp("airflow"))})
 
 
+# One factory builds the nightly and the backfill, so they cannot drift apart: the
+# backfill's file is the nightly's.
+FACTORY_FILES = {"backfill_drivers": "upstream_drivers"}
+
+
 def test_dags_parse_without_errors(bag):
     assert bag["errors"] == {}
-    assert "upstream_drivers" in bag["dags"]
+    assert {"upstream_drivers", "backfill_drivers", "cpaas_drivers"} <= set(bag["dags"])
 
 
 def test_dag_ids_are_file_stems_and_follow_policy(bag):
     for dag_id, dag in bag["dags"].items():
-        assert Path(dag["file"]).stem == dag_id
+        assert Path(dag["file"]).stem == FACTORY_FILES.get(dag_id, dag_id)
         assert dag["tags"], dag_id
         assert dag["doc"], dag_id
         for task_id, task in dag["tasks"].items():
             assert task["owner"] == "drivers", task_id
             assert task["retries"] is not None, task_id
+            # transient failures: retried with exponential backoff
+            assert task["backoff"] or task["retries"] == 0, task_id
 
 
 def test_upstream_drivers_shape_comes_from_config(bag):
@@ -61,6 +68,8 @@ def test_upstream_drivers_shape_comes_from_config(bag):
         "max_failures",
         "vm_tests",
         "vm_tests_budget_s",
+        "accept_shrink",
+        "other_driver_versions",
     }
     tasks = dag["tasks"]
     # drivers are load-tested in their kernel between verification and publication
@@ -71,12 +80,106 @@ def test_upstream_drivers_shape_comes_from_config(bag):
         assert tasks[f"{builder}.build_shard"]["pool"] == "builders"
         assert tasks[f"{builder}.build_shard"]["downstream"] == ["unify"]
         assert tasks["pre_build"]["downstream"].count(f"{builder}.shards") == 1
+    assert {(t["priority_weight"], t["weight_rule"]) for t in tasks.values()} == {(10, "absolute")}
+    assert tasks["cleanup_staging"]["downstream"] == ["report"]
+    assert "cleanup_staging" in tasks["record_ledger"]["downstream"]
     assert tasks["unify"]["trigger_rule"] == "all_done"
     assert tasks["report"]["trigger_rule"] == "all_done"
     assert tasks["cleanup_staging"]["trigger_rule"] == "all_done"
     assert tasks["cleanup_staging"]["downstream"] == ["report"]
     assert tasks["report"]["downstream"] == []  # the watcher is the only leaf
     assert tasks["report"]["retries"] == 0
+
+
+def edges(dag: dict) -> dict[str, tuple]:
+    return {
+        t: (x["type"], x["trigger_rule"], tuple(x["downstream"])) for t, x in dag["tasks"].items()
+    }
+
+
+def test_backfill_drivers_is_the_nightly_by_hand_in_its_own_pool_at_lower_priority(bag):
+    nightly, backfill = bag["dags"]["upstream_drivers"], bag["dags"]["backfill_drivers"]
+    assert backfill["schedule"] == "None" and backfill["catchup"] is False
+    assert backfill["max_active_runs"] == 1  # one backfill at a time
+    assert edges(backfill) == edges(nightly)  # same tasks, same order (record_ledger too)
+    assert "record_ledger" in backfill["tasks"]
+    for task_id, task in backfill["tasks"].items():
+        pool = "backfill_builders" if task_id.endswith(".build_shard") else "default_pool"
+        assert task["pool"] == pool, task_id
+        assert task["weight_rule"] == "absolute", task_id
+        assert task["priority_weight"] < nightly["tasks"][task_id]["priority_weight"], task_id
+    assert backfill["params"] == nightly["params"]
+    select = backfill["param_schemas"]["select"]
+    assert select["has_default"] is False  # required: the form will not trigger without it
+    assert select["type"] == "string" and select["minLength"] == 1
+    assert select["pattern"] == r"\S" and select["examples"]
+    assert backfill["param_schemas"]["dry_run"]["default"] is True  # the plan first
+    assert nightly["param_schemas"]["dry_run"]["default"] is False
+    assert nightly["param_schemas"]["select"]["default"] is None  # every kernel
+
+
+def test_the_trigger_form_renders_choices_and_proposals(bag):
+    """What the Airflow 3.3 form makes of a schema: an array with ``examples`` is a
+    multi-select of them, an array of strings without is one value per line, a string
+    with ``examples`` a text field proposing them."""
+    schemas = bag["dags"]["upstream_drivers"]["param_schemas"]
+    assert schemas["driver_versions"]["examples"] == ["2.3.0", "2.4.0-rc1"]  # shipped
+    assert "examples" not in schemas["other_driver_versions"]  # typed, one per line
+    assert schemas["kinds"]["examples"] == ["mod", "bpf"]
+    assert schemas["builders"]["examples"] == ["rhel7", "rhel8", "fc36"]
+    examples = schemas["select"]["examples"]
+    for kind in ("..", "*", "~", ">=", ":"):  # a range, glob, regex, comparison, family
+        assert any(kind in e for e in examples), kind
+    for name, schema in schemas.items():
+        assert schema["title"] and schema["description"], name
+
+
+TRIGGER_CASES = [
+    # (dag_id, conf, the param the refusal names, or None: accepted)
+    ("upstream_drivers", {}, None),
+    ("upstream_drivers", {"select": "el8:4.18.0-305..4.18.0-372"}, None),
+    (
+        "upstream_drivers",
+        {"driver_versions": ["2.3.0"], "other_driver_versions": ["2.5.0", ""]},
+        None,
+    ),
+    ("upstream_drivers", {"driver_versions": ["2.3"]}, "driver_versions"),
+    ("upstream_drivers", {"other_driver_versions": ["v2.5"]}, "other_driver_versions"),
+    ("upstream_drivers", {"kinds": ["ko"]}, "kinds"),
+    ("upstream_drivers", {"kinds": []}, "kinds"),
+    ("upstream_drivers", {"builders": ["rhel9"]}, "builders"),
+    ("upstream_drivers", {"max_failures": -1}, "max_failures"),
+    ("upstream_drivers", {"select": "  "}, "select"),
+    ("upstream_drivers", {"vm_tests": "sometimes"}, "vm_tests"),
+    ("upstream_drivers", {"vm_tests_budget_s": -5}, "vm_tests_budget_s"),
+    ("upstream_drivers", {"force": "yes"}, "force"),
+    ("backfill_drivers", {"select": "el8:4.18.0-305..4.18.0-372"}, None),
+    ("backfill_drivers", {}, "select"),
+    ("backfill_drivers", {"select": None}, "select"),
+    ("backfill_drivers", {"select": ""}, "select"),
+    ("backfill_drivers", {"select": " \t"}, "select"),
+]
+
+
+def test_malformed_trigger_input_is_refused_at_trigger_time(tmp_path):
+    """The validation Airflow runs before a run exists, on the DAGs as the API server
+    loads them from the database (tests/trigger_validate.py)."""
+    cases = [[dag_id, conf] for dag_id, conf, _ in TRIGGER_CASES]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "trigger_validate.py"), str(DAGS)],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        env=os.environ | {"AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_HOME": str(tmp_path)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    verdicts = json.loads(result.stdout.strip().splitlines()[-1])
+    for (dag_id, conf, culprit), verdict in zip(TRIGGER_CASES, verdicts, strict=True):
+        if culprit is None:
+            assert verdict is None, (dag_id, conf, verdict)
+        else:
+            assert verdict and f"Invalid input for param {culprit}:" in verdict, (dag_id, conf)
 
 
 def test_cpaas_drivers_shape(bag):

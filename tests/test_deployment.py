@@ -102,6 +102,7 @@ def test_every_airflow_service_mounts_the_code_and_gets_the_embedded_settings(co
     init = " ".join(config["services"]["airflow-init"]["command"])
     assert "airflow db migrate" in init and "drivers gcs buckets" in init
     assert "pools set builders" in init and "load_config().slots" in init
+    assert "pools set backfill_builders" in init and 'load_config().backfill["slots"]' in init
 
 
 def test_the_images_take_their_versions_from_one_place():

@@ -17,8 +17,27 @@ def config():
 
 def test_run_params_default_to_the_config(config):
     params = pipeline.RunParams.from_params({}, config)
-    assert params.driver_versions == config.driver_versions
+    assert params.driver_versions == ()  # the run-time config's, resolved by pre_build
     assert params.kinds == ("mod", "bpf") and params.max_failures == 0 and not params.force
+
+
+def test_run_versions_come_from_the_run_time_config(store, config):
+    from drivers.runtime_config import load_runtime_config
+
+    work = store()
+    runtime = load_runtime_config(work, config)  # nothing set: as shipped
+    default = pipeline.RunParams.from_params({}, config)
+    assert pipeline.run_versions(default, runtime) == config.driver_versions
+    work.put("config/driver-versions", b"2.3.0\n2.5.0\n")  # 2.4.0-rc1 retired, 2.5.0 added
+    runtime = load_runtime_config(work, config)
+    assert pipeline.run_versions(default, runtime) == ("2.3.0", "2.5.0")
+    typed = pipeline.RunParams.from_params({"driver_versions": ["2.5.0"]}, config)
+    assert pipeline.run_versions(typed, runtime) == ("2.5.0",)
+    retired = pipeline.RunParams.from_params({"driver_versions": ["2.4.0-rc1"]}, config)
+    with pytest.raises(pipeline.RunInputError) as e:
+        pipeline.run_versions(retired, runtime)
+    assert "['2.4.0-rc1'] are not in the run-time config" in str(e.value)
+    assert "drivers config add driver-versions 2.4.0-rc1" in str(e.value)
 
 
 @pytest.mark.parametrize(

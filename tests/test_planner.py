@@ -27,7 +27,9 @@ def config_blocked():
 
 def test_full_build_routes_the_real_list_exactly_as_the_original(kernels, config):
     p = plan(kernels, ["2.3.0"], ("mod", "bpf"), set(), config)
-    assert p.builder_summary(config.builders) == {
+    counts = ("mod", "bpf", "kernels", "shards")
+    summary = {b: {k: s[k] for k in counts} for b, s in p.builder_summary(config.builders).items()}
+    assert summary == {
         "rhel7": {
             "mod": 333,
             "bpf": 4294,
@@ -76,6 +78,27 @@ def test_done_drivers_and_unavail_markers_are_not_rebuilt(kernels, config):
     forced = plan(kernels, ["2.2.0"], ("mod", "bpf"), cache.done, config, force=True)
     assert forced.done == 0 and forced.forced == len(cache.done)
     assert forced.to_build == len(cache.done)
+
+
+def test_tasks_claimed_by_another_run_are_left_to_it_even_when_forced(kernels, config):
+    el8 = sorted((k for k in kernels if k.family == "el8"), key=lambda k: k.key)[:10]
+    cached = {(el8[0].release, "2.3.0", "mod")}
+    claimed = {
+        (k.release, "2.3.0", kind): "scheduled__nightly" for k in el8[:4] for kind in ("mod", "bpf")
+    }
+    claimed[(el8[4].release, "2.3.0", "bpf")] = "manual__backfill"
+    p = plan(el8, ["2.3.0"], ("mod", "bpf"), cached, config, force=True, claimed=claimed)
+    assert p.claimed == 9 and p.claimed_by == {"scheduled__nightly": 8, "manual__backfill": 1}
+    assert p.forced == 0  # the cached one is claimed: not rebuilt here
+    assert not {t for s in p.shards for t in s.tasks} & set(claimed)
+    assert p.candidates == p.claimed + p.blocked + p.unroutable + p.to_build
+    summary = p.to_json(config.builders)
+    assert summary["summary"]["claimed"] == 9 and summary["claimed_by"]["manual__backfill"] == 1
+    # each builder's first kernels, in version order
+    first = summary["builders"]["rhel8"]["first_kernels"]
+    assert first == [k.release for k in el8[4:9]]
+    unforced = plan(el8, ["2.3.0"], ("mod", "bpf"), cached, config, claimed=claimed)
+    assert unforced.done == 1 and unforced.claimed == 8  # done is done, whoever claims it
 
 
 def test_blocked_drivers_are_counted_by_rule(kernels, config_blocked):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers import layout, vmtest
+from drivers import cli, layout, ledger, runtime_config, vmtest
+from drivers.config import load_config
 from drivers.embedded import EmbeddedAirflow
 from drivers.sources import package_sources, shipped_sources_dir
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources
@@ -29,6 +30,7 @@ blocklists = []
 slots = 4
 retries = 1
 retry_delay_s = 5
+quarantine_after = 2
 """
     + DEBIAN_BUILDERS
 )
@@ -121,6 +123,20 @@ def test_first_run_builds_verifies_and_publishes_real_drivers(env, first_run):
     assert not list(stores["work"].list(layout.STAGING_PREFIX))
 
 
+def test_the_ledger_records_the_run_and_why_answers_from_it(env, first_run, capsys):
+    _, stores, _ = env
+    records = list(ledger.decode(stores["work"].download(ledger.run_object(first_run["run_id"]))))
+    built = [r for r in records if r["status"] == "built"]
+    assert len(built) == 8 and len([r for r in records if r["status"] == "published"]) == 8
+    assert all(r["fingerprint"] and r["sha256"] and r["duration_s"] > 0 for r in built)
+    coverage = ledger.read_coverage(stores["work"], "2.3.0")
+    published = coverage.entry(KERNELS[0], "mod")
+    assert published["status"] == "published" and published["arrived"] <= published["published"]
+    assert cli.main(["why", KERNELS[0]]) == 0  # every driver there: exit 0
+    screen = capsys.readouterr().out
+    assert screen.count(" published ") == 4 and f"built in run {first_run['run_id']}" in screen
+
+
 def test_builder_shards_ran_in_parallel(first_run):
     shards = first_run["build"]["shards"]
     assert {s["builder"] for s in shards} == {"deb61", "deb612"}
@@ -153,7 +169,7 @@ def test_second_run_builds_nothing(env, first_run):
     assert cache_names(stores) == before  # same objects, same generations
 
 
-def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first_run, tmp_path):
+def test_compile_failures_fail_the_run_then_are_quarantined(env, first_run, tmp_path, capsys):
     airflow, stores, messages = env
     broken = tmp_path / "9.9.9-rc1"
     shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", broken)
@@ -161,9 +177,14 @@ def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first
         f.write_text(BROKEN)
     path = package_sources(broken, tmp_path / "out")
     stores["sources"].upload_new_file(layout.source_object("9.9.9-rc1"), path)
+    conf = {"driver_versions": ["9.9.9-rc1"], "max_failures": 1}
+    refused = run(airflow, stores, conf)  # a version the run-time config does not list
+    assert refused["status"] == "failed" and refused["build"] is None
+    assert "['9.9.9-rc1'] are not in the run-time config" in (airflow.home / "runs.log").read_text()
+    runtime_config.add_line(stores["work"], "driver-versions", "9.9.9-rc1", load_config())
 
     sent = len(messages)
-    failed = run(airflow, stores, {"driver_versions": ["9.9.9-rc1"], "max_failures": 1})
+    failed = run(airflow, stores, conf)
     assert failed["status"] == "failed" and failed["exit_status"] != 0
     assert len(messages) == sent + 1  # one message to the drivers_notify webhook
     assert "*FAILED*" in messages[-1]["text"] and "compile failure(s)" in messages[-1]["text"]
@@ -178,6 +199,17 @@ def test_compile_failures_fail_the_run_but_good_drivers_are_published(env, first
     assert {f"9.9.9-rc1/collector-ebpf-{k}.o.gz" for k in KERNELS} <= published
     assert not any(n.startswith("9.9.9-rc1/collector-6") for n in published)
 
+    # The same failure again, same toolchain, sources and bundles: from now on the two
+    # modules are quarantined instead of failing every night.
+    assert run(airflow, stores, conf)["build"]["compile_failures"] == 2
+    quiet = run(airflow, stores, conf)
+    assert quiet["status"] == "success", quiet["reasons"]
+    assert (
+        quiet["plan"]["summary"]["quarantined"] == 2 and quiet["plan"]["summary"]["to_build"] == 0
+    )
+    assert cli.main(["why", KERNELS[0], "--driver-version", "9.9.9-rc1", "--kind", "mod"]) == 1
+    assert "2 failures in a row (compile)" in capsys.readouterr().out
+
 
 def test_a_corrupt_bundle_fails_the_run_but_other_shards_publish(env, first_run, tmp_path):
     airflow, stores, messages = env
@@ -186,6 +218,7 @@ def test_a_corrupt_bundle_fails_the_run_but_other_shards_publish(env, first_run,
     shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", tmp_path / "2.5.0")
     path = package_sources(tmp_path / "2.5.0", tmp_path / "out")
     stores["sources"].upload_new_file(layout.source_object("2.5.0"), path)
+    runtime_config.add_line(stores["work"], "driver-versions", "2.5.0", load_config())
     try:
         failed = run(airflow, stores, {"driver_versions": ["2.5.0"]})
     finally:

@@ -7,6 +7,7 @@ with the same arguments. DAG files import from here and from :mod:`drivers.pipel
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,16 +17,37 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from drivers.config import VM_TEST_MODES, Config
+from drivers.config import BACKFILL_POOL, BUILDER_POOL, VM_TEST_MODES, Config
 from drivers.layout import Buckets
+from drivers.ledger import IMAGE_ENV
 from drivers.names import DRIVER_VERSION_RE, KINDS
 
 if TYPE_CHECKING:
     from drivers.pipeline import Stores
 
 GCP_CONN_ID = os.environ.get("DRIVERS_GCP_CONN_ID", "google_cloud_default")
-BUILDER_POOL = "builders"  # sized from the config's `slots` by `make run` / deployment
 EX_DATAERR, EX_TEMPFAIL = 65, 75  # drivers build-shard: bad input / transient failure
+
+# The two DAGs one factory builds (dags/upstream_drivers.py): the nightly, and the
+# kernel-range backfill an engineer triggers. What differs between them is here.
+NIGHTLY, BACKFILL = "upstream_drivers", "backfill_drivers"
+# Builder tasks take a slot of their DAG's pool: a backfill, however large, can only fill
+# its own pool (sized from [backfill] slots) and never takes a nightly builder slot.
+BUILDER_POOLS = {NIGHTLY: BUILDER_POOL, BACKFILL: BACKFILL_POOL}
+# Where tasks of both DAGs wait for the same executor slots (worker processes, the
+# executor's parallelism, the triggerer), the scheduler queues the higher weight first.
+# weight_rule "absolute": a task's weight is its own priority_weight. (The default,
+# "downstream", adds the weights of every task downstream of it, so the numbers would
+# depend on the DAG's shape; both DAGs have the same shape, absolute keeps it explicit.)
+PRIORITY_WEIGHTS = {NIGHTLY: 10, BACKFILL: 1}
+
+
+def run_config(config: Config, dag_id: str) -> Config:
+    """The config a run of ``dag_id`` plans with: a backfill balances its shards over its
+    own pool's slots."""
+    if dag_id == BACKFILL:
+        return dataclasses.replace(config, slots=config.backfill["slots"])
+    return config
 
 
 def stores() -> Stores:
@@ -39,7 +61,8 @@ def stores() -> Stores:
 
 def dag_policy(config: Config) -> dict[str, Any]:
     """What every DAG of the project shares (``@dag`` keywords): no catch-up, one run at
-    a time, the team as owner, retries for transient failures from the config."""
+    a time, the team as owner, retries for transient failures from the config with
+    exponential backoff (bad input raises AirflowFailException: never retried)."""
     return {
         "start_date": datetime(2026, 1, 1, tzinfo=UTC),
         "catchup": False,
@@ -48,6 +71,8 @@ def dag_policy(config: Config) -> dict[str, Any]:
             "owner": "drivers",
             "retries": config.retries,
             "retry_delay": timedelta(seconds=config.retry_delay_s),
+            "retry_exponential_backoff": True,
+            "max_retry_delay": timedelta(seconds=16 * config.retry_delay_s),
         },
     }
 
@@ -64,46 +89,134 @@ def builder_arguments(shard_uri: str) -> list[str]:
     return ["build-shard", "--shard", shard_uri]
 
 
-def run_params(config: Config) -> dict[str, Param]:
-    """Typed, validated trigger parameters (rendered as the trigger form)."""
-    return {
-        "driver_versions": Param(
-            list(config.driver_versions),
-            type="array",
-            items={"type": "string", "pattern": f"^(?:{DRIVER_VERSION_RE.pattern})$"},
-            title="Driver versions",
-            description="Driver versions to build (semver or 64-hex). Default: the config's.",
-        ),
-        "select": Param(
+# A kernel selector of each kind (README, "Kernel selectors"): the form proposes them.
+SELECTOR_EXAMPLES = [
+    "el8:4.18.0-305..4.18.0-372",
+    "4.18.0-305..",
+    "..4.18.0-372",
+    ">=5.10,<6.0",
+    "*-aws",
+    "~5\\.4\\.0-\\d+-gcp",
+    "5.4.0-62-generic",
+]
+# JSON-schema patterns (checked at trigger time by the API, whatever sent the trigger):
+# a driver version as drivers.names accepts it; a selector with something in it (the
+# selector's own syntax is checked by pre_build, which names what is wrong).
+VERSION_PATTERN = f"^(?:{DRIVER_VERSION_RE.pattern})$"
+SELECTOR_PATTERN = r"\S"
+
+
+def run_params(config: Config, *, backfill: bool = False) -> dict[str, Param]:
+    """Typed, validated trigger parameters, rendered as the trigger form.
+
+    The Airflow 3 form renders an array with ``examples`` as a multi-select of exactly
+    those values (nothing else can be typed there), an array of strings without them as
+    a text box of one value per line, and a string with ``examples`` as a text field
+    proposing them. So the shipped driver versions are a multi-select, and versions the
+    config does not ship are typed into their own field; both are checked against the
+    run-time config by pre_build. Whatever triggers a run (form, REST API, ``airflow dags
+    trigger``), the API validates the values against these schemas and refuses a
+    malformed one before the run exists.
+
+    ``backfill``: the backfill_drivers form, where a selector is required (a backfill of
+    every kernel is a mistake; the nightly does that) and a dry run is the default, so
+    the engineer sees the plan before anything builds."""
+    shipped = ", ".join(config.driver_versions) or "none"
+    selector_help = (
+        "Kernels to build for, e.g. 'el8:4.18.0-305..4.18.0-372' (a range, inclusive), "
+        "'4.18.0-305..' (from), '..4.18.0-372' (up to), '>=5.10,<6.0' (comparisons, comma "
+        "= and), '*-aws' (glob), '~5\\.4\\.0-\\d+-gcp' (regex), '5.4.0-62-generic' "
+        "(exact); 'el8:' limits any of them to a family."
+    )
+    if backfill:
+        select = Param(
+            type="string",
+            minLength=1,
+            maxLength=512,
+            pattern=SELECTOR_PATTERN,
+            examples=SELECTOR_EXAMPLES,
+            title="Kernel selector (required)",
+            description=selector_help + " Required: a backfill names its kernels.",
+        )
+    else:
+        select = Param(
             None,
             type=["null", "string"],
+            maxLength=512,
+            pattern=SELECTOR_PATTERN,
+            examples=SELECTOR_EXAMPLES,
             title="Kernel selector",
-            description="Limit kernels, e.g. 'el8:4.18.0-305..4.18.0-372', '>=5.10,<6.0', "
-            "'*-aws'. Empty: every kernel in the bundle bucket.",
+            description=selector_help + " Empty: every kernel in the bundle bucket.",
+        )
+    return {
+        "select": select,
+        "driver_versions": Param(
+            None,
+            type=["array", "null"],
+            items={"type": "string", "pattern": VERSION_PATTERN},
+            uniqueItems=True,
+            examples=list(config.driver_versions),
+            title="Driver versions",
+            description=f"Pick among the shipped versions ({shipped}). Empty (and none "
+            "typed below): every version the run-time config lists.",
+        ),
+        "other_driver_versions": Param(
+            None,
+            type=["array", "null"],
+            items={"type": "string", "pattern": f"^(?:{DRIVER_VERSION_RE.pattern})?$"},
+            title="Other driver versions",
+            description="Versions the shipped config does not list, one per line: semver "
+            "(2.5.0, 2.5.0-rc1) or a 64-hex fingerprint. Each must be in the run-time "
+            "config (drivers config add driver-versions V), or pre_build refuses it.",
         ),
         "kinds": Param(
             list(KINDS),
             type="array",
             items={"type": "string", "enum": list(KINDS)},
+            examples=list(KINDS),
             minItems=1,
             uniqueItems=True,
             title="Kinds",
+            description="mod: kernel modules; bpf: eBPF probes.",
         ),
         "builders": Param(
-            [],
-            type="array",
+            None,
+            type=["array", "null"],
             items={"type": "string", "enum": list(config.builders)},
+            examples=list(config.builders),
             uniqueItems=True,
             title="Builders",
             description="Only these builders (empty: all).",
         ),
-        "force": Param(False, type="boolean", title="Rebuild drivers already cached"),
-        "dry_run": Param(False, type="boolean", title="Plan and report only"),
+        "force": Param(
+            False,
+            type="boolean",
+            title="Rebuild drivers already cached",
+            description="Build even what the cache holds (never overwritten: a published "
+            "driver with other bytes is reported and kept).",
+        ),
+        "dry_run": Param(
+            backfill,
+            type="boolean",
+            title="Dry run: plan and report only",
+            description="Show the plan (tasks per builder and kind, first kernels, "
+            "estimated pod-hours and makespan) and build nothing.",
+        ),
         "max_failures": Param(
-            0, type="integer", minimum=0, title="Compile failures tolerated before failing"
+            0,
+            type="integer",
+            minimum=0,
+            title="Failures tolerated",
+            description="Compile failures plus drivers their kernel refused that still "
+            "leave the run green (reported as degraded).",
         ),
         "accept_shrink": Param(
-            False, type="boolean", title="Accept a bundle listing that lost kernels"
+            False,
+            type="boolean",
+            title="Accept a bundle listing that lost kernels",
+            description="The shrink guard stops a run when the bundle bucket lists clearly "
+            "fewer kernels than the last successful run; set this when they were removed "
+            "on purpose.",
         ),
         "vm_tests": Param(
             "enforce",
@@ -159,26 +272,35 @@ def _pod_kwargs(config: Config, resources: dict[str, str], labels: dict[str, str
         "deferrable": True,
         "get_logs": True,
         "termination_message_policy": "FallbackToLogsOnError",
-        "retries": 3,  # evicted or preempted pods
+        "retries": 3,  # evicted, preempted or timed-out pods
         "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
     }
 
 
-def builder_pod_kwargs(config: Config, builder: str) -> dict[str, Any]:
+def builder_pod_kwargs(config: Config, builder: str, pool: str = BUILDER_POOL) -> dict[str, Any]:
     """One builder's pods (KubernetesPodOperator.partial keywords)."""
-    return _pod_kwargs(config, config.builders[builder].resources, {"builder": builder}) | {
+    from kubernetes.client import models as k8s
+
+    image = config.builders[builder].image
+    pod = _pod_kwargs(config, config.builders[builder].resources, {"builder": builder})
+    return pod | {
         "task_id": "build_shard",
-        "image": config.builders[builder].image,
+        "image": image,
         "cmds": ["drivers"],
-        "pool": BUILDER_POOL,
+        "pool": pool,
+        # the build records name the image: the quarantine's "same environment"
+        "env_vars": pod["env_vars"] + [k8s.V1EnvVar(name=IMAGE_ENV, value=image)],
     }
 
 
-def builder_container_kwargs(config: Config, builder: str) -> dict[str, Any]:
+def builder_container_kwargs(
+    config: Config, builder: str, pool: str = BUILDER_POOL
+) -> dict[str, Any]:
     """The docker runtime: one builder container per shard (DockerOperator.partial
     keywords), the builder's image running the same entrypoint as a pod."""
     resources = config.kubernetes["resources"] | config.builders[builder].resources
-    env = Buckets.from_env().to_env()
+    env = Buckets.from_env().to_env() | {IMAGE_ENV: config.builders[builder].image}
     if os.environ.get("STORAGE_EMULATOR_HOST"):  # the embedded GCS: same endpoint
         env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
     return {
@@ -192,7 +314,7 @@ def builder_container_kwargs(config: Config, builder: str) -> dict[str, Any]:
         "labels": {"app": "collector-drivers", "builder": builder},
         "auto_remove": "success",
         "mount_tmp_dir": False,  # the builder's scratch is inside the container
-        "pool": BUILDER_POOL,
+        "pool": pool,
     }
 
 
@@ -329,15 +451,16 @@ def delete_run_pods(config: Config, dag_id: str, run_id: str) -> list[str]:
 # id, imported only when needed, so parsing stays cheap).
 STAGING_CLEANUP = {
     "upstream_drivers": "drivers.pipeline:cleanup_staging",
+    "backfill_drivers": "drivers.pipeline:cleanup_staging",
     "cpaas_drivers": "drivers.cpaas:cleanup_staging",
 }
 
 
 def teardown_run(dag_id: str, run_id: str) -> None:
     """A failed or cancelled run's teardown (plugins/drivers_teardown.py calls it when a
-    run fails or is marked failed in the UI): its pods are deleted by label and its
-    staging removed; reports stay. Runs that end normally are cleaned by their
-    cleanup_staging task."""
+    run fails or is marked failed in the UI): its pods are deleted by label, its
+    staging removed and its claim released (upstream and backfill: cleanup_staging);
+    reports stay. Runs that end normally are cleaned by their cleanup_staging task."""
     import importlib
     import logging
 

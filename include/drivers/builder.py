@@ -52,7 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from drivers import layout
+from drivers import layout, ledger
 from drivers.kernels import KernelParseError, ebpf_supported, parse_kernel
 from drivers.names import KINDS, DriverKey, DriverVersionError, check_driver_version
 from drivers.sources import read_build_spec
@@ -915,6 +915,8 @@ class ShardRun:
         )
         self.scratch = scratch
         self.toolchain = toolchain if toolchain is not None else toolchain_versions()
+        self.env = ledger.environment(os.environ.get(ledger.IMAGE_ENV), self.toolchain)
+        self.inputs: dict[str, str | None] = {}  # bundle or sources object -> its md5
         self.err = err if err is not None else sys.stderr
         self.records: list[dict[str, Any]] = []
         self.timings = dict.fromkeys(TIMINGS, 0.0)
@@ -938,6 +940,7 @@ class ShardRun:
     ) -> dict[str, Any]:
         record = {
             "type": "task",
+            "time": _now(),
             "kernel": key.kernel,
             "driver_version": key.driver_version,
             "kind": key.kind,
@@ -951,6 +954,9 @@ class ShardRun:
             "failure": failure,
             "message": message,
             "toolchain": self.toolchain,
+            "env": self.env,
+            "sources": self.inputs.get(layout.source_object(key.driver_version)),
+            "bundle": self.inputs.get(layout.bundle_object(key.kernel)),
         }
         self.records.append(record)
         return record
@@ -968,6 +974,7 @@ class ShardRun:
         started = time.perf_counter()
         try:
             store.download_to(name, path)
+            self.inputs[name] = store.info(name).md5  # what the build was made from
             return True
         except ObjectNotFound:
             return False

@@ -242,7 +242,11 @@ def cmd_run_dag(args: argparse.Namespace) -> int:
         print(f"running {args.dag_id} (Airflow log: {log})", file=sys.stderr)
         status = airflow.dags_test(args.dag_id, conf, log=log)
     print(f"{args.dag_id}: {'success' if status == 0 else 'FAILED'}", file=sys.stderr)
-    printer = {"upstream_drivers": report.print_report, "cpaas_drivers": report.print_cpaas_report}
+    printer = {
+        "upstream_drivers": report.print_report,
+        "backfill_drivers": report.print_report,
+        "cpaas_drivers": report.print_cpaas_report,
+    }
     if args.dag_id in printer and printer[args.dag_id](since=started) == 1 and status == 0:
         status = 1
     return status
@@ -377,6 +381,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status", "buckets"])
     p.add_argument("--port", type=int, default=4443)
     p.set_defaults(func=cmd_gcs)
+
+    from drivers.runtime_config import add_parser as add_config_parser  # no storage import
+
+    add_config_parser(sub)  # drivers config show|get|set|add
+
+    from drivers.why import add_parser as add_why_parser
+
+    add_why_parser(sub)  # drivers why KERNEL
+
+    from drivers.withdraw import add_parser as add_withdraw_parser
+
+    add_withdraw_parser(sub)  # drivers withdraw KERNEL ...
 
     return parser
 

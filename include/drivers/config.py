@@ -80,6 +80,30 @@ VM_TEST_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The backfill_drivers DAG; the config's [backfill] table overrides these. Its builder
+# tasks run in their own pool of `slots` (the planner balances a backfill over that many),
+# so a large backfill can never take the nightly's builder slots.
+BACKFILL_DEFAULTS: dict[str, Any] = {"slots": 20}
+
+# Airflow pools of the builder tasks (created by `make run`, docker-compose, deployment).
+BUILDER_POOL = "builders"  # upstream_drivers: `slots`
+BACKFILL_POOL = "backfill_builders"  # backfill_drivers: [backfill] slots
+
+
+def builder_pools(config: Config) -> dict[str, int]:
+    """Each builder pool and its size."""
+    return {BUILDER_POOL: config.slots, BACKFILL_POOL: config.backfill["slots"]}
+
+
+# The plan lock and the claims of running runs (drivers.claims); the config's [claims]
+# table overrides these.
+CLAIMS_DEFAULTS: dict[str, Any] = {
+    "ttl_s": 24 * 3600,  # a claim older than this is ignored (its run died untidily)
+    "lock_stale_s": 300,  # a plan lock older than this is broken (pre_build holds it seconds)
+    "lock_wait_s": 600,  # then pre_build gives up (and Airflow retries it)
+}
+
+
 # When each DAG runs by itself (cron, UTC); "" leaves it to triggers by hand.
 SCHEDULE_DEFAULTS: dict[str, str] = {"upstream_drivers": "0 2 * * *", "cpaas_drivers": "0 0 * * *"}
 
@@ -131,6 +155,9 @@ class Config:
     vm_tests: dict[str, Any] = field(default_factory=lambda: dict(VM_TEST_DEFAULTS))
     schedules: dict[str, str] = field(default_factory=lambda: dict(SCHEDULE_DEFAULTS))
     docker: dict[str, Any] = field(default_factory=lambda: dict(DOCKER_DEFAULTS))
+    backfill: dict[str, Any] = field(default_factory=lambda: dict(BACKFILL_DEFAULTS))
+    claims: dict[str, Any] = field(default_factory=lambda: dict(CLAIMS_DEFAULTS))
+    quarantine_after: int = 3  # failures in a row, same inputs: then skipped (0: never)
 
     def route(self, kernel: Kernel, kind: Kind) -> str | None:
         """The builder for a task, or None when no route takes it."""
@@ -193,6 +220,41 @@ def _schedules(table: dict[str, Any]) -> dict[str, str]:
                 f"for by hand only, not {cron!r}"
             )
     return SCHEDULE_DEFAULTS | table
+
+
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where} must be an integer >= 0, not {value!r}")
+    return value
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a positive integer, not {value!r}")
+    return value
+
+
+def _backfill(table: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(table) - set(BACKFILL_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"backfill: unknown key(s) {sorted(unknown)}; known: {list(BACKFILL_DEFAULTS)}"
+        )
+    backfill = BACKFILL_DEFAULTS | table
+    _positive_int(backfill["slots"], "backfill.slots")
+    return backfill
+
+
+def _claims(table: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(table) - set(CLAIMS_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"claims: unknown key(s) {sorted(unknown)}; known: {list(CLAIMS_DEFAULTS)}"
+        )
+    claims = CLAIMS_DEFAULTS | table
+    for key in CLAIMS_DEFAULTS:
+        _positive_int(claims[key], f"claims.{key}")
+    return claims
 
 
 def _parse(path: Path, data: dict[str, Any]) -> Config:
@@ -290,4 +352,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         vm_tests,
         _schedules(data.get("schedules", {})),
         DOCKER_DEFAULTS | data.get("docker", {}),
+        quarantine_after=_count(data.get("quarantine_after", 3), "quarantine_after"),
+        backfill=_backfill(data.get("backfill", {})),
+        claims=_claims(data.get("claims", {})),
     )

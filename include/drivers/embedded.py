@@ -19,7 +19,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from drivers.config import load_config
+from drivers.config import builder_pools, load_config
 from drivers.emulator import free_port
 from drivers.errors import DriversError
 
@@ -76,28 +76,31 @@ class EmbeddedAirflow:
         return result
 
     def prepare(self) -> None:
-        """Metadata database and the builder pool sized from the config's slots; skipped
-        (7 s) when this home was already prepared by the same Airflow for the same slots."""
+        """Metadata database and the builder pools (``builders`` sized from the config's
+        slots, ``backfill_builders`` from [backfill] slots); skipped (7 s) when this home
+        was already prepared by the same Airflow for the same pools."""
         from importlib.metadata import version
 
         self.home.mkdir(parents=True, exist_ok=True)
-        slots = str(load_config().slots)
+        pools = builder_pools(load_config())
         stamp = self.home / ".prepared"
-        wanted = f"airflow {version('apache-airflow')} slots {slots}\n"
+        sizes = " ".join(f"{name} {size}" for name, size in pools.items())
+        wanted = f"airflow {version('apache-airflow')} pools {sizes}\n"
         if (self.home / "airflow.db").exists() and stamp.exists() and stamp.read_text() == wanted:
             return
         log = open(self.home / "setup.log", "ab")
         self.airflow("db", "migrate", stdout=log, stderr=log)
-        self.airflow(
-            "pools",
-            "set",
-            "builders",
-            slots,
-            "builder pods/processes (config slots)",
-            "--include-deferred",
-            stdout=log,
-            stderr=log,
-        )
+        for name, size in pools.items():
+            self.airflow(
+                "pools",
+                "set",
+                name,
+                str(size),
+                "builder pods/processes (config: slots, [backfill] slots)",
+                "--include-deferred",
+                stdout=log,
+                stderr=log,
+            )
         stamp.write_text(wanted)
 
     def start_api_server(self) -> None:

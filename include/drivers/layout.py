@@ -30,6 +30,9 @@ BUNDLE_SUFFIX = ".tgz"
 STAGING_PREFIX = "staging/"
 LEDGER_PREFIX = "ledger/"
 IMAGES_PREFIX = "images/"
+# Run-time config in the work bucket (drivers.runtime_config): driver versions, blocklist
+# lines and quarantine releases operators change without a deploy.
+RUNTIME_CONFIG_PREFIX = "config/"
 
 
 def bucket_env_var(role: str) -> str:
@@ -121,6 +124,25 @@ def staged_drivers_prefix(run_id: str) -> str:
 
 def staged_log_object(run_id: str, kernel: str, driver_version: str, kind: str) -> str:
     return f"{staging_prefix(run_id)}logs/{kernel}/{driver_version}/{kind}.log"
+
+
+# Runs in flight never plan the same task twice (drivers.claims): in the work bucket, one
+# plan lock (held for seconds by a planning pre_build) and one claim per running run.
+PLAN_LOCK_OBJECT = "state/plan.lock"
+CLAIMS_PREFIX = "state/claims/"
+CLAIM_SUFFIX = ".json"
+
+
+def claim_object(run_id: str) -> str:
+    """The tasks a running run planned, with the claim's expiry (JSON)."""
+    return f"{CLAIMS_PREFIX}{run_id}{CLAIM_SUFFIX}"
+
+
+def run_from_claim_object(name: str) -> str | None:
+    """The run id of a claim object name, or None when the name is not a claim."""
+    if name.startswith(CLAIMS_PREFIX) and name.endswith(CLAIM_SUFFIX):
+        return name[len(CLAIMS_PREFIX) : -len(CLAIM_SUFFIX)] or None
+    return None
 
 
 def boot_image_object(kernel: str) -> str:

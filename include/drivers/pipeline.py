@@ -12,17 +12,30 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.cloud import storage as gcs
 
-from drivers import layout
+from drivers import claims, layout, ledger
 from drivers.config import VM_TEST_MODES, Config
 from drivers.kernels import Kernel
-from drivers.names import KINDS, CacheIndex, check_driver_version, check_kinds, parse_object_name
+from drivers.names import (
+    KINDS,
+    CacheIndex,
+    DriverKey,
+    check_driver_version,
+    check_kinds,
+    parse_object_name,
+)
 from drivers.planner import plan
+from drivers.planview import plan_view
 from drivers.selectors import parse_selector
 from drivers.storage import ObjectNotFound, ObjectStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from drivers.runtime_config import RuntimeConfig
 
 DAG_ID = "upstream_drivers"
 STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the shrink guard's reference
@@ -63,9 +76,13 @@ class RunParams:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], config: Config) -> RunParams:
-        versions = tuple(params.get("driver_versions") or config.driver_versions)
-        if not versions:
-            raise RunInputError("no driver version: set driver_versions in the trigger or config")
+        # The form's choice among the shipped versions plus the versions typed in (blank
+        # lines dropped); empty: the run-time config's versions (pre_build resolves them).
+        typed = [
+            *(params.get("driver_versions") or ()),
+            *(params.get("other_driver_versions") or ()),
+        ]
+        versions = tuple(dict.fromkeys(v.strip() for v in typed if v.strip()))
         for v in versions:
             check_driver_version(v)
         kinds = check_kinds(params.get("kinds") or KINDS)
@@ -126,12 +143,6 @@ def write_json(store: ObjectStore, name: str, value: Any) -> str:
     return f"gs://{store.bucket_name}/{name}"
 
 
-def list_kernels(stores: Stores) -> tuple[list[Kernel], list[str]]:
-    """The kernel list is the bundle bucket's listing."""
-    names = (info.name for info in stores.bundles.list(layout.BUNDLE_PREFIX))
-    return layout.kernels_from_bundles(names, f"gs://{stores.bundles.bucket_name}")
-
-
 def check_shrink(stores: Stores, kernels: list[Kernel], config: Config) -> dict[str, Any]:
     """Stop when the listing lost more kernels than the config tolerates since the last
     successful run: a broken crawl must not look like "nothing left to build"."""
@@ -158,35 +169,124 @@ def check_shrink(stores: Stores, kernels: list[Kernel], config: Config) -> dict[
 # --- steps -------------------------------------------------------------------------------
 
 
+def run_versions(params: RunParams, runtime: RuntimeConfig) -> tuple[str, ...]:
+    """The driver versions of a run: the trigger's, each of which the run-time config
+    must list (retired or mistyped versions are refused), else the run-time config's."""
+    unknown = [v for v in params.driver_versions if v not in runtime.driver_versions]
+    if unknown:
+        raise RunInputError(
+            f"driver version(s) {unknown} are not in the run-time config "
+            f"({runtime.origins['driver-versions']}: {list(runtime.driver_versions)}); "
+            f"pick one of those, or add it first: drivers config add driver-versions {unknown[0]}"
+        )
+    versions = params.driver_versions or runtime.driver_versions
+    if not versions:
+        raise RunInputError("no driver version: the run-time config lists none")
+    return versions
+
+
+def builder_environment(config: Config, builder: str) -> str:
+    """What a builder builds with now: its image, or on the local runtime this worker's
+    toolchain (the builder runs here too)."""
+    if config.runtime == "local":
+        from drivers.builder import toolchain_versions
+
+        return ledger.environment(None, toolchain_versions())
+    return ledger.environment(config.builders[builder].image, None)
+
+
+def quarantine(
+    stores: Stores,
+    config: Config,
+    runtime: RuntimeConfig,
+    versions: tuple[str, ...],
+    bundles: dict[str, str | None],
+) -> tuple[Callable[[DriverKey, str], str | None], dict[str, ledger.Coverage]]:
+    """The planner's ``held``: why a task stays quarantined (or withdrawn), given what it
+    would be built from now; and the coverage indexes it read."""
+    coverage = {v: ledger.read_coverage(stores.work, v) for v in versions}
+    sources = {info.name: info.md5 for info in stores.sources.list() if info.name.endswith(".tgz")}
+    envs: dict[str, str] = {}
+
+    def held(key: DriverKey, builder: str) -> str | None:
+        entry = coverage[key.driver_version].entry(key.kernel, key.kind)
+        if entry is None or entry.get("fingerprint") is None:
+            return None
+        if builder not in envs:
+            envs[builder] = builder_environment(config, builder)
+        now = ledger.fingerprint(
+            envs[builder],
+            sources.get(layout.source_object(key.driver_version)),
+            bundles.get(key.kernel),
+        )
+        why = ledger.quarantined(entry, now, config.quarantine_after)
+        if why is None or runtime.quarantine_release.match(*key) is not None:
+            return None
+        return why
+
+    return held, coverage
+
+
 def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) -> dict[str, Any]:
     """Find what is missing and split it into shards; write the plan and shard files."""
-    kernels, problems = list_kernels(stores)
+    from drivers.runtime_config import load_runtime_config
+
+    runtime = load_runtime_config(stores.work, config)  # a malformed object stops here
+    versions = run_versions(params, runtime)
+    bundle_infos = list(stores.bundles.list(layout.BUNDLE_PREFIX))
+    kernels, problems = layout.kernels_from_bundles(
+        (info.name for info in bundle_infos), f"gs://{stores.bundles.bucket_name}"
+    )
+    bundles = {layout.kernel_from_bundle_object(info.name): info.md5 for info in bundle_infos}
     guard = {"reference": None, "missing": 0, "accepted": params.accept_shrink}
     if not params.accept_shrink:
         guard |= check_shrink(stores, kernels, config)
     selected = parse_selector(params.select).filter(kernels) if params.select else kernels
     cache = CacheIndex().add_names(info.name for info in stores.drivers.list())
-    result = plan(
-        selected,
-        params.driver_versions,
-        params.kinds,
-        cache.done,
-        config,
-        force=params.force,
-        only_builders=set(params.builders) or None,
-    )
+    held, coverage = quarantine(stores, config, runtime, versions, bundles)
+    # Under the plan lock: tasks other runs in flight claimed are left to them, and this
+    # run claims what it plans (drivers.claims; a dry run only reads the claims).
+    with claims.Planning(stores.work, run_id, config.claims, not params.dry_run) as planning:
+        result = plan(
+            selected,
+            versions,
+            params.kinds,
+            cache.done,
+            config,
+            force=params.force,
+            only_builders=set(params.builders) or None,
+            blocklist=runtime.blocklist,
+            held=held,
+            claimed=planning.held,
+        )
+        planning.claim(task for shard in result.shards for task in shard.tasks)
     plan_json = result.to_json(config.builders)
     plan_json["inputs"] = {
         "run_id": run_id,
+        "driver_versions": list(versions),
         "kernels_listed": len(kernels),
         "kernels_selected": len(selected),
         "params": params.__dict__,
+        "runtime_config": runtime.origins,
         "kernel_problems": problems,
         "cache_unknown_names": cache.unknown_count,
         "shrink_guard": guard,
+        "claims": planning.summary(),
     }
+    plan_json["quarantined"] = [
+        {"task": list(key), "reason": why}
+        for key, status, why in result.decisions
+        if status == "quarantined"
+    ]
     staging = layout.staging_prefix(run_id)
     plan_uri = write_json(stores.work, f"{staging}plan.json", plan_json)
+    if not params.dry_run:  # the ledger's decisions: changes of state only
+        changed = [
+            ledger.record(key, status, run_id, reason=why)
+            for key, status, why in result.decisions
+            if _changed(coverage[key.driver_version].entry(key.kernel, key.kind), status, why)
+        ]
+        stores.work.put(f"{staging}decisions.jsonl.gz", ledger.encode(changed))
     # The listing this run planned from: the shrink guard's next reference if it succeeds.
     write_json(stores.work, f"{report_prefix(run_id)}kernels.json", [k.release for k in kernels])
     shards: dict[str, list[str]] = {name: [] for name in config.builders}
@@ -206,9 +306,15 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
         "plan": plan_uri,
         "summary": plan_json["summary"],
         "kernels": len(kernels),
+        "driver_versions": list(versions),
         "shards": shards,
         "dry_run": params.dry_run,
+        "plan_view": plan_view(plan_json),  # printed in the task log, kept in the report
     }
+
+
+def _changed(entry: dict[str, Any] | None, status: str, reason: str) -> bool:
+    return entry is None or entry["status"] != status or entry.get("reason") != reason
 
 
 def unify(stores: Stores, run_id: str, expected_shards: dict[str, list[str]]) -> dict[str, Any]:
@@ -409,7 +515,8 @@ def push_drivers(stores: Stores, run_id: str) -> dict[str, Any]:
             yield name, lambda name=name: stores.work.download(prefix + name)
 
     result = push_new(stores.drivers, "", candidates, load)
-    write_json(stores.work, f"{report_prefix(run_id)}push.json", result.to_json())
+    doc = result.to_json() | {"created": sorted(result.created)}  # the ledger's "published"
+    write_json(stores.work, f"{report_prefix(run_id)}push.json", doc)
     return {
         "created": len(result.created),
         "identical": len(result.identical),
@@ -492,11 +599,99 @@ def report(
 
 
 def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
-    """Append the run's decisions and attempts to the build ledger and refresh the
-    coverage index (:mod:`drivers.ledger`). Placeholder until the ledger lands."""
-    return {"records": 0}
+    """Append the run's decisions and attempts to the build ledger (one object per run)
+    and refresh the coverage index (:mod:`drivers.ledger`): the planner's decisions that
+    changed, every build attempt, what the VM tests refused, what was published."""
+    from drivers.vmtest import REFUSED
+
+    staging, reports = layout.staging_prefix(run_id), report_prefix(run_id)
+    try:
+        records = list(ledger.decode(stores.work.download(f"{staging}decisions.jsonl.gz")))
+    except ObjectNotFound:
+        records = []  # a dry run, or pre_build did not get that far
+    built: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for info in stores.work.list(f"{staging}results/"):
+        for line in stores.work.download(info.name).decode().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("type") == "task":
+                rec = _attempt_record(r, run_id, f"gs://{stores.work.bucket_name}/{reports}")
+                built[r["kernel"], r["driver_version"], r["kind"]] = rec
+                records.append(rec)
+    vm = _read_optional(stores.work, f"{reports}vm-tests.json") or {}
+    for v in vm.get("results", []) if vm.get("mode") == "enforce" else []:
+        if v["status"] in REFUSED:
+            key = (v["kernel"], v["driver_version"], v["kind"])
+            why = f"{v['status']} in its kernel's VM: " + " / ".join(v["messages"][:2])
+            fp = built.get(key, {}).get("fingerprint")
+            records.append(
+                ledger.record(
+                    key, "refused", run_id, failure=v["status"], reason=why, fingerprint=fp
+                )
+            )
+    arrived = {
+        layout.kernel_from_bundle_object(info.name): info.created.isoformat(timespec="seconds")
+        for info in stores.bundles.list(layout.BUNDLE_PREFIX)
+    }
+    published_now = ledger.now()
+    for name in (_read_optional(stores.work, f"{reports}push.json") or {}).get("created", []):
+        entry = parse_object_name(name)
+        if entry is not None and not entry.unavailable:
+            key = tuple(entry.key)
+            records.append(
+                ledger.record(
+                    key,
+                    "published",
+                    run_id,
+                    object=f"gs://{stores.drivers.bucket_name}/{name}",
+                    sha256=built.get(key, {}).get("sha256"),
+                    fingerprint=built.get(key, {}).get("fingerprint"),
+                    arrived=arrived.get(entry.key.kernel),
+                    published=published_now,
+                )
+            )
+    uri = ledger.append(stores.work, ledger.run_object(run_id), records)
+    in_cache: dict[str, dict[tuple[str, str], bool]] = defaultdict(dict)
+    for info in stores.drivers.list():
+        entry = parse_object_name(info.name)
+        if entry is not None:
+            in_cache[entry.key.driver_version][entry.key.kernel, entry.key.kind] = entry.unavailable
+    indexed = ledger.apply_run(stores.work, run_id, records, in_cache, arrived)
+    ledger.write_kernels(stores.work, {k: v for k, v in arrived.items() if k})
+    statuses = Counter(r["status"] for r in records)
+    return {"ledger": uri, "records": len(records), "statuses": dict(statuses), "indexed": indexed}
+
+
+def _attempt_record(r: dict[str, Any], run_id: str, reports: str) -> dict[str, Any]:
+    """A builder's task record as a ledger record (its log as kept in the report)."""
+    log = r.get("log")
+    if log:
+        log = reports + log.removeprefix(layout.staging_prefix(run_id))
+    reason = f"{r['failure']}: {r['message']}" if r.get("failure") else None
+    return ledger.record(
+        (r["kernel"], r["driver_version"], r["kind"]),
+        r["status"],
+        run_id,
+        time=r.get("time"),
+        builder=r["builder"],
+        env=r.get("env"),
+        fingerprint=ledger.fingerprint(r.get("env"), r.get("sources"), r.get("bundle")),
+        failure=r.get("failure"),
+        reason=reason,
+        log=log,
+        duration_s=r.get("duration_s"),
+        sha256=r.get("sha256"),
+    )
+
+
+def _read_optional(store: ObjectStore, name: str) -> Any:
+    try:
+        return read_json(store, name)
+    except ObjectNotFound:
+        return None
 
 
 def cleanup_staging(stores: Stores, run_id: str) -> int:
-    """Delete the run's staging prefix; reports stay."""
+    """Delete the run's staging prefix and release its claim (drivers.claims: other runs
+    may plan what it did not build); reports stay. Also a failed run's teardown."""
+    claims.release_claim(stores.work, run_id)
     return stores.work.delete_prefix(layout.staging_prefix(run_id))

@@ -1,6 +1,7 @@
 """The planner: which drivers to build, and how to split them into builder shards.
 
-candidates (kernels x driver versions x kinds) - done - blocked - unroutable = tasks.
+candidates (kernels x driver versions x kinds) - done - claimed (by another run in flight)
+- blocked - unroutable = tasks.
 
 A shard is what one builder pod runs. Inside a builder, tasks are grouped by kernel so
 each bundle is fetched once per shard; kernel groups are never split. Shard counts are
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from drivers.blocklist import Blocklist
 from drivers.config import MAX_SHARDS, Config
 from drivers.kernels import Kernel
 from drivers.names import DriverKey, Kind
@@ -58,8 +60,13 @@ class Plan:
     blocked: int = 0
     unroutable: int = 0
     excluded: int = 0  # routed to a builder this run leaves out
+    quarantined: int = 0  # failed the same way too often with the same inputs, or withdrawn
+    claimed: int = 0  # planned by another run in flight (drivers.claims): left to it
+    claimed_by: Counter[str] = field(default_factory=Counter)  # run id -> tasks
     blocked_by: Counter[str] = field(default_factory=Counter)  # rule location -> tasks
     unroutable_kernels: list[str] = field(default_factory=list)
+    # Every task not built for a reason: (task, "blocked"|"unroutable"|"quarantined", why)
+    decisions: list[tuple[DriverKey, str, str]] = field(default_factory=list)
     groups: dict[str, list[KernelGroup]] = field(default_factory=dict)  # builder -> groups
     shards: list[Shard] = field(default_factory=list)
     slots: int = 1
@@ -78,17 +85,21 @@ class Plan:
         total = sum(g.cost for gs in self.groups.values() for g in gs)
         return total / self.slots + self.shard_startup if total else 0.0
 
-    def builder_summary(self, builders: Iterable[str]) -> dict[str, dict[str, int]]:
+    def builder_summary(self, builders: Iterable[str], first: int = 5) -> dict[str, dict]:
+        """Per builder: tasks per kind, kernels, shards and its ``first`` kernels in
+        version order (what a dry run shows before a backfill)."""
         out = {}
         for name in builders:
-            kinds: Counter[str] = Counter(
-                t.kind for g in self.groups.get(name, []) for t in g.tasks
-            )
+            groups = self.groups.get(name, [])
+            kinds: Counter[str] = Counter(t.kind for g in groups for t in g.tasks)
             out[name] = {
                 "mod": kinds["mod"],
                 "bpf": kinds["bpf"],
-                "kernels": len(self.groups.get(name, [])),
+                "kernels": len(groups),
                 "shards": sum(1 for s in self.shards if s.builder == name),
+                "first_kernels": [
+                    g.kernel.release for g in sorted(groups, key=lambda g: g.kernel.key)[:first]
+                ],
             }
         return out
 
@@ -101,9 +112,12 @@ class Plan:
                 "blocked": self.blocked,
                 "unroutable": self.unroutable,
                 "excluded": self.excluded,
+                "quarantined": self.quarantined,
+                "claimed": self.claimed,
                 "to_build": self.to_build,
             },
             "blocked_by": dict(self.blocked_by.most_common()),
+            "claimed_by": dict(self.claimed_by.most_common()),
             "unroutable_kernels": self.unroutable_kernels,
             "builders": self.builder_summary(builders),
             "slots": self.slots,
@@ -125,11 +139,18 @@ def plan(
     force: bool = False,
     slots: int | None = None,
     only_builders: set[str] | None = None,
+    blocklist: Blocklist | None = None,
+    held: Callable[[DriverKey, str], str | None] | None = None,
+    claimed: Mapping[tuple[str, str, str], str] | None = None,
 ) -> Plan:
-    """Decide every candidate driver, then balance the tasks into shards."""
+    """Decide every candidate driver, then balance the tasks into shards.
+
+    ``blocklist`` replaces the config's (the run-time one); ``held(task, builder)`` says
+    why a routed task is quarantined, or None; ``claimed`` maps the tasks other runs in
+    flight planned to the run holding each (:mod:`drivers.claims`): they are left out."""
     slots = slots or config.slots
     result = Plan(slots=slots, shard_startup=config.costs.shard_startup)
-    blocklist = config.blocklist
+    blocklist = blocklist or config.blocklist
     groups: dict[str, dict[str, KernelGroup]] = defaultdict(dict)
     unroutable_kernels = set()
     kernels = sorted(kernels, key=lambda k: k.key)
@@ -139,25 +160,38 @@ def plan(
             builder = config.route(kernel, kind)
             for version in driver_versions:
                 result.candidates += 1
-                if (release, version, kind) in done:  # a DriverKey equals its plain tuple
-                    if not force:
-                        result.done += 1
-                        continue
+                is_done = (release, version, kind) in done  # a DriverKey equals its tuple
+                if is_done and not force:
+                    result.done += 1
+                    continue
+                # Another run in flight planned it (drivers.claims): never build it twice,
+                # not even forced.
+                if claimed and (holder := claimed.get((release, version, kind))) is not None:
+                    result.claimed += 1
+                    result.claimed_by[holder] += 1
+                    continue
+                if is_done:
                     result.forced += 1
+                key = DriverKey(release, version, kind)
                 rule = blocklist.match(release, version, kind)
                 if rule is not None:
                     result.blocked += 1
                     result.blocked_by[rule.where] += 1
+                    result.decisions.append((key, "blocked", f"{rule.where}: {rule.text}"))
                 elif builder is None:
                     result.unroutable += 1
                     unroutable_kernels.add(release)
+                    result.decisions.append((key, "unroutable", f"no route takes {kind}"))
                 elif only_builders is not None and builder not in only_builders:
                     result.excluded += 1
+                elif held is not None and (why := held(key, builder)) is not None:
+                    result.quarantined += 1
+                    result.decisions.append((key, "quarantined", why))
                 else:
                     group = groups[builder].get(release)
                     if group is None:
                         group = groups[builder][release] = KernelGroup(kernel, [])
-                    group.tasks.append(DriverKey(release, version, kind))
+                    group.tasks.append(key)
     result.unroutable_kernels = [k.release for k in kernels if k.release in unroutable_kernels]
 
     fetch = config.costs.bundle_fetch

@@ -9,6 +9,7 @@ from datetime import datetime
 from drivers import storage
 from drivers.layout import Buckets
 from drivers.pipeline import REPORTS, report_prefix
+from drivers.planview import format_plan_view
 
 
 def newest_run_id(
@@ -59,9 +60,13 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
         print(
             f"  plan: {plan.get('kernels', '?')} kernels, candidates {summary['candidates']}, "
             f"done {summary['done']}, blocked {summary['blocked']}, "
-            f"unroutable {summary['unroutable']}, to_build={summary['to_build']}",
+            f"unroutable {summary['unroutable']}, quarantined {summary.get('quarantined', 0)}, "
+            f"to_build={summary['to_build']}",
             file=out,
         )
+    if plan.get("plan_view"):  # per builder and kind, first kernels, claims, estimates
+        for line in format_plan_view(plan["plan_view"]).splitlines()[1:]:
+            print(f"  {line}", file=out)
     try:
         build = json.loads(work.download(prefix + "build.json"))
     except storage.ObjectNotFound:

@@ -266,6 +266,38 @@ class ObjectStore:
         except NotFound as e:
             raise BucketNotFound(self.bucket_name) from e
 
+    def download_with_generation(self, name: str) -> tuple[bytes, int]:
+        """``download`` plus the generation of the bytes read, from the same response (one
+        request): what a later ``put_if_generation`` compares against."""
+        blob = self._bucket.blob(name)
+        try:
+            data = blob.download_as_bytes(raw_download=True)
+        except NotFound as e:
+            self._require_bucket()
+            raise ObjectNotFound(self.bucket_name, name) from e
+        if blob.generation is None:  # a condition on None would be no condition at all
+            raise StorageError(f"gs://{self.bucket_name}/{name}: no generation in the response")
+        return data, blob.generation
+
+    def put_if_generation(
+        self, name: str, data: bytes, generation: int, content_type: str | None = None
+    ) -> int | None:
+        """``put``, only while ``name`` is still at ``generation`` (0: still absent), so
+        an edit never silently replaces someone else's. The new generation, or None when
+        the object changed since it was read (nothing written)."""
+        blob = self._bucket.blob(name)
+        try:
+            blob.upload_from_string(
+                data,
+                content_type=content_type or _content_type(name),
+                if_generation_match=generation,
+            )
+        except PreconditionFailed:
+            return None
+        except NotFound as e:
+            raise BucketNotFound(self.bucket_name) from e
+        return blob.generation
+
     def copy(self, source: str, dest: str, cache_control: str | None = None) -> None:
         """Server-side copy over ``dest`` (replacing it): no second upload of big objects.
         rewrite() loops with a token, which large objects need on real GCS."""
@@ -279,6 +311,15 @@ class ObjectStore:
         except NotFound as e:
             self._require_bucket()
             raise ObjectNotFound(self.bucket_name, source) from e
+
+    def delete_generation(self, name: str, generation: int) -> bool:
+        """Delete exactly this generation of ``name``; False when it changed or is gone.
+        Only ``drivers withdraw`` deletes from a driver cache, through this."""
+        try:
+            self._bucket.blob(name).delete(if_generation_match=generation)
+            return True
+        except (PreconditionFailed, NotFound):
+            return False
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix`` (a run's staging); returns how many."""

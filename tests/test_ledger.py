@@ -1,0 +1,250 @@
+"""The build ledger, the quarantine, `drivers why` and `drivers withdraw` on the real GCS
+emulator. Runs here are the pipeline's own steps (pre_build, record_ledger) with the
+builder's results written as a builder writes them; tests/test_upstream_e2e.py runs the
+same path with real compilers through Airflow."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from drivers import cli, layout, ledger, pipeline, why
+from drivers.config import load_config
+from drivers.kernels import parse_kernel
+from drivers.names import DriverKey
+from drivers.storage import client_from_environment
+from drivers.withdraw import WithdrawError, withdraw
+from pipeline_env import DEBIAN_BUILDERS, pipeline_env
+
+CONFIG = (
+    """
+driver_versions = ["2.3.0"]
+blocklists = []
+slots = 2
+quarantine_after = 2
+"""
+    + DEBIAN_BUILDERS
+)
+OLD, NEW, ANCIENT = "6.1.0-56-amd64", "6.12.115+deb12-amd64", "2.6.32-754.el6.x86_64"
+
+
+@pytest.fixture
+def world(gcs, tmp_path):
+    with pipeline_env(gcs, tmp_path, CONFIG, name="ledger") as s:
+        for kernel in (OLD, NEW, ANCIENT):
+            s["bundles"].upload_new(layout.bundle_object(kernel), f"bundle {kernel}".encode())
+        s["sources"].upload_new(layout.source_object("2.3.0"), b"sources, first cut")
+        yield pipeline.Stores(client_from_environment()), load_config()
+
+
+def fake_run(stores, config, run_id, failing=(), params=None):
+    """pre_build, then what the builders, the push and record_ledger do: every planned
+    task is built and published unless its (kernel, kind) is in ``failing``."""
+    run = pipeline.RunParams.from_params(params or {}, config)
+    pre = pipeline.pre_build(stores, config, run_id, run)
+    tasks = [
+        task
+        for uris in pre["shards"].values()
+        for shard in uris
+        for task in json.loads(stores.work.download(shard.split("/", 3)[3]))["tasks"]
+    ]
+    lines, created = [], []
+    for kernel, version, kind in tasks:
+        key = DriverKey(kernel, version, kind)
+        builder = config.route(parse_kernel(kernel), kind)
+        failed = (kernel, kind) in failing
+        record = {
+            "type": "task",
+            "time": ledger.now(),
+            "kernel": kernel,
+            "driver_version": version,
+            "kind": kind,
+            "builder": builder,
+            "status": "failed" if failed else "built",
+            "failure": "compile" if failed else None,
+            "message": "error: this does not compile" if failed else "",
+            "sha256": None if failed else "ab" * 32,
+            "env": pipeline.builder_environment(config, builder),
+            "sources": stores.sources.info(layout.source_object(version)).md5,
+            "bundle": stores.bundles.info(layout.bundle_object(kernel)).md5,
+        }
+        lines.append(json.dumps(record))
+        if not failed:
+            stores.drivers.upload_new(key.object_name(), b"driver " + kernel.encode())
+            created.append(key.object_name())
+    stores.work.put(
+        f"{layout.staging_prefix(run_id)}results/0.jsonl", "\n".join(lines).encode() + b"\n"
+    )
+    pipeline.write_json(
+        stores.work, f"{pipeline.report_prefix(run_id)}push.json", {"created": created}
+    )
+    recorded = pipeline.record_ledger(stores, run_id)
+    pipeline.cleanup_staging(stores, run_id)
+    return pre, recorded
+
+
+def entry(stores, kernel, kind, version="2.3.0"):
+    return ledger.read_coverage(stores.work, version).entry(kernel, kind)
+
+
+def test_runs_record_attempts_and_state_changes_not_what_is_done(world):
+    stores, config = world
+    pre, recorded = fake_run(stores, config, "run1", failing={(NEW, "bpf")})
+    # 3 built + published, 1 failed, 2 unroutable (the 2.6 kernel)
+    assert recorded["statuses"] == {"built": 3, "published": 3, "failed": 1, "unroutable": 2}
+    records = list(ledger.decode(stores.work.download(ledger.run_object("run1"))))
+    failed = next(r for r in records if r["status"] == "failed")
+    assert failed["kernel"] == NEW and failed["reason"] == "compile: error: this does not compile"
+    assert failed["fingerprint"].startswith("toolchain:") and "|sources:" in failed["fingerprint"]
+    assert entry(stores, OLD, "mod")["status"] == "published"
+    assert entry(stores, ANCIENT, "mod")["status"] == "unroutable"
+    # the next run records the new attempt only: nothing for done or unchanged decisions
+    _, again = fake_run(stores, config, "run2", failing={(NEW, "bpf")})
+    assert again["statuses"] == {"failed": 1}
+    assert entry(stores, NEW, "bpf")["failures"] == 2
+    # applying a run twice (a retried task) changes nothing
+    before = stores.work.download(ledger.coverage_object("2.3.0"))
+    pipeline.record_ledger(stores, "run2")
+    after = ledger.read_coverage(stores.work, "2.3.0")
+    assert after.entry(NEW, "bpf")["failures"] == 2
+    assert json.loads(gzip.decompress(before))["entries"] == after.entries
+
+
+def test_repeated_failures_are_quarantined_until_an_input_changes(world):
+    stores, config = world
+    fake_run(stores, config, "run1", failing={(NEW, "bpf")})
+    fake_run(stores, config, "run2", failing={(NEW, "bpf")})
+    pre, recorded = fake_run(stores, config, "run3")
+    assert pre["summary"]["quarantined"] == 1 and pre["summary"]["to_build"] == 0
+    assert recorded["statuses"] == {"quarantined": 1}
+    assert entry(stores, NEW, "bpf")["status"] == "quarantined"
+    answer = why.explain(stores, config, NEW, kinds=("bpf",)).answers[0]
+    assert answer.status == "quarantined" and "2 failures in a row (compile)" in answer.summary
+    assert f"drivers config add quarantine-release '{NEW} 2.3.0 bpf'" in answer.action
+    # an operator releases it at run time: the next run tries again
+    stores.work.put("config/quarantine-release", f"{NEW} 2.3.0 bpf\n".encode())
+    pre, _ = fake_run(stores, config, "run4", failing={(NEW, "bpf")})
+    assert pre["summary"]["to_build"] == 1 and pre["summary"]["quarantined"] == 0
+    stores.work.put("config/quarantine-release", b"")
+    assert fake_run(stores, config, "run5")[0]["summary"]["quarantined"] == 1
+    # fixed sources (another sources hash) end the quarantine, and the build succeeds
+    stores.sources.put(layout.source_object("2.3.0"), b"sources, fixed")
+    pre, recorded = fake_run(stores, config, "run6")
+    assert pre["summary"]["to_build"] == 1 and recorded["statuses"]["published"] == 1
+    assert entry(stores, NEW, "bpf")["status"] == "published"
+    assert "failures" not in entry(stores, NEW, "bpf")
+
+
+def test_infrastructure_failures_are_never_quarantined(world):
+    stores, config = world
+    coverage = ledger.Coverage("2.3.0", {}, [])
+    key, fp = (NEW, "2.3.0", "mod"), "img|sources:a|bundle:b"
+    for n in range(5):
+        coverage.apply(ledger.record(key, "infra_failed", f"r{n}", fingerprint=fp))
+    assert ledger.quarantined(coverage.entry(NEW, "mod"), fp, 2) is None
+    coverage.apply(ledger.record(key, "failed", "r5", fingerprint=fp, failure="compile"))
+    coverage.apply(ledger.record(key, "infra_failed", "r6", fingerprint=fp))  # in between
+    coverage.apply(ledger.record(key, "failed", "r7", fingerprint=fp, failure="compile"))
+    assert ledger.quarantined(coverage.entry(NEW, "mod"), fp, 2) is not None
+    assert ledger.quarantined(coverage.entry(NEW, "mod"), "img2|sources:a|bundle:b", 2) is None
+
+
+def test_an_index_written_meanwhile_is_read_again_not_overwritten(world):
+    stores, _ = world
+    calls = []
+
+    def publish(kernel, run_id):
+        return lambda c: c.apply(ledger.record((kernel, "2.3.0", "mod"), "published", run_id))
+
+    def change(coverage):
+        calls.append(coverage.generation)
+        if len(calls) == 1:  # another run writes between our read and our write
+            ledger.update_coverage(stores.work, "2.3.0", publish(NEW, "backfill"))
+        publish(OLD, "nightly")(coverage)
+
+    ledger.update_coverage(stores.work, "2.3.0", change)
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert set(ledger.read_coverage(stores.work, "2.3.0").entries) == {OLD, NEW}
+
+
+def test_why_answers_every_case_in_one_screen(world, capsys):
+    stores, config = world
+    fake_run(stores, config, "run1", failing={(NEW, "bpf")})
+    stores.work.put("config/blocklist", f"{OLD} 2.3.0 bpf  # crashes on load\n".encode())
+    stores.work.put("config/driver-versions", b"2.3.0\n2.4.0\n")
+
+    def status(kernel, **kw):
+        return {
+            (a.driver_version, a.kind): a for a in why.explain(stores, config, kernel, **kw).answers
+        }
+
+    old = status(OLD)
+    assert old["2.3.0", "mod"].status == "published"
+    assert (
+        f"gs://{stores.drivers.bucket_name}/2.3.0/collector-{OLD}.ko.gz"
+        in old["2.3.0", "mod"].summary
+    )
+    assert (
+        old["2.4.0", "mod"].status == "pending" and "builder deb61" in old["2.4.0", "mod"].summary
+    )
+    assert status(NEW)["2.3.0", "bpf"].status == "failed"
+    assert status(NEW)["2.3.0", "bpf"].action.endswith("(1 more failure(s) and it is quarantined)")
+    assert status(ANCIENT)["2.3.0", "mod"].status == "unroutable"
+    # the run-time blocklist line, named by object and line
+    stores.drivers.put(f"2.3.0/collector-ebpf-{OLD}.o.gz.bak", b"")  # noise, not a driver
+    blocked = status("6.1.0-56-rt-amd64", kinds=("bpf",))  # never seen: no bundle
+    assert blocked["2.3.0", "bpf"].status == "no_bundle"
+    assert "drivers bundle" in blocked["2.3.0", "bpf"].action
+    # a version nobody builds
+    assert status(OLD, versions=("9.9.9",))["9.9.9", "mod"].status == "not_configured"
+    # the CLI: one screen, exit 1 while something is missing, 2 on a bad kernel string
+    assert cli.main(["why", OLD, "--driver-version", "2.3.0", "--kind", "mod"]) == 0
+    assert cli.main(["why", NEW]) == 1
+    screen = capsys.readouterr().out
+    assert "compile failure" in screen and "-> fix the driver sources" in screen
+    assert len(screen.splitlines()) < 25
+    assert cli.main(["why", "not a kernel"]) == 2
+    assert "'not a kernel'" in capsys.readouterr().err
+
+
+def test_why_names_the_blocklist_line(world):
+    stores, config = world
+    stores.work.put("config/blocklist", f"# bad probes\n{OLD} 2.3.0 bpf\n".encode())
+    answer = why.explain(stores, config, OLD, kinds=("bpf",)).answers[0]
+    assert answer.status == "blocked"
+    assert f"gs://{stores.work.bucket_name}/config/blocklist:2" in answer.summary
+
+
+def test_withdraw_removes_records_repackages_and_holds_back(world, monkeypatch):
+    stores, config = world
+    fake_run(stores, config, "run1")
+    pipeline.update_support_packages(stores, ["2.3.0"], now=datetime(2026, 1, 1, tzinfo=UTC))
+    key = DriverKey(OLD, "2.3.0", "mod")
+    published = stores.drivers.info(key.object_name())
+    # without a terminal and without --yes it refuses, and changes nothing
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    argv = ["withdraw", OLD, "--driver-version", "2.3.0", "--kind", "mod", "--reason", "oops"]
+    assert cli.main(argv) == 2
+    assert stores.drivers.exists(key.object_name())
+    with pytest.raises(WithdrawError):
+        withdraw(stores, config, DriverKey(NEW, "9.9.9", "mod"), "x", "me")
+    result = withdraw(stores, config, key, "panics on boot with lockdown", "alice")
+    assert not stores.drivers.exists(key.object_name())
+    kept = result["kept"].split("/", 3)[3]
+    assert stores.work.download(kept) == b"driver " + OLD.encode()
+    assert kept.endswith(f"@{published.generation}")
+    e = entry(stores, OLD, "mod")
+    assert e["status"] == "withdrawn" and "panics on boot with lockdown (by alice)" in e["reason"]
+    matrix = json.loads(stores.support.download("driver-matrix.json"))
+    assert matrix[OLD]["2.3.0"] == {"ebpf": "upstream"}  # the package lost the module
+    answer = why.explain(stores, config, OLD, kinds=("mod",)).answers[0]
+    assert answer.status == "withdrawn" and "rebuilt when" in answer.action
+    # the nightly does not publish the same bad driver again
+    pre, _ = fake_run(stores, config, "run2")
+    assert pre["summary"]["quarantined"] == 1 and pre["summary"]["to_build"] == 0
+    # new sources: it is rebuilt
+    stores.sources.put(layout.source_object("2.3.0"), b"sources, fixed")
+    assert fake_run(stores, config, "run3")[0]["summary"]["to_build"] == 1
