@@ -14,7 +14,7 @@ export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
                 6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64 6.12.115+deb12-rt-amd64
 
-.PHONY: setup run run-cpaas test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest \
+.PHONY: setup run run-cpaas ui test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest \
         bench-scheduler gcs-up gcs-down
 .PHONY: bench-coverage
 
@@ -55,6 +55,10 @@ run-cpaas: gcs-up
 	! $(BIN)/drivers run-dag cpaas_drivers \
 	    --conf '{"source_image": "$(CPAAS_IMAGES)/with-failures.tar"}'
 	$(BIN)/drivers run-dag cpaas_drivers --conf '{"source_image": "$(CPAAS_IMAGES)/fixed.tar"}'
+
+# The embedded default's Airflow UI with the driver coverage page, until Ctrl-C.
+ui: gcs-up
+	$(BIN)/drivers ui
 
 test: setup
 	$(BIN)/pytest -q

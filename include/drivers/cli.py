@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -252,6 +253,24 @@ def cmd_run_dag(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The embedded default's Airflow UI (api-server, every user an admin) with the
+    coverage page, until interrupted."""
+    from drivers.embedded import EmbeddedAirflow
+
+    with EmbeddedAirflow(port=args.port) as airflow:
+        url = f"http://127.0.0.1:{airflow.port}"
+        print(f"Airflow UI: {url}/  driver coverage: {url}/plugin/driver-coverage", file=sys.stderr)
+        print(f"(log: {airflow.home}/api-server.log; Ctrl-C stops it)", file=sys.stderr)
+        try:
+            while airflow.api_alive():
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+    print(f"the api-server exited; see {airflow.home}/api-server.log", file=sys.stderr)
+    return 1
+
+
 def _lazy(module: str, function: str):
     """A verb implemented elsewhere, imported only when it runs (keeps `plan` fast)."""
 
@@ -367,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="summary of an upstream_drivers run")
     p.add_argument("run_id", nargs="?", help="default: the newest run")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ui", help="the embedded Airflow UI with the coverage page")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("run-dag", help="run a DAG once on the embedded Airflow")
     p.add_argument("dag_id")

@@ -37,13 +37,17 @@ class RunTimeout(DriversError):
 
 class EmbeddedAirflow:
     def __init__(
-        self, home: Path | str | None = None, dags_folder: Path | None = None, parallelism: int = 4
+        self,
+        home: Path | str | None = None,
+        dags_folder: Path | None = None,
+        parallelism: int = 4,
+        port: int | None = None,
     ) -> None:
         self.home = Path(home or os.environ.get("DRIVERS_AIRFLOW_HOME", REPO / ".airflow"))
         self.home = self.home.absolute()
         self.dags_folder = dags_folder or REPO / "dags"
         self.parallelism = parallelism
-        self.port = free_port()
+        self.port = port or free_port()
         self._api: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -122,6 +126,9 @@ class EmbeddedAirflow:
             except OSError:
                 time.sleep(0.3)
         raise RuntimeError(f"airflow api-server not ready after {READY_TIMEOUT:.0f} s")
+
+    def api_alive(self) -> bool:
+        return self._api is not None and self._api.poll() is None
 
     def stop(self) -> None:
         if self._api and self._api.poll() is None:

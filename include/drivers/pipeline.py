@@ -643,6 +643,7 @@ def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
                     "published",
                     run_id,
                     object=f"gs://{stores.drivers.bucket_name}/{name}",
+                    builder=built.get(key, {}).get("builder"),
                     sha256=built.get(key, {}).get("sha256"),
                     fingerprint=built.get(key, {}).get("fingerprint"),
                     arrived=arrived.get(entry.key.kernel),
