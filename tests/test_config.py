@@ -67,6 +67,12 @@ def test_config_is_selected_by_the_environment(tmp_path, monkeypatch):
         (('["2.3.0"]', '["2.3"]'), "driver version '2.3'"),
         (("slots = 4", "slots = 0"), "slots must be a positive integer"),
         (("slots = 4", 'slots = 4\nruntime = "podman"'), "runtime 'podman' is not one of"),
+        (("slots = 4", "slots = 4\nquarantine_after = -1"), "quarantine_after must be an int"),
+        (
+            ("slots = 4", "slots = 4\n[backfill]\nslots = 0"),
+            r"backfill.slots must be an integer >= 1",
+        ),
+        (("slots = 4", "slots = 4\n[claims]\nttl = 5"), r"claims: unknown key\(s\) \['ttl'\]"),
         (("mod = 10", "mod = -1"), "costs.mod must be a number"),
         (('builder = "b"\n', 'builder = "a"\n'), r"builder\(s\) \['b'\] have no route"),
     ],

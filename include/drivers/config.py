@@ -222,39 +222,21 @@ def _schedules(table: dict[str, Any]) -> dict[str, str]:
     return SCHEDULE_DEFAULTS | table
 
 
-def _count(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{where} must be an integer >= 0, not {value!r}")
+def _integer(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where} must be an integer >= {minimum}, not {value!r}")
     return value
 
 
-def _positive_int(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where} must be a positive integer, not {value!r}")
-    return value
-
-
-def _backfill(table: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(table) - set(BACKFILL_DEFAULTS)
+def _positive_table(name: str, table: dict[str, Any], defaults: dict[str, int]) -> dict[str, int]:
+    """A table of positive integers ([backfill], [claims]) over its defaults."""
+    unknown = set(table) - set(defaults)
     if unknown:
-        raise ConfigError(
-            f"backfill: unknown key(s) {sorted(unknown)}; known: {list(BACKFILL_DEFAULTS)}"
-        )
-    backfill = BACKFILL_DEFAULTS | table
-    _positive_int(backfill["slots"], "backfill.slots")
-    return backfill
-
-
-def _claims(table: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(table) - set(CLAIMS_DEFAULTS)
-    if unknown:
-        raise ConfigError(
-            f"claims: unknown key(s) {sorted(unknown)}; known: {list(CLAIMS_DEFAULTS)}"
-        )
-    claims = CLAIMS_DEFAULTS | table
-    for key in CLAIMS_DEFAULTS:
-        _positive_int(claims[key], f"claims.{key}")
-    return claims
+        raise ConfigError(f"{name}: unknown key(s) {sorted(unknown)}; known: {list(defaults)}")
+    merged = defaults | table
+    for key in defaults:
+        _integer(merged[key], f"{name}.{key}", 1)
+    return merged
 
 
 def _parse(path: Path, data: dict[str, Any]) -> Config:
@@ -352,7 +334,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         vm_tests,
         _schedules(data.get("schedules", {})),
         DOCKER_DEFAULTS | data.get("docker", {}),
-        quarantine_after=_count(data.get("quarantine_after", 3), "quarantine_after"),
-        backfill=_backfill(data.get("backfill", {})),
-        claims=_claims(data.get("claims", {})),
+        quarantine_after=_integer(data.get("quarantine_after", 3), "quarantine_after", 0),
+        backfill=_positive_table("backfill", data.get("backfill", {}), BACKFILL_DEFAULTS),
+        claims=_positive_table("claims", data.get("claims", {}), CLAIMS_DEFAULTS),
     )
