@@ -7,7 +7,8 @@ fresh embedded GCS; the coverage index of each version is their fold (what
 record_ledger keeps up to date run by run). Then `drivers why KERNEL` runs as its own
 process (`.venv/bin/drivers`, as an engineer types it) for a published kernel, a
 quarantined one and one never seen, several times each; medians. Also timed: folding
-one more run of 5,000 records into the indexes (record_ledger's refresh).
+one more run of 5,000 records into the indexes (record_ledger's refresh), and, for
+scale, finding the kernel's records by reading the whole ledger instead of the index.
 
 Usage: .venv/bin/python bench/bench_why.py [--runs 7] [--records 1000000]
 """
@@ -131,6 +132,16 @@ def main() -> None:
                     f"drivers why {kernel} ({label}): median {statistics.median(walls):.2f} s, "
                     f"min {min(walls):.2f} s, max {max(walls):.2f} s over {args.runs} runs"
                 )
+            kernel = cases["seen"]
+            scans = []
+            for _ in range(3):  # the naive way, for scale: read the whole ledger
+                started = time.perf_counter()
+                found = sum(1 for _ in ledger.history(work, lambda r: r["kernel"] == kernel))
+                scans.append(time.perf_counter() - started)
+            print(
+                f"scanning the whole ledger for {kernel} instead ({found} records), in process: "
+                f"median {statistics.median(scans):.2f} s"
+            )
             startup = [why_wall("--help", env) for _ in range(args.runs)]
             print(f"for scale, `drivers --help`: median {statistics.median(startup):.2f} s")
             refresh = []
