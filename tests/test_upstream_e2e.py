@@ -63,10 +63,12 @@ def env(gcs, tmp_path_factory):
             yield airflow, stores, received
 
 
-def run(airflow: EmbeddedAirflow, stores, conf: dict | None = None) -> dict:
+def run(
+    airflow: EmbeddedAirflow, stores, conf: dict | None = None, dag_id: str = "upstream_drivers"
+) -> dict:
     """Trigger one run to its end; return its report (the newest in the work bucket)."""
     started = datetime.now().astimezone()
-    status = airflow.dags_test("upstream_drivers", conf, log=airflow.home / "runs.log", timeout=900)
+    status = airflow.dags_test(dag_id, conf, log=airflow.home / "runs.log", timeout=900)
     reports = [
         i
         for i in stores["work"].list("reports/")
@@ -167,6 +169,27 @@ def test_second_run_builds_nothing(env, first_run):
     assert second["plan"]["summary"]["done"] == 8
     assert second["vm-tests"]["kernels"] == 0 and second["vm-tests"]["results"] == []  # no VM
     assert cache_names(stores) == before  # same objects, same generations
+
+
+def test_a_backfill_builds_only_its_kernel_range(env, first_run, tmp_path):
+    airflow, stores, _ = env
+    shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", tmp_path / "2.6.0")
+    path = package_sources(tmp_path / "2.6.0", tmp_path / "out")
+    stores["sources"].upload_new_file(layout.source_object("2.6.0"), path)
+    runtime_config.add_line(stores["work"], "driver-versions", "2.6.0", load_config())
+    conf = {"select": "debian:>=6.12", "driver_versions": ["2.6.0"], "dry_run": False}
+    backfill = run(airflow, stores, conf, dag_id="backfill_drivers")
+    assert backfill["status"] == "success", backfill["reasons"]
+    assert backfill["plan"]["summary"]["to_build"] == 2
+    new = {n for n in cache_names(stores) if n.startswith("2.6.0/")}
+    assert new == {f"2.6.0/collector-{KERNELS[1]}.ko.gz", f"2.6.0/collector-ebpf-{KERNELS[1]}.o.gz"}
+    records = ledger.decode(stores["work"].download(ledger.run_object(backfill["run_id"])))
+    assert {(r["kernel"], r["status"]) for r in records} == {
+        (KERNELS[1], "built"),
+        (KERNELS[1], "published"),
+    }
+    # retire the version again: the nightlies below keep to the others
+    stores["work"].put("config/driver-versions", b"2.3.0\n2.4.0-rc1\n")
 
 
 def test_compile_failures_fail_the_run_then_are_quarantined(env, first_run, tmp_path, capsys):

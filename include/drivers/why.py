@@ -262,11 +262,25 @@ def render(exp: Explanation) -> str:
     """One screen for a person."""
     bundle = f"bundle {exp.bundle} (arrived {exp.arrived})" if exp.bundle else "no bundle"
     lines = [f"{exp.kernel} ({exp.family}): {bundle}"]
+    # Drivers with the same answer (e.g. every one of a kernel without a bundle) share a row.
+    groups: dict[tuple, list[Answer]] = {}
     for a in exp.answers:
-        lines.append(f"  {a.driver_version:<12} {a.kind:<4} {a.status:<13} {a.summary}")
-        lines += [f"  {'':<31}{d}" for d in a.details]
-        if a.action:
-            lines.append(f"  {'':<31}-> {a.action}")
+        groups.setdefault((a.status, a.summary, a.action, tuple(a.details)), []).append(a)
+    for (status, summary, action, details), group in groups.items():
+        if len(group) == 1:
+            lines.append(
+                f"  {group[0].driver_version:<12} {group[0].kind:<4} {status:<13} {summary}"
+            )
+        else:
+            which = "all" if len(group) == len(exp.answers) else f"{len(group)} drivers"
+            lines.append(f"  {which:<17} {status:<13} {summary}")
+            if which != "all":
+                lines.append(
+                    f"  {'':<31}({', '.join(f'{a.driver_version} {a.kind}' for a in group)})"
+                )
+        lines += [f"  {'':<31}{d}" for d in details]
+        if action:
+            lines.append(f"  {'':<31}-> {action}")
     present = sum(a.present for a in exp.answers)
     lines.append(f"{present} of {len(exp.answers)} driver(s) available to agents on this kernel")
     return "\n".join(lines)
