@@ -231,6 +231,8 @@ def test_withdraw_removes_records_repackages_and_holds_back(world, monkeypatch):
     assert stores.drivers.exists(key.object_name())
     with pytest.raises(WithdrawError):
         withdraw(stores, config, DriverKey(NEW, "9.9.9", "mod"), "x", "me")
+    # only the generation inspected is deleted (another one was published meanwhile: kept)
+    assert not stores.drivers.delete_generation(key.object_name(), published.generation + 1)
     result = withdraw(stores, config, key, "panics on boot with lockdown", "alice")
     assert not stores.drivers.exists(key.object_name())
     kept = result["kept"].split("/", 3)[3]

@@ -177,25 +177,13 @@ class PlanLock:
             holder.body.get("acquired", "?"),
         )
         self.broken.append(holder.body.get("run_id", "?"))
-        self._delete_generation(holder.generation)
-        return True
-
-    def _delete_generation(self, generation: int) -> bool:
-        """Delete the lock if it still is ``generation``. GCS checks the precondition
-        itself; the emulator ignores it on delete, so look first as well."""
-        blob = self.store.client.bucket(self.store.bucket_name).get_blob(layout.PLAN_LOCK_OBJECT)
-        if blob is None or blob.generation != generation:
-            return False
-        try:
-            blob.delete(if_generation_match=generation)
-        except (NotFound, PreconditionFailed):
-            return False
+        self.store.delete_generation(layout.PLAN_LOCK_OBJECT, holder.generation)
         return True
 
     def release(self) -> None:
         if self.generation is None:
             return
-        if not self._delete_generation(self.generation):
+        if not self.store.delete_generation(layout.PLAN_LOCK_OBJECT, self.generation):
             log.warning(
                 "run %s: the plan lock was no longer ours at release (held past %s s and "
                 "broken by another run)",

@@ -313,13 +313,17 @@ class ObjectStore:
             raise ObjectNotFound(self.bucket_name, source) from e
 
     def delete_generation(self, name: str, generation: int) -> bool:
-        """Delete exactly this generation of ``name``; False when it changed or is gone.
-        Only ``drivers withdraw`` deletes from a driver cache, through this."""
+        """Delete ``name`` only if it still is ``generation``; False when it changed or is
+        gone. GCS checks the precondition itself; fake-gcs-server ignores it on delete, so
+        look first as well. Of a driver cache, only ``drivers withdraw`` deletes, with this."""
+        blob = self._bucket.get_blob(name)
+        if blob is None or blob.generation != generation:
+            return False
         try:
-            self._bucket.blob(name).delete(if_generation_match=generation)
-            return True
+            blob.delete(if_generation_match=generation)
         except (PreconditionFailed, NotFound):
             return False
+        return True
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix`` (a run's staging); returns how many."""
