@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from drivers import ledger
+from drivers import layout, ledger
 from drivers.kernels import FAMILIES, Kernel, KernelParseError, parse_kernel, version_tokens
 from drivers.names import KINDS
 from drivers.selectors import SelectorError, parse_selector
@@ -68,7 +68,7 @@ CHUNK_ROWS = 400  # grid rows per lazily laid-out block
 ROW_PX = 18  # a grid row's height (CSS): the size a block has before it is laid out
 FAILURES_SHOWN = 200
 LOG_LIMIT = 512 * 1024  # bytes of a log shown: its tail
-LOG_PREFIX = "reports/"  # where runs keep failure logs in the work bucket (pipeline.REPORTS)
+LOG_PREFIX = layout.REPORTS_PREFIX  # where runs keep failure logs in the work bucket
 INDEX_SUFFIX = ".json.gz"
 
 

@@ -28,6 +28,7 @@ DEFAULT_BUCKETS = {
 BUNDLE_PREFIX = "bundle-"
 BUNDLE_SUFFIX = ".tgz"
 STAGING_PREFIX = "staging/"
+REPORTS_PREFIX = "reports/"  # every run's reports: reports/<run_id>/ (work bucket)
 LEDGER_PREFIX = "ledger/"
 IMAGES_PREFIX = "images/"
 # Run-time config in the work bucket (drivers.runtime_config): driver versions, blocklist

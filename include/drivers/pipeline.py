@@ -49,7 +49,7 @@ class ShrinkGuardError(RuntimeError):
     """The bundle listing lost kernels: stop before building, delete nothing."""
 
 
-REPORTS = "reports/"  # every run's reports: reports/<run_id>/
+REPORTS = layout.REPORTS_PREFIX
 
 
 def report_prefix(run_id: str) -> str:
