@@ -72,6 +72,7 @@ STAGES = (
     ("integration_tests", ("integration_tests",)),
     ("push_drivers", ("push_drivers",)),
     ("update_support_packages", ("update_support_packages",)),
+    ("record_ledger", ("record_ledger",)),
     ("cleanup_staging", ("cleanup_staging",)),
     ("report", ("report",)),
 )
