@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from drivers import cli, layout, ledger, pipeline, why
+from drivers import cli, cpaas, layout, ledger, pipeline, why
 from drivers.config import load_config
 from drivers.kernels import parse_kernel
 from drivers.names import DriverKey
@@ -221,7 +221,11 @@ def test_why_names_the_blocklist_line(world):
 def test_withdraw_removes_records_repackages_and_holds_back(world, monkeypatch):
     stores, config = world
     fake_run(stores, config, "run1")
-    pipeline.update_support_packages(stores, ["2.3.0"], now=datetime(2026, 1, 1, tzinfo=UTC))
+    before = datetime(2026, 1, 1, tzinfo=UTC)
+    pipeline.update_support_packages(stores, ["2.3.0"], now=before)
+    cpaas.publish_cpaas_packages(stores, cpaas.UPSTREAM_ARCH, ["2.3.0"], before)
+    matrix = json.loads(stores.support.download("cpaas/x86_64/driver-matrix.json"))
+    assert matrix[OLD]["2.3.0"] == {"kmod": "upstream", "ebpf": "upstream"}
     key = DriverKey(OLD, "2.3.0", "mod")
     published = stores.drivers.info(key.object_name())
     # without a terminal and without --yes it refuses, and changes nothing
@@ -242,6 +246,8 @@ def test_withdraw_removes_records_repackages_and_holds_back(world, monkeypatch):
     assert e["status"] == "withdrawn" and "panics on boot with lockdown (by alice)" in e["reason"]
     matrix = json.loads(stores.support.download("driver-matrix.json"))
     assert matrix[OLD]["2.3.0"] == {"ebpf": "upstream"}  # the package lost the module
+    matrix = json.loads(stores.support.download("cpaas/x86_64/driver-matrix.json"))
+    assert matrix[OLD]["2.3.0"] == {"ebpf": "upstream"}  # and so did the CPaaS x86_64 one
     answer = why.explain(stores, config, OLD, kinds=("mod",)).answers[0]
     assert answer.status == "withdrawn" and "rebuilt when" in answer.action
     # the nightly does not publish the same bad driver again

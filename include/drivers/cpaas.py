@@ -33,6 +33,7 @@ FIRST_LINES = 20  # of each failure log, in the report
 
 
 REPORTS = report_prefix("cpaas")  # every run's reports: reports/cpaas/<run_id>/
+UPSTREAM_ARCH = oci.cache_arch("amd64")  # its packages also carry the upstream drivers
 
 
 def reports(run_id: str) -> str:
@@ -233,7 +234,7 @@ def push_drivers(stores: Stores, run_id: str, extracted: dict, dry_run: bool) ->
 
 
 def _upstream_arch(arch: str) -> bool:
-    return arch == oci.cache_arch("amd64")  # upstream builders build x86_64 only
+    return arch == UPSTREAM_ARCH  # upstream builders build x86_64 only
 
 
 def pull_missing(stores: Stores, run_id: str, pushed: dict) -> dict[str, Any]:
@@ -269,11 +270,21 @@ def build_support_packages(
 ) -> dict[str, Any]:
     """CPaaS support packages under ``cpaas/<arch>/`` in the support bucket, by the same
     code and in the same layout as the upstream ones."""
-    from drivers.packages import publish_support_packages
-
     arch = pulled["arch"]
     if pulled["dry_run"]:
         return {"arch": arch, "dry_run": True}
+    result = publish_cpaas_packages(stores, arch, pulled["versions"], now or datetime.now(UTC))
+    write_json(stores.work, f"{reports(run_id)}packages-{arch}.json", result)
+    return {"arch": arch} | {k: result[k] for k in ("built", "unchanged", "index", "matrix")}
+
+
+def publish_cpaas_packages(
+    stores: Stores, arch: str, versions: list[str], timestamp: datetime
+) -> dict[str, Any]:
+    """Rebuild the CPaaS support packages of ``arch`` whose driver set changed (also
+    after ``drivers withdraw`` removed an upstream driver the x86_64 ones carry)."""
+    from drivers.packages import publish_support_packages
+
     root = layout.cpaas_prefix(arch)
     if _upstream_arch(arch):  # the upstream drivers, overridden by the CPaaS cache's
         base, sources = stores.drivers, {"downstream_store": stores.cpaas_drivers}
@@ -281,12 +292,9 @@ def build_support_packages(
     else:
         base, sources = stores.cpaas_drivers, {"drivers_prefix": root}
         sources["drivers_source"] = "downstream"
-    timestamp = now or datetime.now(UTC)
-    result = publish_support_packages(
-        base, stores.support, pulled["versions"], timestamp=timestamp, root=root, **sources
+    return publish_support_packages(
+        base, stores.support, versions, timestamp=timestamp, root=root, **sources
     )
-    write_json(stores.work, f"{reports(run_id)}packages-{arch}.json", result)
-    return {"arch": arch} | {k: result[k] for k in ("built", "unchanged", "index", "matrix")}
 
 
 def report(

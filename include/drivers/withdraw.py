@@ -36,6 +36,7 @@ class WithdrawError(ValueError):
 def withdraw(
     stores: Stores, config: Config, key: DriverKey, reason: str, who: str
 ) -> dict[str, Any]:
+    from drivers.cpaas import UPSTREAM_ARCH, publish_cpaas_packages
     from drivers.pipeline import builder_environment, update_support_packages
     from drivers.storage import ObjectNotFound
 
@@ -74,7 +75,12 @@ def withdraw(
     )
     written = ledger.append(stores.work, ledger.run_object(run_id), [done])
     ledger.apply_run(stores.work, run_id, [done])
-    packages = update_support_packages(stores, [key.driver_version])
+    packages = {"upstream": update_support_packages(stores, [key.driver_version])}
+    if any(stores.support.list(layout.cpaas_prefix(UPSTREAM_ARCH, key.driver_version))):
+        # the CPaaS x86_64 packages carry upstream drivers too
+        packages["cpaas"] = publish_cpaas_packages(
+            stores, UPSTREAM_ARCH, [key.driver_version], datetime.now(UTC)
+        )
     return {"withdrawn": uri, "kept": done["kept"], "ledger": written, "packages": packages}
 
 
