@@ -59,6 +59,14 @@ def test_builder_pod_runs_the_entrypoint_with_the_shard(rendered):
     assert pod["metadata"]["namespace"] == "collector-drivers"
     assert pod["metadata"]["labels"]["builder"] == "fc36"
     assert operator.deferrable and operator.on_finish_action.value == "delete_pod"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["DRIVERS_BUILDER_IMAGE"] == container["image"]  # the ledger's environment
+    # an evicted, preempted or timed-out pod is retried, with backoff
+    from drivers import airflow_glue as glue
+    from drivers.config import load_config
+
+    kwargs = glue.builder_pod_kwargs(load_config(), "fc36", glue.BUILDER_POOL)
+    assert kwargs["retries"] >= 1 and kwargs["retry_exponential_backoff"] is True
 
 
 def test_builder_pod_carries_no_credentials(rendered):
