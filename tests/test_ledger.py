@@ -15,6 +15,7 @@ from drivers import cli, cpaas, layout, ledger, pipeline, why
 from drivers.config import load_config
 from drivers.kernels import parse_kernel
 from drivers.names import DriverKey
+from drivers.runtime_config import RuntimeConfigError
 from drivers.storage import client_from_environment
 from drivers.withdraw import WithdrawError, withdraw
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
@@ -256,3 +257,13 @@ def test_withdraw_removes_records_repackages_and_holds_back(world, monkeypatch):
     # new sources: it is rebuilt
     stores.sources.put(layout.source_object("2.3.0"), b"sources, fixed")
     assert fake_run(stores, config, "run3")[0]["summary"]["to_build"] == 1
+
+
+def test_a_malformed_run_time_config_stops_pre_build_before_it_writes(world):
+    stores, config = world
+    stores.work.put("config/blocklist", f"{OLD} 2.3.0 bpf extra-field\n".encode())
+    params = pipeline.RunParams.from_params({}, config)
+    with pytest.raises(RuntimeConfigError) as e:
+        pipeline.pre_build(stores, config, "run1", params)
+    assert f"gs://{stores.work.bucket_name}/config/blocklist:1" in str(e.value)
+    assert [i.name for i in stores.work.list()] == ["config/blocklist"]  # nothing written

@@ -131,6 +131,7 @@ def test_the_ledger_records_the_run_and_why_answers_from_it(env, first_run, caps
     built = [r for r in records if r["status"] == "built"]
     assert len(built) == 8 and len([r for r in records if r["status"] == "published"]) == 8
     assert all(r["fingerprint"] and r["sha256"] and r["duration_s"] > 0 for r in built)
+    assert all(r["toolchain"]["gcc"].startswith("gcc") for r in built)
     coverage = ledger.read_coverage(stores["work"], "2.3.0")
     published = coverage.entry(KERNELS[0], "mod")
     assert published["status"] == "published" and published["arrived"] <= published["published"]

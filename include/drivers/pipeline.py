@@ -675,6 +675,7 @@ def _attempt_record(r: dict[str, Any], run_id: str, reports: str) -> dict[str, A
         time=r.get("time"),
         builder=r["builder"],
         env=r.get("env"),
+        toolchain=r.get("toolchain"),  # gcc, clang, make as the builder reported them
         fingerprint=ledger.fingerprint(r.get("env"), r.get("sources"), r.get("bundle")),
         failure=r.get("failure"),
         reason=reason,
