@@ -267,3 +267,19 @@ def test_a_malformed_run_time_config_stops_pre_build_before_it_writes(world):
         pipeline.pre_build(stores, config, "run1", params)
     assert f"gs://{stores.work.bucket_name}/config/blocklist:1" in str(e.value)
     assert [i.name for i in stores.work.list()] == ["config/blocklist"]  # nothing written
+
+
+def test_withdraw_repackages_in_the_next_second_when_this_one_is_taken():
+    from drivers.packages import PackageConflict
+    from drivers.withdraw import _repackage
+
+    stamps = []
+
+    def publish(now):
+        stamps.append(now)
+        if len(stamps) == 1:  # a run published this version's package in this second
+            raise PackageConflict("support-pkg-2.3.0-...zip already exists with other bytes")
+        return {"built": ["2.3.0"]}
+
+    assert _repackage(publish) == {"built": ["2.3.0"]}
+    assert int(stamps[1].timestamp()) > int(stamps[0].timestamp())

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -75,13 +77,27 @@ def withdraw(
     )
     written = ledger.append(stores.work, ledger.run_object(run_id), [done])
     ledger.apply_run(stores.work, run_id, [done])
-    packages = {"upstream": update_support_packages(stores, [key.driver_version])}
+    version = [key.driver_version]
+    packages = {"upstream": _repackage(lambda now: update_support_packages(stores, version, now))}
     if any(stores.support.list(layout.cpaas_prefix(UPSTREAM_ARCH, key.driver_version))):
         # the CPaaS x86_64 packages carry upstream drivers too
-        packages["cpaas"] = publish_cpaas_packages(
-            stores, UPSTREAM_ARCH, [key.driver_version], datetime.now(UTC)
+        packages["cpaas"] = _repackage(
+            lambda now: publish_cpaas_packages(stores, UPSTREAM_ARCH, version, now)
         )
     return {"withdrawn": uri, "kept": done["kept"], "ledger": written, "packages": packages}
+
+
+def _repackage(publish: Callable[[datetime], dict[str, Any]]) -> dict[str, Any]:
+    """Package names carry a timestamp to the second: a package published in this same
+    second (by a run) would collide; take the next second then."""
+    from drivers.packages import PackageConflict
+
+    for _ in range(3):
+        try:
+            return publish(datetime.now(UTC))
+        except PackageConflict:
+            time.sleep(1.05)
+    return publish(datetime.now(UTC))
 
 
 def _confirm(key: DriverKey, uri: str) -> bool:
