@@ -124,6 +124,7 @@ def test_repeated_failures_are_quarantined_until_an_input_changes(world):
     assert entry(stores, NEW, "bpf")["status"] == "quarantined"
     answer = why.explain(stores, config, NEW, kinds=("bpf",)).answers[0]
     assert answer.status == "quarantined" and "2 failures in a row (compile)" in answer.summary
+    assert "; last: compile: error: this does not compile" in answer.summary
     assert f"drivers config add quarantine-release '{NEW} 2.3.0 bpf'" in answer.action
     # an operator releases it at run time: the next run tries again
     stores.work.put("config/quarantine-release", f"{NEW} 2.3.0 bpf\n".encode())

@@ -513,7 +513,8 @@ def render_failures(failures: Sequence[Failure], shown: int = FAILURES_SHOWN) ->
     ]
     for f in failures[:shown]:
         log = f"<button type=button data-log='{_e(f.log)}'>log</button>" if f.log else ""
-        times = f" ({f.failures} in a row)" if f.failures > 1 else ""
+        # (a quarantine's reason already says how many)
+        times = f" ({f.failures} in a row)" if f.failures > 1 and f.status != "quarantined" else ""
         out.append(
             f"<tr><td>{_e(f.time)}<td>{_e(f.kernel)}<td>{_e(f.driver_version)}<td>{_e(f.kind)}"
             f"<td>{status_badge(f.status)}<td>{_e(f.reason or f.failure or '')}{times}"

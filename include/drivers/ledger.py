@@ -176,10 +176,11 @@ class Coverage:
             same = old.get("fingerprint") == fp and old.get("last_failure") == r.get("failure")
             failures = failures + 1 if same else 1
             entry["last_failure"] = r.get("failure")
+            entry["last_reason"] = r.get("reason")
         elif status in ("built", "published", "unavailable"):
             failures = 0
         else:  # blocked, unroutable, quarantined, infra_failed, withdrawn: unchanged
-            for k in ("last_failure", "log", "failure"):
+            for k in ("last_failure", "last_reason", "log", "failure"):
                 if k in old and k not in entry:
                     entry[k] = old[k]
         if status == "published":

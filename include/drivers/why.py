@@ -208,7 +208,8 @@ def _answer(
         )
     elif held:
         answer.status = "quarantined"
-        answer.summary = f"quarantined: {held}: {entry.get('reason', '')}{log}"
+        last = f"; last: {entry['last_reason']}" if entry.get("last_reason") else ""
+        answer.summary = f"quarantined: {held}{last}{log}"
         answer.details.append(f"failing since {entry.get('since')}, last in run {entry['run_id']}")
         answer.action = (
             f"fix the driver sources or the {entry.get('builder', 'builder')} image (either "
