@@ -308,19 +308,3 @@ def quarantined(entry: dict[str, Any] | None, current: str, threshold: int) -> s
             "builder environment, sources and bundle"
         )
     return None
-
-
-__all__ = [
-    "STATUSES",
-    "Coverage",
-    "append",
-    "apply_run",
-    "decode",
-    "environment",
-    "fingerprint",
-    "history",
-    "quarantined",
-    "read_coverage",
-    "record",
-    "run_object",
-]
