@@ -237,7 +237,9 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
     kernels, problems = layout.kernels_from_bundles(
         (info.name for info in bundle_infos), f"gs://{stores.bundles.bucket_name}"
     )
-    bundles = {layout.kernel_from_bundle_object(info.name): info.md5 for info in bundle_infos}
+    by_kernel = {layout.kernel_from_bundle_object(i.name): i for i in bundle_infos}
+    by_kernel.pop(None, None)  # not a bundle name (reported in problems)
+    bundles = {kernel: info.md5 for kernel, info in by_kernel.items()}
     guard = {"reference": None, "missing": 0, "accepted": params.accept_shrink}
     if not params.accept_shrink:
         guard |= check_shrink(stores, kernels, config)
@@ -280,6 +282,9 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
     ]
     staging = layout.staging_prefix(run_id)
     plan_uri = write_json(stores.work, f"{staging}plan.json", plan_json)
+    # when each bundle arrived: the coverage page's kernels, record_ledger's freshness
+    arrived = {k: i.created.isoformat(timespec="seconds") for k, i in by_kernel.items()}
+    ledger.write_kernels(stores.work, arrived)
     if not params.dry_run:  # the ledger's decisions: changes of state only
         changed = [
             ledger.record(key, status, run_id, reason=why)
@@ -628,10 +633,7 @@ def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
                     key, "refused", run_id, failure=v["status"], reason=why, fingerprint=fp
                 )
             )
-    arrived = {
-        layout.kernel_from_bundle_object(info.name): info.created.isoformat(timespec="seconds")
-        for info in stores.bundles.list(layout.BUNDLE_PREFIX)
-    }
+    arrived = ledger.read_kernels(stores.work)  # pre_build's bundle listing
     published_now = ledger.now()
     for name in (_read_optional(stores.work, f"{reports}push.json") or {}).get("created", []):
         entry = parse_object_name(name)
@@ -657,7 +659,6 @@ def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
         if entry is not None:
             in_cache[entry.key.driver_version][entry.key.kernel, entry.key.kind] = entry.unavailable
     indexed = ledger.apply_run(stores.work, run_id, records, in_cache, arrived)
-    ledger.write_kernels(stores.work, {k: v for k, v in arrived.items() if k})
     statuses = Counter(r["status"] for r in records)
     return {"ledger": uri, "records": len(records), "statuses": dict(statuses), "indexed": indexed}
 

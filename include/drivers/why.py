@@ -83,12 +83,7 @@ def explain(
     keys = [DriverKey(k.release, v, kind) for v in versions for kind in kinds]
 
     def cached(name: str) -> Any:
-        try:
-            return stores.drivers.info(name)
-        except Exception as e:  # noqa: BLE001 - only "absent" is an answer here
-            if type(e).__name__ == "ObjectNotFound":
-                return None
-            raise
+        return _info(stores.drivers, name)
 
     with ThreadPoolExecutor(8) as pool:  # a dozen small lookups: overlap their latency
         coverage = dict(
@@ -98,7 +93,7 @@ def explain(
                 strict=True,
             )
         )
-        bundle = pool.submit(lambda: _bundle_info(stores, bundle_name))
+        bundle = pool.submit(_info, stores.bundles, bundle_name)
         objects = dict(
             zip(keys, pool.map(lambda key: cached(key.object_name()), keys), strict=True)
         )
@@ -129,11 +124,12 @@ def explain(
     )
 
 
-def _bundle_info(stores: Stores, name: str) -> Any:
+def _info(store: Any, name: str) -> Any:
+    """The object's metadata, or None when it does not exist."""
     from drivers.storage import ObjectNotFound
 
     try:
-        return stores.bundles.info(name)
+        return store.info(name)
     except ObjectNotFound:
         return None
 
