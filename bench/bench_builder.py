@@ -1,7 +1,7 @@
 """Builder benchmark: what `drivers build-shard` adds around the compiler and GNU tar.
 
 Not a test. Per kernel (Debian 6.1.0-47 and 6.1.0-56 in amd64, cloud-amd64, rt-amd64;
-bundles made with drivers.bundles.make_debian_bundle):
+bundles made with drivers.build.bundles.make_debian_bundle):
 
 - fetch: ``ObjectStore.download_to`` of the bundle from the embedded GCS;
 - extraction: ``builder.safe_extract`` vs ``tar xzf`` of the same bundle into an empty
@@ -33,13 +33,14 @@ from pathlib import Path
 
 from machine import describe  # noqa: E402
 
-from drivers import builder, layout
-from drivers.builder import build_driver, open_bundle, safe_extract
-from drivers.bundles import make_debian_bundle
-from drivers.emulator import EmbeddedGCS, free_port
-from drivers.names import DriverKey
-from drivers.sources import package_sources
-from drivers.storage import ObjectStore, client_from_environment
+from drivers.build import builder
+from drivers.build.builder import build_driver, open_bundle, safe_extract
+from drivers.build.bundles import make_debian_bundle
+from drivers.build.sources import package_sources
+from drivers.domain import layout
+from drivers.domain.names import DriverKey
+from drivers.store.emulator import EmbeddedGCS, free_port
+from drivers.store.storage import ObjectStore, client_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "include/drivers/driver_sources"

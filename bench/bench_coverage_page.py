@@ -40,12 +40,14 @@ from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from drivers import ledger  # noqa: E402
-from drivers.emulator import EmbeddedGCS, free_port  # noqa: E402
-from drivers.kernels import ebpf_supported, parse_kernel  # noqa: E402
-from drivers.names import KINDS, DriverKey  # noqa: E402
-from drivers.pipeline import Stores  # noqa: E402
-from drivers.storage import client_from_environment  # noqa: E402
+from drivers.domain.kernels import ebpf_supported, parse_kernel  # noqa: E402
+from drivers.domain.names import KINDS, DriverKey  # noqa: E402
+from drivers.store import ledger  # noqa: E402
+from drivers.store.emulator import EmbeddedGCS, free_port  # noqa: E402
+from drivers.store.storage import (  # noqa: E402
+    Stores,  # noqa: E402
+    client_from_environment,  # noqa: E402
+)
 from scenarios import KERNEL_LIST  # noqa: E402
 from test_coverage_page import (  # noqa: E402
     PASSWORD,

@@ -2,7 +2,7 @@
 CPaaS cache that already holds half of them, ours vs the original's method.
 
 Not a test. Input (made once, kept in ``bench/out/cpaas/``): 20,000 synthetic 200 KB
-drivers (:mod:`drivers.synthetic`: real ELF headers and vermagic so verification
+drivers (:mod:`drivers.build.synthetic`: real ELF headers and vermagic so verification
 passes, incompressible filler), 2,000 kernels of the real 2022 list × 5 driver versions
 × (module, probe), as an OCI image layout with one layer per driver version (gzip'd, as
 image builders write them). Buckets: the embedded GCS (fake-gcs-server, filesystem
@@ -45,12 +45,16 @@ from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from drivers import cpaas, layout, oci  # noqa: E402
-from drivers.emulator import EmbeddedGCS, free_port  # noqa: E402
-from drivers.names import DriverKey  # noqa: E402
-from drivers.pipeline import Stores  # noqa: E402
-from drivers.storage import client_from_environment  # noqa: E402
-from drivers.synthetic import driver  # noqa: E402
+from drivers.build import oci  # noqa: E402
+from drivers.build.synthetic import driver  # noqa: E402
+from drivers.domain import layout  # noqa: E402
+from drivers.domain.names import DriverKey  # noqa: E402
+from drivers.flows import cpaas  # noqa: E402
+from drivers.store.emulator import EmbeddedGCS, free_port  # noqa: E402
+from drivers.store.storage import (  # noqa: E402
+    Stores,  # noqa: E402
+    client_from_environment,  # noqa: E402
+)
 from scenarios import KERNEL_LIST  # noqa: E402
 
 OUT = REPO / "bench/out/cpaas"
@@ -123,7 +127,7 @@ def run_ours(image: Path, source: str) -> dict:
         extract_s = time.perf_counter() - started
         pushed = cpaas.push_drivers(stores, run_id, extracted, dry_run=False)
     else:  # the same steps over the local layout
-        from drivers.push import Candidate, push_new
+        from drivers.store.push import Candidate, push_new
 
         with oci.open_image(image) as opened:
             result = oci.extract_drivers(opened, "amd64")

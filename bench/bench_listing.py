@@ -29,8 +29,8 @@ from pathlib import Path
 
 from machine import describe
 
-from drivers.emulator import EmbeddedGCS, free_port
-from drivers.storage import PAGE_SIZE, ObjectStore, client_from_environment
+from drivers.store.emulator import EmbeddedGCS, free_port
+from drivers.store.storage import PAGE_SIZE, ObjectStore, client_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))

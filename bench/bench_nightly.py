@@ -21,7 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from drivers.embedded import EmbeddedAirflow
+from drivers.ops.embedded import EmbeddedAirflow
 
 ROOT = Path(__file__).resolve().parents[1]
 

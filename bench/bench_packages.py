@@ -66,7 +66,7 @@ def make_drivers(folder: Path, count: int, size: int) -> None:
 
 def run_ours(folder: Path, out_dir: Path) -> None:
     """Child process: build the package, its .sha256 and the index; print the seconds."""
-    from drivers import packages
+    from drivers.build import packages
 
     start = time.perf_counter()
     zip_path = out_dir / "ours.zip"

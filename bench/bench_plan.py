@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from machine import describe  # noqa: E402
 
-from drivers.config import load_config  # noqa: E402
-from drivers.kernels import parse_kernel  # noqa: E402
-from drivers.names import CacheIndex  # noqa: E402
-from drivers.planner import makespan, plan  # noqa: E402
+from drivers.domain.config import load_config  # noqa: E402
+from drivers.domain.kernels import parse_kernel  # noqa: E402
+from drivers.domain.names import CacheIndex  # noqa: E402
+from drivers.domain.planner import makespan, plan  # noqa: E402
 from scenarios import (  # noqa: E402
     BLOCKLISTS,
     KERNEL_LIST,

@@ -52,11 +52,11 @@ from machine import describe
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from distributed import CONFIG, DistributedAirflow, unavailable_reason  # noqa: E402
-from drivers import embedded  # noqa: E402
-from drivers.embedded import EmbeddedAirflow  # noqa: E402
-from drivers.emulator import EmbeddedGCS, free_port  # noqa: E402
-from drivers.pipeline import report_prefix  # noqa: E402
-from drivers.storage import ObjectStore  # noqa: E402
+from drivers.domain.layout import report_prefix  # noqa: E402
+from drivers.ops import embedded  # noqa: E402
+from drivers.ops.embedded import EmbeddedAirflow  # noqa: E402
+from drivers.store.emulator import EmbeddedGCS, free_port  # noqa: E402
+from drivers.store.storage import ObjectStore  # noqa: E402
 from pipeline_env import pipeline_env, publish_bundle, publish_sources  # noqa: E402
 
 DAG = "upstream_drivers"

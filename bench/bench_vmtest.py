@@ -25,8 +25,8 @@ from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from drivers import vmtest  # noqa: E402
-from drivers.names import DriverKey  # noqa: E402
+from drivers.build import vmtest  # noqa: E402
+from drivers.domain.names import DriverKey  # noqa: E402
 from test_vmtest import build_driver_for  # noqa: E402
 
 CACHE = REPO / ".cache"

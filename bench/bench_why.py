@@ -30,9 +30,10 @@ from machine import describe
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DRIVERS_REAL_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "include"))
-from drivers import layout, ledger  # noqa: E402
-from drivers.emulator import EmbeddedGCS, free_port  # noqa: E402
-from drivers.storage import ObjectStore, client_from_environment  # noqa: E402
+from drivers.domain import layout  # noqa: E402
+from drivers.store import ledger  # noqa: E402
+from drivers.store.emulator import EmbeddedGCS, free_port  # noqa: E402
+from drivers.store.storage import ObjectStore, client_from_environment  # noqa: E402
 
 VERSIONS = ("2.0.1", "2.1.0", "2.2.0", "2.3.0", "2.4.0")
 RUNS_IN_LEDGER = 200

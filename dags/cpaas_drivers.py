@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING
 from airflow.sdk import TriggerRule, chain, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from drivers import airflow_glue as glue
-from drivers.config import load_config
+from drivers.airflow import glue as glue
+from drivers.domain.config import load_config
 
 if TYPE_CHECKING:
-    from drivers.cpaas import CpaasParams
+    from drivers.flows.cpaas import CpaasParams
 
 config = load_config()
 
 
 def _params() -> CpaasParams:
-    from drivers.cpaas import CpaasParams
+    from drivers.flows.cpaas import CpaasParams
 
     return CpaasParams.from_params(get_current_context()["params"], config)
 
@@ -53,7 +53,7 @@ def cpaas_drivers():
 
         @task
         def mirror_image() -> list[dict]:
-            from drivers import cpaas
+            from drivers.flows import cpaas
 
             try:
                 return cpaas.mirror_image(glue.stores(), glue.run_id(), _params())
@@ -64,7 +64,7 @@ def cpaas_drivers():
 
     @task
     def extract_drivers(target: dict) -> dict:
-        from drivers import cpaas
+        from drivers.flows import cpaas
 
         try:
             return cpaas.extract_drivers(glue.stores(), glue.run_id(), target)
@@ -73,7 +73,7 @@ def cpaas_drivers():
 
     @task
     def test_drivers_compilation(extracted: list[dict]) -> dict:
-        from drivers import cpaas
+        from drivers.flows import cpaas
 
         found = cpaas.find_compile_failures(glue.stores(), glue.run_id(), list(extracted))
         if found["failures"]:
@@ -82,31 +82,31 @@ def cpaas_drivers():
 
     @task
     def push_drivers(extracted: dict) -> dict:
-        from drivers import cpaas
+        from drivers.flows import cpaas
 
         return cpaas.push_drivers(glue.stores(), glue.run_id(), extracted, _params().dry_run)
 
     @task
     def pull_missing(pushed: dict) -> dict:
-        from drivers import cpaas
+        from drivers.flows import cpaas
 
         return cpaas.pull_missing(glue.stores(), glue.run_id(), pushed)
 
     @task
     def build_support_packages(pulled: dict) -> dict:
-        from drivers import cpaas
+        from drivers.flows import cpaas
 
         return cpaas.build_support_packages(glue.stores(), glue.run_id(), pulled)
 
     @task(trigger_rule=TriggerRule.ALL_DONE)
     def cleanup_staging() -> int:
-        from drivers import cpaas
+        from drivers.flows import cpaas
 
         return cpaas.cleanup_staging(glue.stores(), glue.run_id())
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
     def report() -> dict:
-        from drivers import cpaas
+        from drivers.flows import cpaas
 
         failed = glue.failed_tasks(get_current_context())
         verdict = cpaas.report(glue.stores(), glue.run_id(), _params(), failed)

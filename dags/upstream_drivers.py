@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 from airflow.sdk import TriggerRule, chain, dag, get_current_context, task, task_group
 from airflow.sdk.exceptions import AirflowFailException
 
-from drivers import airflow_glue as glue
-from drivers.config import load_config
+from drivers.airflow import glue as glue
+from drivers.domain.config import load_config
 
 if TYPE_CHECKING:
-    from drivers.pipeline import RunParams
+    from drivers.flows.upstream import RunParams
 
 BACKFILL_DOC = """
 ### Backfill drivers
@@ -52,15 +52,15 @@ own pool `backfill_builders` (`[backfill] slots`, which its plan is balanced ove
 never of `builders`; its tasks weigh less (`priority_weight` 1 against 10, weight rule
 absolute) where both DAGs wait for the same executor slots; one backfill runs at a
 time; and every run plans under one lock, leaving out the tasks another run in flight
-claimed (`drivers.claims`), so no driver is planned twice.
+claimed (`drivers.store.claims`), so no driver is planned twice.
 """
 
 config = load_config()  # a local TOML file: cheap, and the DAGs' shape depends on it
-# drivers.pipeline (and google-cloud-storage) is imported inside tasks: parsing stays cheap.
+# drivers.flows.upstream (and google-cloud-storage) is imported inside tasks: parsing stays cheap.
 
 
 def _params() -> RunParams:
-    from drivers.pipeline import RunParams
+    from drivers.flows.upstream import RunParams
 
     return RunParams.from_params(get_current_context()["params"], config)
 
@@ -89,8 +89,8 @@ def drivers_dag(dag_id: str):
     def pipeline():
         @task
         def pre_build() -> dict:
-            from drivers import pipeline
-            from drivers.planview import format_plan_view
+            from drivers.domain.planview import format_plan_view
+            from drivers.flows import upstream as pipeline
 
             try:
                 params = _params()
@@ -138,7 +138,7 @@ def drivers_dag(dag_id: str):
 
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def unify(plan: dict | None) -> dict:
-            from drivers import pipeline
+            from drivers.flows import upstream as pipeline
 
             if plan is None:
                 raise AirflowFailException("pre_build produced no plan")
@@ -146,7 +146,7 @@ def drivers_dag(dag_id: str):
 
         @task
         def verify_drivers() -> dict:
-            from drivers import pipeline
+            from drivers.flows import upstream as pipeline
 
             return pipeline.verify_drivers(glue.stores(), glue.run_id())
 
@@ -158,7 +158,7 @@ def drivers_dag(dag_id: str):
 
             @task
             def integration_tests() -> dict:
-                from drivers import pipeline
+                from drivers.flows import upstream as pipeline
 
                 return pipeline.integration_tests(
                     glue.stores(), glue.run_id(), _params(), config.vm_tests
@@ -168,13 +168,13 @@ def drivers_dag(dag_id: str):
 
         @task
         def push_drivers() -> dict:
-            from drivers import pipeline
+            from drivers.flows import upstream as pipeline
 
             return pipeline.push_drivers(glue.stores(), glue.run_id())
 
         @task
         def update_support_packages(plan: dict) -> dict:
-            from drivers import pipeline
+            from drivers.flows import upstream as pipeline
 
             if _params().dry_run:  # plan and report only: publish nothing
                 return {"dry_run": True}
@@ -183,7 +183,7 @@ def drivers_dag(dag_id: str):
 
         @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
         def report(plan: dict | None, unified, verified, tested, pushed, packages) -> dict:
-            from drivers import pipeline
+            from drivers.flows import upstream as pipeline
 
             failed = glue.failed_tasks(get_current_context())
             steps = {
@@ -203,13 +203,13 @@ def drivers_dag(dag_id: str):
 
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def record_ledger() -> dict:
-            from drivers import pipeline
+            from drivers.flows import upstream as pipeline
 
             return pipeline.record_ledger(glue.stores(), glue.run_id())
 
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def cleanup_staging() -> int:
-            from drivers import pipeline
+            from drivers.flows import upstream as pipeline
 
             return pipeline.cleanup_staging(glue.stores(), glue.run_id())
 

@@ -3,7 +3,7 @@
 
 A FastAPI app the api-server mounts under ``/drivers`` (``fastapi_apps``) and a
 navigation entry, "Drivers" (``external_views``, destination ``nav``), that shows the
-page inside the UI in an iframe. The page's data and HTML are :mod:`drivers.coverage_page`;
+page inside the UI in an iframe. The page's data and HTML are :mod:`drivers.ui.coverage_page`;
 this file is the wiring and the authentication.
 
 **Authentication.** The api-server does not protect plugin apps: every route here depends
@@ -39,7 +39,7 @@ _cached_stores: tuple[float, Any] | None = None
 def _stores() -> Any:
     """The buckets over the Airflow connection's client (GCSHook), reused a while."""
     global _cached_stores
-    from drivers.airflow_glue import stores
+    from drivers.airflow.glue import stores
 
     now = time.monotonic()
     if _cached_stores is None or now - _cached_stores[0] > STORES_TTL_S:
@@ -50,8 +50,8 @@ def _stores() -> Any:
 def _configs(stores: Any) -> tuple[Any, Any, list[str]]:
     """The shipped config, the run-time config (None when an operator's object is
     malformed: the page still shows, with the reason) and notes for the page."""
-    from drivers.config import load_config
-    from drivers.runtime_config import RuntimeConfigError, load_runtime_config
+    from drivers.domain.config import load_config
+    from drivers.store.runtime_config import RuntimeConfigError, load_runtime_config
 
     config = load_config()
     try:
@@ -75,9 +75,9 @@ def create_app() -> Any:
     from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
     from starlette.middleware.gzip import GZipMiddleware
 
-    from drivers import coverage_page
-    from drivers.storage import ObjectNotFound
-    from drivers.why import explain
+    from drivers.ops.why import explain
+    from drivers.store.storage import ObjectNotFound
+    from drivers.ui import coverage_page
 
     def readable(user: Annotated[BaseUser, Depends(get_user)]) -> BaseUser:
         """The authenticated user, if allowed to read the upstream DAG's runs."""

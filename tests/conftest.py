@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from drivers.emulator import EmbeddedGCS, free_port
-from drivers.kernels import Kernel, parse_kernel
-from drivers.storage import ObjectStore, client_from_environment
+from drivers.domain.kernels import Kernel, parse_kernel
+from drivers.store.emulator import EmbeddedGCS, free_port
+from drivers.store.storage import ObjectStore, client_from_environment
 from scenarios import KERNEL_LIST
 
 

@@ -17,8 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from drivers.embedded import BIN, EmbeddedAirflow
-from drivers.emulator import free_port
+from drivers.ops.embedded import BIN, EmbeddedAirflow
+from drivers.store.emulator import free_port
 from pipeline_env import DEBIAN_BUILDERS
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from drivers import layout
-from drivers.bundles import make_debian_bundle
-from drivers.emulator import EmbeddedGCS
-from drivers.sources import package_sources, shipped_sources_dir
-from drivers.storage import ObjectStore, client_from_environment
+from drivers.build.bundles import make_debian_bundle
+from drivers.build.sources import package_sources, shipped_sources_dir
+from drivers.domain import layout
+from drivers.store.emulator import EmbeddedGCS
+from drivers.store.storage import ObjectStore, client_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from drivers.config import Config
-from drivers.kernels import Kernel, ebpf_supported, read_kernel_list
-from drivers.names import KINDS, DriverKey
+from drivers.domain.config import Config
+from drivers.domain.kernels import Kernel, ebpf_supported, read_kernel_list
+from drivers.domain.names import KINDS, DriverKey
 
 
 def _real_data() -> Path:

@@ -14,8 +14,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from drivers import claims, layout, report
-from drivers.embedded import EmbeddedAirflow
+from drivers.domain import layout
+from drivers.ops import report
+from drivers.ops.embedded import EmbeddedAirflow
+from drivers.store import claims
 from pipeline_env import pipeline_env
 
 CONFIG = """

@@ -1,6 +1,6 @@
 import pytest
 
-from drivers.blocklist import Blocklist, BlocklistError, parse_rules
+from drivers.domain.blocklist import Blocklist, BlocklistError, parse_rules
 from scenarios import BLOCKLISTS
 
 

@@ -1,7 +1,7 @@
 """`drivers build-shard` end to end: a real Debian 6.1 bundle, the example driver sources,
 gcc/clang/make, and the real GCS emulator. Plus the builder's safety checks on their own.
 
-The real bundle is made once with drivers.bundles (cached under .cache/builder-tests/,
+The real bundle is made once with drivers.build.bundles (cached under .cache/builder-tests/,
 remade when bundles.py changes); each real-kernel shard costs ~5 s of extraction and
 ~2-3 s per driver on a 2-core machine.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from drivers import builder, layout
-from drivers.builder import (
+from drivers.build import builder
+from drivers.build.builder import (
     EX_DATAERR,
     EX_OK,
     EX_TEMPFAIL,
@@ -36,11 +36,12 @@ from drivers.builder import (
     open_bundle,
     safe_extract,
 )
-from drivers.cli import main
-from drivers.names import DriverKey
-from drivers.sources import package_sources
-from drivers.storage import ObjectStore
-from drivers.verify import elf_sections, read_vermagic, verify_driver
+from drivers.build.sources import package_sources
+from drivers.domain import layout
+from drivers.domain.names import DriverKey
+from drivers.domain.verify import elf_sections, read_vermagic, verify_driver
+from drivers.ops.cli import main
+from drivers.store.storage import ObjectStore
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-47-cloud-amd64"
@@ -56,7 +57,7 @@ CACHE = REPO / ".cache/builder-tests"
 @pytest.fixture(scope="session")
 def real_bundle() -> Path:
     """bundle-6.1.0-47-cloud-amd64.tgz from Debian's header packages."""
-    from drivers import bundles
+    from drivers.build import bundles
 
     path = CACHE / layout.bundle_object(KERNEL)
     if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
@@ -187,7 +188,7 @@ ALL_KINDS = [(KERNEL, v, k) for v in VERSIONS for k in ("mod", "bpf")]
 @pytest.fixture(scope="module")
 def first_build(gcs, tmp_path_factory, real_bundle):
     """One shard: both kinds of both example versions for the real kernel."""
-    from drivers.storage import client_from_environment
+    from drivers.store.storage import client_from_environment
 
     tmp = tmp_path_factory.mktemp("first-build")
     client = client_from_environment()

@@ -22,10 +22,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from drivers import layout
-from drivers.builder import EX_OK
-from drivers.names import DriverKey
-from drivers.verify import elf_sections, verify_driver
+from drivers.build.builder import EX_OK
+from drivers.domain import layout
+from drivers.domain.names import DriverKey
+from drivers.domain.verify import elf_sections, verify_driver
 from podman import ensure_builder_image, podman_service, podman_unavailable_reason
 from test_builder import Env, by_task
 
@@ -51,7 +51,7 @@ def builder_image() -> str:
 def bundle() -> Path:
     """bundle-6.1.0-56-cloud-amd64.tgz in .cache/bundles (where `make run` keeps it),
     made from Debian's header packages when missing or older than bundles.py."""
-    from drivers import bundles
+    from drivers.build import bundles
 
     path = REPO / ".cache/bundles" / layout.bundle_object(KERNEL)
     if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from drivers import bundles
-from drivers.bundles import (
+from drivers.build import bundles
+from drivers.build.bundles import (
     BundleReport,
     build_debian_bundle,
     make_debian_bundle,
 )
-from drivers.cli import main
-from drivers.layout import bundle_object
-from drivers.sources import read_build_spec, shipped_sources_dir
-from drivers.storage import ObjectStore, UploadResult
+from drivers.build.sources import read_build_spec, shipped_sources_dir
+from drivers.domain.layout import bundle_object
+from drivers.ops.cli import main
+from drivers.store.storage import ObjectStore, UploadResult
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONS = ("2.3.0", "2.4.0-rc1")

@@ -1,5 +1,5 @@
 """Two runs in flight never plan the same task: the plan lock and the run claims
-(drivers.claims), through the real pre_build against the real GCS emulator."""
+(drivers.store.claims), through the real pre_build against the real GCS emulator."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from drivers import claims, layout, pipeline
-from drivers.config import load_config
-from drivers.storage import client_from_environment
+from drivers.domain import layout
+from drivers.domain.config import load_config
+from drivers.flows import upstream as pipeline
+from drivers.store import claims
+from drivers.store.storage import Stores, client_from_environment
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
 
 CONFIG = (
@@ -52,7 +54,7 @@ def env(gcs, tmp_path):
 def pre_build(run_id: str, select: str | None = None, dry_run: bool = False) -> dict:
     """The real pre_build, with its own client (as each run's worker has)."""
     config = load_config()
-    stores = pipeline.Stores(client_from_environment())
+    stores = Stores(client_from_environment())
     params = pipeline.RunParams.from_params({"select": select, "dry_run": dry_run}, config)
     return pipeline.pre_build(stores, config, run_id, params)
 
@@ -129,7 +131,7 @@ def test_cleanup_staging_releases_the_claim(env):
     work = env["work"]
     pre_build("scheduled__first")
     assert pre_build("manual__blocked")["summary"]["claimed"] == 12
-    stores = pipeline.Stores(client_from_environment())
+    stores = Stores(client_from_environment())
     pipeline.cleanup_staging(stores, "scheduled__first")
     assert not work.exists(layout.claim_object("scheduled__first"))
     assert pre_build("manual__free")["summary"]["claimed"] == 0
@@ -183,7 +185,7 @@ def test_a_failed_backfills_teardown_releases_its_claim(env, tmp_path):
         [
             sys.executable,
             "-c",
-            "from drivers.airflow_glue import teardown_run\n"
+            "from drivers.airflow.glue import teardown_run\n"
             "teardown_run('backfill_drivers', 'manual__cancelled')",
         ],
         env=os.environ

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.layout import bundle_object
+from drivers.domain.layout import bundle_object
 from scenarios import BLOCKLISTS, KERNEL_LIST
 
 DRIVERS = str(Path(sys.executable).parent / "drivers")

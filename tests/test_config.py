@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from drivers.config import ConfigError, load_config
-from drivers.kernels import parse_kernel
+from drivers.domain.config import ConfigError, load_config
+from drivers.domain.kernels import parse_kernel
 
 GOOD = """
 driver_versions = ["2.3.0"]
@@ -99,7 +99,7 @@ def test_unreadable_or_malformed_config_is_named(tmp_path):
     ],
 )
 def test_schedules_are_checked(tmp_path, change, message):
-    from drivers.config import ConfigError, default_config_path, load_config
+    from drivers.domain.config import ConfigError, default_config_path, load_config
 
     path = tmp_path / "pipeline.toml"
     shipped = default_config_path().read_text()

@@ -1,4 +1,4 @@
-"""The coverage page (plugins/drivers_coverage.py over drivers.coverage_page).
+"""The coverage page (plugins/drivers_coverage.py over drivers.ui.coverage_page).
 
 Its data functions on indexes written through the real ledger API in the embedded GCS;
 then the page itself: a real `airflow api-server` with the plugins folder and
@@ -33,16 +33,17 @@ from typing import Any
 
 import pytest
 
-from drivers import coverage_page, layout, ledger
-from drivers.config import load_config
-from drivers.coverage_page import percentile
-from drivers.embedded import EmbeddedAirflow
-from drivers.layout import Buckets
-from drivers.names import DriverKey
-from drivers.pipeline import Stores
-from drivers.selectors import SelectorError
-from drivers.storage import client_from_environment
-from drivers.why import explain
+from drivers.domain import layout
+from drivers.domain.config import load_config
+from drivers.domain.layout import Buckets
+from drivers.domain.names import DriverKey
+from drivers.domain.selectors import SelectorError
+from drivers.ops.embedded import EmbeddedAirflow
+from drivers.ops.why import explain
+from drivers.store import ledger
+from drivers.store.storage import Stores, client_from_environment
+from drivers.ui import coverage_page
+from drivers.ui.coverage_page import percentile
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "plugins" / "drivers_coverage.py"
@@ -457,7 +458,7 @@ def test_loading_the_plugin_imports_neither_fastapi_nor_the_api(tmp_path: Path) 
         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
         "assert module.DriversCoveragePlugin.external_views\n"
         "print(sorted(m for m in ('fastapi', 'airflow.api_fastapi.core_api.security',"
-        " 'drivers.coverage_page') if m in sys.modules))\n"
+        " 'drivers.ui.coverage_page') if m in sys.modules))\n"
     )
     env = os.environ | {"AIRFLOW_HOME": str(tmp_path)}
     out = subprocess.run(

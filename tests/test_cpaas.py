@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from drivers import cpaas, layout, oci
-from drivers.config import load_config
-from drivers.names import DriverKey
-from drivers.pipeline import RunInputError, Stores
-from drivers.storage import client_from_environment
-from drivers.synthetic import driver
+from drivers.build import oci
+from drivers.build.synthetic import driver
+from drivers.domain import layout
+from drivers.domain.config import load_config
+from drivers.domain.errors import RunInputError
+from drivers.domain.names import DriverKey
+from drivers.flows import cpaas
+from drivers.store.storage import Stores, client_from_environment
 
 K1, K2, K3 = "5.14.0-284.11.1.el9_2", "5.14.0-362.8.1.el9_3", "4.18.0-477.10.1.el8_8"
 
@@ -286,7 +288,7 @@ def test_the_mirror_pod_script_copies_a_multi_arch_image_with_real_skopeo(stores
     import subprocess
     import sys
 
-    from drivers.airflow_glue import MIRROR_SCRIPT
+    from drivers.airflow.glue import MIRROR_SCRIPT
 
     if shutil.which("skopeo") is None:
         pytest.skip("skopeo is not installed (scripts/host-deps.sh installs it)")

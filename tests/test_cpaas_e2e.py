@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from drivers import cpaas, oci
-from drivers.embedded import EmbeddedAirflow
-from drivers.names import DriverKey
-from drivers.pipeline import Stores
-from drivers.storage import client_from_environment
-from drivers.synthetic import driver
+from drivers.build import oci
+from drivers.build.synthetic import driver
+from drivers.domain.names import DriverKey
+from drivers.flows import cpaas
+from drivers.ops.embedded import EmbeddedAirflow
+from drivers.store.storage import Stores, client_from_environment
 from pipeline_env import pipeline_env
 
 VERSIONS = ("2.3.0", "2.4.0-rc1")

@@ -229,7 +229,7 @@ def test_kubernetes_runtime_maps_pods(tmp_path):
 
 
 def test_an_external_integration_suite_is_triggered_after_push_when_configured(tmp_path):
-    from drivers.config import default_config_path
+    from drivers.domain.config import default_config_path
 
     config = tmp_path / "pipeline.toml"
     shipped = default_config_path().read_text()

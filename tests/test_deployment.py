@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drivers import layout
-from drivers.config import load_config
+from drivers.domain import layout
+from drivers.domain.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yaml"
@@ -123,8 +123,8 @@ def test_the_images_take_their_versions_from_one_place():
 
 
 def test_drivers_gcs_buckets_creates_every_bucket_on_the_emulator_it_is_pointed_at(gcs, tmp_path):
-    from drivers.cli import main
-    from drivers.storage import client_from_environment
+    from drivers.ops.cli import main
+    from drivers.store.storage import client_from_environment
 
     names = {role: f"compose-{role.replace('_', '-')}" for role in layout.ROLES}
     with pytest.MonkeyPatch.context() as env:

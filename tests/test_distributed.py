@@ -17,8 +17,8 @@ import urllib.parse
 import pytest
 
 from distributed import CONFIG, DistributedAirflow, unavailable_reason
-from drivers import layout
-from drivers.pipeline import report_prefix
+from drivers.domain import layout
+from drivers.domain.layout import report_prefix
 from pipeline_env import pipeline_env, publish_bundle, publish_sources
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from drivers.embedded import EmbeddedAirflow
+from drivers.ops.embedded import EmbeddedAirflow
 from pipeline_env import pipeline_env, publish_bundle, publish_sources
 from podman import ensure_builder_image, podman_env, podman_service, podman_unavailable_reason
 

@@ -16,7 +16,7 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from drivers.emulator import EmbeddedGCS, EmulatorError, free_port
+from drivers.store.emulator import EmbeddedGCS, EmulatorError, free_port
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_server_outlives_the_command_that_started_it(server: EmbeddedGCS):
     # A shell that starts the server, then is interrupted like a Ctrl-C'd terminal command:
     # the signal goes to its whole process group, which must not include the server.
     start = (
-        "from drivers.emulator import EmbeddedGCS;"
+        "from drivers.store.emulator import EmbeddedGCS;"
         f"EmbeddedGCS({str(server.root)!r}, port={server.port}).ensure_running()"
     )
     command = f"{shlex.quote(sys.executable)} -c {shlex.quote(start)} && touch started && sleep 60"

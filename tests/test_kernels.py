@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.kernels import (
+from drivers.domain.kernels import (
     FAMILIES,
     FAMILY_RULES,
     KernelParseError,

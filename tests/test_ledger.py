@@ -11,13 +11,18 @@ from datetime import UTC, datetime
 
 import pytest
 
-from drivers import cli, cpaas, layout, ledger, pipeline, why
-from drivers.config import load_config
-from drivers.kernels import parse_kernel
-from drivers.names import DriverKey
-from drivers.runtime_config import RuntimeConfigError
-from drivers.storage import client_from_environment
-from drivers.withdraw import WithdrawError, withdraw
+from drivers.domain import layout
+from drivers.domain.config import load_config
+from drivers.domain.kernels import parse_kernel
+from drivers.domain.layout import report_prefix
+from drivers.domain.names import DriverKey
+from drivers.flows import cpaas
+from drivers.flows import upstream as pipeline
+from drivers.ops import cli, why
+from drivers.ops.withdraw import WithdrawError, withdraw
+from drivers.store import ledger
+from drivers.store.runtime_config import RuntimeConfigError
+from drivers.store.storage import Stores, client_from_environment, write_json
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
 
 CONFIG = (
@@ -38,7 +43,7 @@ def world(gcs, tmp_path):
         for kernel in (OLD, NEW, ANCIENT):
             s["bundles"].upload_new(layout.bundle_object(kernel), f"bundle {kernel}".encode())
         s["sources"].upload_new(layout.source_object("2.3.0"), b"sources, first cut")
-        yield pipeline.Stores(client_from_environment()), load_config()
+        yield Stores(client_from_environment()), load_config()
 
 
 def fake_run(stores, config, run_id, failing=(), params=None):
@@ -79,9 +84,7 @@ def fake_run(stores, config, run_id, failing=(), params=None):
     stores.work.put(
         f"{layout.staging_prefix(run_id)}results/0.jsonl", "\n".join(lines).encode() + b"\n"
     )
-    pipeline.write_json(
-        stores.work, f"{pipeline.report_prefix(run_id)}push.json", {"created": created}
-    )
+    write_json(stores.work, f"{report_prefix(run_id)}push.json", {"created": created})
     recorded = pipeline.record_ledger(stores, run_id)
     pipeline.cleanup_staging(stores, run_id)
     return pre, recorded
@@ -271,8 +274,8 @@ def test_a_malformed_run_time_config_stops_pre_build_before_it_writes(world):
 
 
 def test_withdraw_repackages_in_the_next_second_when_this_one_is_taken():
-    from drivers.packages import PackageConflict
-    from drivers.withdraw import _repackage
+    from drivers.build.packages import PackageConflict
+    from drivers.ops.withdraw import _repackage
 
     stamps = []
 

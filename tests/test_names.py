@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.names import (
+from drivers.domain.names import (
     CacheIndex,
     DriverKey,
     DriverVersionError,

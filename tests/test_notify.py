@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drivers import notify
+from drivers.ops import notify
 from webhook import webhook
 
 REPORT = "gs://collector-work/reports/r1/report.json"

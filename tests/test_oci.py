@@ -11,19 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from drivers.oci import (
-    ARCH_TO_CACHE,
+from drivers.build.oci import (
     CorruptBlob,
     Failure,
     ImageError,
-    UnknownArchitecture,
     build_image,
-    cache_arch,
     cmd_image,
     extract_drivers,
     open_image,
     read_files,
 )
+from drivers.domain.layout import ARCH_TO_CACHE, UnknownArchitecture, cache_arch
 
 KERNEL = "5.4.0-62-generic"
 

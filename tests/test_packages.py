@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from drivers import packages
-from drivers.packages import (
+from drivers.build import packages
+from drivers.build.packages import (
     LICENSE_TEXT,
     IndexEntry,
     PackageConflict,

@@ -4,10 +4,13 @@ import dataclasses
 
 import pytest
 
-from drivers import layout, pipeline
-from drivers.config import load_config
-from drivers.kernels import parse_kernel
-from drivers.selectors import SelectorError
+from drivers.domain import layout
+from drivers.domain.config import load_config
+from drivers.domain.errors import RunInputError
+from drivers.domain.kernels import parse_kernel
+from drivers.domain.selectors import SelectorError
+from drivers.flows import upstream as pipeline
+from drivers.store.storage import Stores, write_json
 
 
 @pytest.fixture
@@ -22,7 +25,7 @@ def test_run_params_default_to_the_config(config):
 
 
 def test_run_versions_come_from_the_run_time_config(store, config):
-    from drivers.runtime_config import load_runtime_config
+    from drivers.store.runtime_config import load_runtime_config
 
     work = store()
     runtime = load_runtime_config(work, config)  # nothing set: as shipped
@@ -34,7 +37,7 @@ def test_run_versions_come_from_the_run_time_config(store, config):
     typed = pipeline.RunParams.from_params({"driver_versions": ["2.5.0"]}, config)
     assert pipeline.run_versions(typed, runtime) == ("2.5.0",)
     retired = pipeline.RunParams.from_params({"driver_versions": ["2.4.0-rc1"]}, config)
-    with pytest.raises(pipeline.RunInputError) as e:
+    with pytest.raises(RunInputError) as e:
         pipeline.run_versions(retired, runtime)
     assert "['2.4.0-rc1'] are not in the run-time config" in str(e.value)
     assert "drivers config add driver-versions 2.4.0-rc1" in str(e.value)
@@ -45,9 +48,9 @@ def test_run_versions_come_from_the_run_time_config(store, config):
     [
         ({"driver_versions": ["2.3"]}, ValueError, "driver version '2.3'"),
         ({"kinds": ["ko"]}, ValueError, "unknown kind"),
-        ({"builders": ["rhel9"]}, pipeline.RunInputError, "configured are ['rhel7'"),
+        ({"builders": ["rhel9"]}, RunInputError, "configured are ['rhel7'"),
         ({"select": "4.18.0-372..4.18.0-305"}, SelectorError, "comes after its end"),
-        ({"max_failures": -1}, pipeline.RunInputError, "max_failures"),
+        ({"max_failures": -1}, RunInputError, "max_failures"),
     ],
 )
 def test_bad_run_params_say_what_is_wrong(config, given, error, words):
@@ -64,10 +67,10 @@ def test_shard_object_names_round_trip():
 def test_shrink_guard_names_the_missing_kernels(store, config):
     work = store()
     buckets = dataclasses.replace(layout.Buckets.from_env(), work=work.bucket_name)
-    stores = pipeline.Stores(work.client, buckets)
+    stores = Stores(work.client, buckets)
     kernels = [parse_kernel(f"5.4.0-{i}-generic") for i in range(1, 101)]
     assert pipeline.check_shrink(stores, kernels, config) == {"reference": None, "missing": 0}
-    pipeline.write_json(
+    write_json(
         work, pipeline.STATE_OBJECT, {"run_id": "r1", "kernels": [k.release for k in kernels]}
     )
     # 2 % of 100 may go (a kernel retired on purpose); 3 may not

@@ -3,10 +3,10 @@ from collections import Counter
 
 import pytest
 
-from drivers.config import load_config
-from drivers.kernels import parse_kernel
-from drivers.names import CacheIndex, DriverKey
-from drivers.planner import KernelGroup, balance, makespan, plan
+from drivers.domain.config import load_config
+from drivers.domain.kernels import parse_kernel
+from drivers.domain.names import CacheIndex, DriverKey
+from drivers.domain.planner import KernelGroup, balance, makespan, plan
 from scenarios import BLOCKLISTS, SUPPORTED_2022, fully_built_cache, real_kernels
 
 

@@ -26,8 +26,8 @@ def rendered(offline):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import ApiClient
 
-    from drivers import airflow_glue as glue
-    from drivers.config import load_config
+    from drivers.airflow import glue as glue
+    from drivers.domain.config import load_config
 
     def render(builder: str, shard: str = "gs://collector-work/staging/r1/shards/x-0000.json"):
         kwargs = glue.builder_pod_kwargs(load_config(), builder)
@@ -62,8 +62,8 @@ def test_builder_pod_runs_the_entrypoint_with_the_shard(rendered):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["DRIVERS_BUILDER_IMAGE"] == container["image"]  # the ledger's environment
     # an evicted, preempted or timed-out pod is retried, with backoff
-    from drivers import airflow_glue as glue
-    from drivers.config import load_config
+    from drivers.airflow import glue as glue
+    from drivers.domain.config import load_config
 
     kwargs = glue.builder_pod_kwargs(load_config(), "fc36", glue.BUILDER_POOL)
     assert kwargs["retries"] >= 1 and kwargs["retry_exponential_backoff"] is True
@@ -105,8 +105,8 @@ def render_pod(kwargs: dict, context: dict) -> tuple:
 @pytest.fixture
 def mirror_pod(offline):
     """cpaas_drivers' mirror pod with its templates rendered for a run."""
-    from drivers import airflow_glue as glue
-    from drivers.config import load_config
+    from drivers.airflow import glue as glue
+    from drivers.domain.config import load_config
 
     context = {
         "params": {"source_image": "docker://quay.io/x/drivers:1", "architectures": ["amd64",
@@ -118,7 +118,7 @@ def mirror_pod(offline):
 
 
 def test_mirror_pod_copies_with_skopeo_and_hands_targets_to_xcom(mirror_pod):
-    from drivers.airflow_glue import MIRROR_SCRIPT
+    from drivers.airflow.glue import MIRROR_SCRIPT
 
     operator, pod = mirror_pod
     container = pod["spec"]["containers"][0]
@@ -156,8 +156,8 @@ UPSTREAM_CONTEXT = {
 def test_vm_test_pod_runs_the_stage_on_the_runs_staged_drivers(offline, tmp_path, kvm, monkeypatch):
     import kubernetes_validate
 
-    from drivers import airflow_glue as glue
-    from drivers.config import default_config_path, load_config
+    from drivers.airflow import glue as glue
+    from drivers.domain.config import default_config_path, load_config
 
     monkeypatch.setenv("DRIVERS_BUCKET_WORK", "prod-work")
     config = tmp_path / "pipeline.toml"
@@ -184,8 +184,8 @@ def test_vm_test_pod_runs_the_stage_on_the_runs_staged_drivers(offline, tmp_path
 
 
 def test_builder_containers_run_the_entrypoint_with_the_builders_image_and_limits(monkeypatch):
-    from drivers import airflow_glue as glue
-    from drivers.config import load_config
+    from drivers.airflow import glue as glue
+    from drivers.domain.config import load_config
 
     monkeypatch.setenv("DOCKER_HOST", "unix:///run/podman/podman.sock")
     monkeypatch.setenv("DRIVERS_BUCKET_WORK", "prod-work")
@@ -205,8 +205,8 @@ def test_a_cancelled_runs_pods_are_found_by_the_labels_they_really_carry(rendere
 
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-    from drivers import airflow_glue as glue
-    from drivers.config import load_config
+    from drivers.airflow import glue as glue
+    from drivers.domain.config import load_config
 
     run_id = "manual__2026-11-25T02:00:00.123456+00:00"
     operator, _ = rendered("fc36")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers import cli
-from drivers.config import Config, load_config
-from drivers.runtime_config import (
+from drivers.domain.config import Config, load_config
+from drivers.ops import cli
+from drivers.store.runtime_config import (
     PARTS,
     RuntimeConfigConflict,
     RuntimeConfigError,
@@ -23,7 +23,7 @@ from drivers.runtime_config import (
     read_part,
     write_part,
 )
-from drivers.storage import BucketNotFound, ObjectStore
+from drivers.store.storage import BucketNotFound, ObjectStore
 
 ObjectStoreFactory = Callable[..., ObjectStore]
 

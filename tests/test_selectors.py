@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.kernels import FAMILIES, Kernel, parse_kernel
-from drivers.selectors import SelectorError, compile_field, parse_selector
+from drivers.domain.kernels import FAMILIES, Kernel, parse_kernel
+from drivers.domain.selectors import SelectorError, compile_field, parse_selector
 
 
 def selected(expr: str, kernels: list[Kernel]) -> list[str]:
@@ -51,7 +51,7 @@ def test_compile_field_rejects_an_invalid_regex_naming_it_and_the_error():
 
 
 def test_compile_field_patterns_can_be_joined_into_one_alternation():
-    # drivers.blocklist ORs every kernel field into one regex; anchors must survive that.
+    # drivers.domain.blocklist ORs every kernel field into one regex; anchors must survive that.
     joined = re.compile("|".join(f"(?:{compile_field(f).pattern})" for f in ["5.4*", "~x|y"]))
     assert joined.fullmatch("5.4.0-1-aws") and joined.fullmatch("y")
     assert not joined.fullmatch("xy") and not joined.search("15.4")

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from drivers.cli import main
-from drivers.layout import source_object
-from drivers.sources import package_sources, read_build_spec, shipped_sources_dir, version_dirs
-from drivers.storage import ObjectStore
+from drivers.build.sources import (
+    package_sources,
+    read_build_spec,
+    shipped_sources_dir,
+    version_dirs,
+)
+from drivers.domain.layout import source_object
+from drivers.ops.cli import main
+from drivers.store.storage import ObjectStore
 
 SHIPPED = ("2.3.0", "2.4.0-rc1")
 

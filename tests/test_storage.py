@@ -10,7 +10,7 @@ from pathlib import Path
 import google_crc32c
 import pytest
 
-from drivers.storage import (
+from drivers.store.storage import (
     BucketNotFound,
     ObjectNotFound,
     ObjectStore,

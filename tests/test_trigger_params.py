@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from drivers import layout, pipeline
-from drivers.config import load_config
-from drivers.selectors import SelectorError
-from drivers.storage import client_from_environment
+from drivers.domain import layout
+from drivers.domain.config import load_config
+from drivers.domain.selectors import SelectorError
+from drivers.flows import upstream as pipeline
+from drivers.store.storage import Stores, client_from_environment
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
 
 
@@ -44,7 +45,7 @@ def test_pre_build_writes_nothing_for_a_selector_that_selects_nothing(gcs, tmp_p
     config = 'driver_versions = ["2.3.0"]\nblocklists = []\nslots = 2\n' + DEBIAN_BUILDERS
     with pipeline_env(gcs, tmp_path, config, name="badinput") as buckets:
         buckets["bundles"].upload_new(layout.bundle_object("6.1.0-56-amd64"), b"listed only")
-        stores = pipeline.Stores(client_from_environment())
+        stores = Stores(client_from_environment())
         for select, why in SELECTS_NOTHING:
             # as if the form's check were bypassed: pre_build itself refuses it
             params = pipeline.RunParams(driver_versions=("2.3.0",), select=select)

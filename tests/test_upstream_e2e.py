@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from drivers import cli, layout, ledger, runtime_config, vmtest
-from drivers.config import load_config
-from drivers.embedded import EmbeddedAirflow
-from drivers.sources import package_sources, shipped_sources_dir
+from drivers.build import vmtest
+from drivers.build.sources import package_sources, shipped_sources_dir
+from drivers.domain import layout
+from drivers.domain.config import load_config
+from drivers.ops import cli
+from drivers.ops.embedded import EmbeddedAirflow
+from drivers.store import ledger, runtime_config
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources
 from webhook import webhook
 

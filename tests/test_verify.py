@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.builder import gzip_deterministic
-from drivers.names import DriverKey
-from drivers.verify import (
+from drivers.build.builder import gzip_deterministic
+from drivers.domain.names import DriverKey
+from drivers.domain.verify import (
     EM_BPF,
     EM_X86_64,
     ElfError,
@@ -180,7 +180,7 @@ def test_a_section_table_pointing_past_the_end_is_an_elf_error(module):
 
 def test_decompression_is_bounded():
     bomb = gzip.compress(b"\0" * (8 << 20))
-    from drivers import verify
+    from drivers.domain import verify
 
     with pytest.raises(ValueError, match="more than"):
         verify.gunzip(bomb, limit=1 << 20)

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from drivers import layout, vmtest
-from drivers.builder import build_driver, open_bundle, safe_extract
-from drivers.bundles import make_debian_bundle
-from drivers.names import DriverKey
-from drivers.sources import shipped_sources_dir
+from drivers.build import vmtest
+from drivers.build.builder import build_driver, open_bundle, safe_extract
+from drivers.build.bundles import make_debian_bundle
+from drivers.build.sources import shipped_sources_dir
+from drivers.domain import layout
+from drivers.domain.errors import RunInputError
+from drivers.domain.layout import report_prefix
+from drivers.domain.names import DriverKey
+from drivers.store.storage import Stores, read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -243,7 +247,7 @@ def test_boot_images_go_to_the_kernel_images_bucket_and_come_back(store, tmp_pat
 def test_drivers_bundle_also_stores_boot_images_even_for_bundles_already_there(
     store, tmp_path, capsys
 ):
-    from drivers.cli import main
+    from drivers.ops.cli import main
 
     bundles, images = store(), store()
     args = ["bundle", "debian", KERNEL, "--deb-cache", str(CACHE / "debs")]
@@ -322,7 +326,6 @@ EL8 = "4.18.0-477.el8.x86_64"  # no Debian kernel image: untested, published
 def stage(store, boot_image, built, tmp_path):
     """A run's staged, verified drivers: good ones, one the kernel refuses, one the
     verifier rejects, one without a boot image, an eBPF-unavailable marker."""
-    from drivers import pipeline
 
     work, images, cache = store(), store(), store()
     buckets = dataclasses.replace(
@@ -331,7 +334,7 @@ def stage(store, boot_image, built, tmp_path):
         kernel_images=images.bucket_name,
         drivers=cache.bucket_name,
     )
-    stores = pipeline.Stores(work.client, buckets)
+    stores = Stores(work.client, buckets)
     images.upload_new_file(layout.boot_image_object(KERNEL), boot_image)
     staged = {
         f"2.3.0/collector-{KERNEL}.ko.gz": built["mod"],
@@ -345,22 +348,21 @@ def stage(store, boot_image, built, tmp_path):
     def run(run_id: str) -> str:
         for name, data in staged.items():
             work.put(layout.staged_drivers_prefix(run_id) + name, data)
-        pipeline.write_json(work, f"{layout.staging_prefix(run_id)}verified.json", list(staged))
+        write_json(work, f"{layout.staging_prefix(run_id)}verified.json", list(staged))
         return run_id
 
     return stores, run
 
 
 def vm_report(stores, run_id: str) -> dict:
-    from drivers import pipeline
 
-    doc = pipeline.read_json(stores.work, f"{pipeline.report_prefix(run_id)}vm-tests.json")
+    doc = read_json(stores.work, f"{report_prefix(run_id)}vm-tests.json")
     return {r["object"]: r for r in doc["results"]}
 
 
 def params(**raw):
-    from drivers import pipeline
-    from drivers.config import load_config
+    from drivers.domain.config import load_config
+    from drivers.flows import upstream as pipeline
 
     return pipeline.RunParams.from_params(raw, load_config())
 
@@ -370,7 +372,7 @@ VM = {"parallel": 2, "kvm": False, "memory_mb": 512}
 
 @needs_qemu
 def test_enforce_publishes_only_what_loads_in_its_kernel_or_is_marked_untested(stage):
-    from drivers import pipeline
+    from drivers.flows import upstream as pipeline
 
     stores, run = stage
     run_id = run("r-enforce")
@@ -410,7 +412,7 @@ def test_enforce_publishes_only_what_loads_in_its_kernel_or_is_marked_untested(s
 
 @needs_qemu
 def test_warn_publishes_everything_and_reports_what_the_kernel_refused(stage):
-    from drivers import pipeline
+    from drivers.flows import upstream as pipeline
 
     stores, run = stage
     run_id = run("r-warn")
@@ -422,7 +424,7 @@ def test_warn_publishes_everything_and_reports_what_the_kernel_refused(stage):
 
 
 def test_off_spent_budget_and_no_new_drivers_boot_no_vm(stage, monkeypatch):
-    from drivers import pipeline
+    from drivers.flows import upstream as pipeline
 
     def no_vm(*args, **kwargs):
         raise AssertionError("no VM may boot here")
@@ -440,11 +442,10 @@ def test_off_spent_budget_and_no_new_drivers_boot_no_vm(stage, monkeypatch):
 
 
 def test_bad_vm_test_parameters_are_refused_before_anything_runs():
-    from drivers import pipeline
 
-    with pytest.raises(pipeline.RunInputError, match="vm_tests must be one of"):
+    with pytest.raises(RunInputError, match="vm_tests must be one of"):
         params(vm_tests="sometimes")
-    with pytest.raises(pipeline.RunInputError, match="vm_tests_budget_s must be seconds"):
+    with pytest.raises(RunInputError, match="vm_tests_budget_s must be seconds"):
         params(vm_tests_budget_s=-1)
 
 

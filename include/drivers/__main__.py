@@ -1,5 +1,5 @@
 import sys
 
-from drivers.cli import main
+from drivers.ops.cli import main
 
 sys.exit(main())

@@ -1,0 +1,2 @@
+"""Building: kernel bundles, driver sources, the builder's shard run, VM tests,
+OCI images and support packages."""

@@ -1,0 +1,688 @@
+"""Load-test drivers in their own kernel, booted under QEMU.
+
+A driver that compiles can still be refused where it matters: symbol versions, vermagic,
+missing dependencies, the eBPF verifier of that kernel. ``vm_test`` boots a kernel
+(software emulation, ``-accel tcg``: KVM is not usable everywhere) with a tiny initramfs
+(static busybox, the drivers, the project's static libbpf loader, a script) and tests
+each of that kernel's drivers in turn:
+
+- a module is inserted, a little activity is made, the events it counted are read back
+  (its ``sched_switches`` parameter), and it is removed;
+- a probe is loaded by :file:`vmtest_loader.c` (the kernel's verifier decides), every
+  program attached where its section says, the events read back from its array maps,
+  and detached.
+
+Only the markers the guest prints on its serial console decide; QEMU's exit status says
+nothing, and the whole boot is under a timeout. Results per driver: ``loaded``;
+``load_failed`` (with the kernel's own messages); ``verifier_rejected`` (with the
+verifier's log); ``no_boot_image`` (no bootable kernel for that release: never a pass);
+``boot_failed`` (the guest never reached or finished its script: infrastructure,
+retryable); ``not_tested`` (the stage's time budget was spent, the tests are off, or a
+module it needs is not kept beside the boot image).
+
+``test_kernels`` runs many kernels, a few VMs at a time, within a time budget: what the
+``integration_tests`` stage of upstream_drivers does
+(:func:`drivers.flows.upstream.integration_tests`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from drivers.domain import layout
+from drivers.domain.errors import DriversError
+from drivers.domain.names import DriverKey, parse_object_name
+from drivers.domain.verify import ElfError, gunzip, read_modinfo
+from drivers.store.storage import ObjectNotFound, ObjectStore
+
+MARK = "VMTEST:"
+BUSYBOX = Path("/usr/bin/busybox")  # Debian's busybox-static
+QEMU = "qemu-system-x86_64"
+LOADER_SOURCE = Path(__file__).with_name("vmtest_loader.c")
+BOOT_TIMEOUT_S = 60.0  # boot and power-off; each driver adds DRIVER_TIMEOUT_S
+DRIVER_TIMEOUT_S = 20.0
+DEFAULT_MODULE_NAME = "collector"
+EVENTS_PARAMETER = "sched_switches"  # what the collector module counts (its contract)
+STATUSES = (
+    "loaded",
+    "load_failed",
+    "verifier_rejected",
+    "no_boot_image",
+    "boot_failed",
+    "not_tested",
+)
+PASSED, RETRYABLE = "loaded", "boot_failed"
+REFUSED = ("load_failed", "verifier_rejected")  # the driver's fault: held back (enforce)
+
+# The guest's /init: functions, then one block per driver (see init_script).
+INIT_HEAD = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+echo {MARK}BOOTED $(uname -r)
+test_module() {{  # index, module name, the modules it depends on
+  dmesg -c >/dev/null
+  for m in $3; do
+    modprobe $m 2>/tmp/err || {{ echo "{MARK}LOAD_FAILED modprobe $m: $(cat /tmp/err)"; return; }}
+  done
+  if insmod /drivers/$1.ko 2>/tmp/err; then
+    echo {MARK}LOADED
+    for i in 1 2 3 4 5 6 7 8; do ls / >/dev/null; sleep 0.05; done
+    echo {MARK}EVENTS $(cat /sys/module/$2/parameters/{EVENTS_PARAMETER} 2>/dev/null)
+    if rmmod $2 2>/tmp/err; then echo {MARK}UNLOADED; else
+      echo "{MARK}UNLOAD_FAILED $(cat /tmp/err)"; fi
+  else
+    echo "{MARK}LOAD_FAILED $(cat /tmp/err)"
+    dmesg | tail -n 5 | sed 's/^/{MARK}KMSG /'
+  fi
+}}
+test_probe() {{  # index
+  /bin/vmtest-loader /drivers/$1.o 2>/dev/null
+}}
+"""
+INIT_TAIL = f"""echo {MARK}DONE
+poweroff -f
+"""
+
+
+class VmTestError(DriversError):
+    """The vm-test cannot run here (no QEMU, no busybox, no compiler): says what to install."""
+
+
+@dataclass
+class VmResult:
+    kernel: str
+    driver_version: str
+    kind: str
+    status: str  # one of STATUSES
+    messages: list[str] = field(default_factory=list)
+    events: int | None = None
+    seconds: float = 0.0  # the whole boot this driver was tested in
+
+    @classmethod
+    def of(cls, key: DriverKey, status: str, *messages: str) -> VmResult:
+        return cls(key.kernel, key.driver_version, key.kind, status, list(messages))
+
+    @property
+    def key(self) -> DriverKey:
+        return DriverKey(self.kernel, self.driver_version, self.kind)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- initramfs ---------------------------------------------------------------------------
+
+
+def _newc(name: str, data: bytes, mode: int, ino: int) -> bytes:
+    """One entry of a "newc" cpio archive (what the kernel unpacks as an initramfs)."""
+    encoded = name.encode() + b"\0"
+    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+    header = b"070701" + b"".join(b"%08X" % f for f in fields)
+    pad_name = -(len(header) + len(encoded)) % 4
+    return header + encoded + b"\0" * pad_name + data + b"\0" * (-len(data) % 4)
+
+
+def module_name(elf: bytes) -> str:
+    """The name a module registers under (``rmmod`` and ``/sys/module`` use it)."""
+    try:
+        name = read_modinfo(elf).get("name", "")
+    except ElfError:
+        name = ""  # insmod will say what is wrong with it
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) else DEFAULT_MODULE_NAME
+
+
+def module_depends(elf: bytes) -> list[str]:
+    """The modules a module needs loaded first (its ``.modinfo`` depends=)."""
+    try:
+        return [d for d in read_modinfo(elf).get("depends", "").split(",") if d]
+    except ElfError:
+        return []
+
+
+def init_script(drivers: Sequence[tuple[str, bytes]]) -> str:
+    """/init for drivers given as (kind, uncompressed bytes), numbered from 1."""
+    body = []
+    for i, (kind, elf) in enumerate(drivers, 1):
+        if kind == "mod":
+            test = f'test_module {i} {module_name(elf)} "{" ".join(module_depends(elf))}"'
+        else:
+            test = f"test_probe {i}"
+        body.append(f"echo {MARK}BEGIN {i}\n{test}\necho {MARK}END {i}\n")
+    return INIT_HEAD + "".join(body) + INIT_TAIL
+
+
+Entry = tuple[str, bytes, int]  # initramfs path, contents, mode
+
+
+def module_tree(kernel: str, modules: Path) -> list[Entry]:
+    """Initramfs entries for the kernel's stored modules (a folder laid out like its
+    ``kernel/`` module tree): ``lib/modules/<kernel>/`` with the ``modules.dep`` that
+    ``depmod`` makes for them, which the guest's ``modprobe`` follows."""
+    with tempfile.TemporaryDirectory(prefix="vm-modules-") as tmp:
+        shutil.copytree(modules, Path(tmp) / "lib" / "modules" / kernel / "kernel")
+        try:
+            depmod = subprocess.run(
+                ["depmod", "-b", tmp, kernel], capture_output=True, text=True, check=False
+            )
+        except FileNotFoundError:
+            raise VmTestError("depmod is not installed: apt-get install kmod") from None
+        if depmod.returncode != 0:
+            raise VmTestError(f"depmod failed for {kernel}: {depmod.stderr.strip()[-300:]}")
+        return [
+            (str(p.relative_to(tmp)), b"", 0o040755)
+            if p.is_dir()
+            else (str(p.relative_to(tmp)), p.read_bytes(), 0o100644)
+            for p in sorted(Path(tmp).rglob("*"))  # parents before children
+        ]
+
+
+def initramfs(
+    drivers: Sequence[tuple[str, bytes]],
+    loader: Path | None = None,
+    modules: Sequence[Entry] = (),
+    busybox: Path = BUSYBOX,
+) -> bytes:
+    """A gzip'd newc cpio: busybox, /init, the loader (when there are probes), the
+    kernel's modules (:func:`module_tree`) and the drivers, given as (kind,
+    uncompressed bytes), as /drivers/<n>.ko or .o."""
+    entries = [
+        ("bin", b"", 0o040755),
+        ("dev", b"", 0o040755),
+        ("drivers", b"", 0o040755),
+        ("proc", b"", 0o040755),
+        ("sys", b"", 0o040755),
+        ("tmp", b"", 0o041777),
+        ("bin/busybox", busybox.read_bytes(), 0o100755),
+        ("init", init_script(drivers).encode(), 0o100755),
+    ]
+    if loader is not None:
+        entries.append(("bin/vmtest-loader", loader.read_bytes(), 0o100755))
+    entries += modules
+    for i, (kind, elf) in enumerate(drivers, 1):
+        entries.append((f"drivers/{i}.{'ko' if kind == 'mod' else 'o'}", elf, 0o100644))
+    archive = b"".join(_newc(n, d, m, i + 1) for i, (n, d, m) in enumerate(entries))
+    archive += _newc("TRAILER!!!", b"", 0, 0)
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz:
+        gz.write(archive)
+    return out.getvalue()
+
+
+def tools_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "collector-drivers"
+
+
+def loader_binary(out_dir: Path | None = None) -> Path:
+    """The static eBPF loader, compiled from :file:`vmtest_loader.c` against libbpf once
+    per source version (production images build it the same way)."""
+    source = LOADER_SOURCE.read_bytes()
+    out_dir = out_dir or tools_dir()
+    binary = out_dir / f"vmtest-loader-{hashlib.sha256(source).hexdigest()[:12]}"
+    if binary.is_file():
+        return binary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_suffix(f".{os.getpid()}.part")
+    command = ["gcc", "-O2", "-static", "-o", str(partial), str(LOADER_SOURCE)]
+    try:
+        built = subprocess.run(
+            [*command, "-lbpf", "-lelf", "-lz"], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        raise VmTestError("gcc is not installed: apt-get install gcc libbpf-dev") from None
+    if built.returncode != 0:
+        raise VmTestError(
+            f"cannot build the eBPF loader: {built.stderr.strip()[-500:]} "
+            "(apt-get install gcc libbpf-dev libelf-dev zlib1g-dev)"
+        )
+    partial.replace(binary)
+    return binary
+
+
+# --- boot images -------------------------------------------------------------------------
+
+
+def _deb_members(deb: Path):
+    """The members of a .deb's data tar, streamed (a kernel package holds ~400 MB)."""
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as dpkg:
+        try:
+            with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
+                for member in tar:
+                    f = tar.extractfile(member) if member.isfile() else None
+                    yield member.name, f
+        finally:
+            dpkg.kill()
+
+
+def _plain_module(name: str, data: bytes) -> bytes:
+    """A module file's ELF bytes (Debian compresses 6.12's with xz)."""
+    return lzma.decompress(data) if name.endswith(".ko.xz") else data
+
+
+def module_closure(wanted: Sequence[str], depends: dict[str, list[str]]) -> list[str]:
+    """``wanted`` and everything they depend on (names as ``modinfo`` gives them, with
+    ``-`` and ``_`` equal); raises VmTestError for a name the kernel does not have."""
+    norm = {n.replace("-", "_"): n for n in depends}
+    out: list[str] = []
+    todo = [w.replace("-", "_") for w in wanted]
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        if name not in norm:
+            raise VmTestError(f"the kernel has no loadable module {name!r}")
+        out.append(name)
+        todo += [d.replace("-", "_") for d in depends[norm[name]]]
+    return sorted(norm[n] for n in out)
+
+
+def debian_boot_image(
+    uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+) -> Path | None:
+    """``vmlinuz`` of Debian's ``linux-image-<uname>`` (from the .deb cache, else apt),
+    extracted to ``out_dir/<uname>/vmlinuz``, and the ``modules`` drivers may depend on
+    (with their own dependencies) as plain ``.ko`` files under
+    ``out_dir/<uname>/modules/``; None when Debian has no such package."""
+    from drivers.build.bundles import BundleError, Dependency, fetch_deb
+
+    folder = out_dir / uname
+    target = folder / "vmlinuz"
+    if target.is_file() and not modules:
+        return target
+    try:
+        deb, _ = fetch_deb(Dependency(f"linux-image-{uname}"), deb_cache)
+    except BundleError:
+        return None
+    tree = f"./lib/modules/{uname}/kernel/"
+    if not target.is_file():
+        kernel = next(
+            (f.read() for n, f in _deb_members(deb) if n == f"./boot/vmlinuz-{uname}" and f),
+            None,
+        )
+        if not kernel:
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".part")
+        partial.write_bytes(kernel)
+        partial.replace(target)
+    if modules:
+        # One pass for every module's dependencies, one for the closure's files.
+        paths, depends = {}, {}
+        for name, f in _deb_members(deb):
+            if f and name.startswith(tree) and name.endswith((".ko", ".ko.xz")):
+                info = read_modinfo(_plain_module(name, f.read()))
+                paths[info["name"]] = name
+                depends[info["name"]] = [d for d in info.get("depends", "").split(",") if d]
+        wanted = {paths[m] for m in module_closure(modules, depends)}
+        for name, f in _deb_members(deb):
+            if name in wanted and f:
+                path = folder / "modules" / name[len(tree) :].removesuffix(".xz")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(_plain_module(name, f.read()))
+    return target
+
+
+def publish_boot_image(
+    store: ObjectStore, uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+) -> str:
+    """Put Debian's kernel image for ``uname``, and the ``modules`` drivers may depend on,
+    in the kernel-images bucket (never overwriting); returns what happened to the image:
+    created, identical, different or absent."""
+    image = debian_boot_image(uname, deb_cache, out_dir, modules)
+    if image is None:
+        return "absent"
+    tree = image.parent / "modules"
+    for path in sorted(tree.rglob("*.ko")) if modules else ():
+        store.upload_new_file(layout.boot_module_object(uname, str(path.relative_to(tree))), path)
+    return store.upload_new_file(layout.boot_image_object(uname), image).value
+
+
+def fetch_boot_image(store: ObjectStore, uname: str, out_dir: Path) -> Path | None:
+    """The kernel image of ``uname`` from the kernel-images bucket, with the modules kept
+    beside it in ``modules/`` (None: there is none, so its drivers are untested, never
+    passed)."""
+    target = out_dir / uname / "vmlinuz"
+    try:
+        store.download_to(layout.boot_image_object(uname), target)
+    except ObjectNotFound:
+        return None
+    prefix = layout.boot_module_object(uname, "")
+    for info in store.list(prefix):
+        store.download_to(info.name, target.parent / "modules" / info.name[len(prefix) :])
+    return target
+
+
+# --- the test ----------------------------------------------------------------------------
+
+
+def _require_tools() -> None:
+    if shutil.which(QEMU) is None:
+        raise VmTestError(f"{QEMU} is not installed: apt-get install qemu-system-x86")
+    if not BUSYBOX.is_file():
+        raise VmTestError(f"{BUSYBOX} is missing: apt-get install busybox-static")
+
+
+Markers = dict[str, list[str]]
+
+
+def read_markers(serial: str) -> tuple[Markers, dict[int, Markers], list[str]]:
+    """The serial log's markers: those of the boot itself, those of each driver's block
+    (BEGIN n .. END n; END itself is kept) and the last console lines that are not markers
+    (what a dying kernel printed)."""
+    boot: Markers = {}
+    blocks: dict[int, Markers] = {}
+    other: list[str] = []
+    current = boot
+    for line in serial.splitlines():
+        at = line.find(MARK)
+        if at < 0:
+            if line.strip():
+                other = [*other[-9:], line.strip()]
+            continue
+        name, _, rest = line[at + len(MARK) :].partition(" ")
+        name, rest = name.strip(), rest.strip()
+        if name == "BEGIN" and rest.isdigit():
+            current = blocks.setdefault(int(rest), {})
+            continue
+        current.setdefault(name, []).append(rest)
+        if name == "END":
+            current = boot
+    return boot, blocks, other
+
+
+def _count(markers: Markers, name: str) -> int | None:
+    value = (markers.get(name) or [""])[0]
+    return int(value) if value.isdigit() else None
+
+
+def _judge_module(result: VmResult, m: Markers) -> None:
+    if "LOAD_FAILED" in m:
+        result.status, result.messages = "load_failed", m["LOAD_FAILED"] + m.get("KMSG", [])
+        return
+    result.events = _count(m, "EVENTS")
+    if "LOADED" in m and result.events and "UNLOADED" in m:
+        result.status = "loaded"
+        return
+    result.status = "load_failed"
+    result.messages = [
+        "loaded but counted no events" if not result.events else "could not be unloaded",
+        *m.get("UNLOAD_FAILED", []),
+    ]
+
+
+def _judge_probe(result: VmResult, m: Markers) -> None:
+    log = m.get("BPF_VERIFIER", [])
+    if "BPF_OPEN_FAILED" in m:
+        result.status = "load_failed"
+        result.messages = [f"not a loadable eBPF object: {m['BPF_OPEN_FAILED'][0]}", *log]
+        return
+    if "BPF_REJECTED" in m:
+        # The verifier's own reason is the line before its "processed N insns" summary.
+        ends = [i for i, line in enumerate(log) if line.startswith("processed ")]
+        reason = log[ends[0] - 1] if ends and ends[0] > 0 else m["BPF_REJECTED"][0]
+        result.status = "verifier_rejected"
+        result.messages = [f"verifier: {reason}", *log, f"refused: {m['BPF_REJECTED'][0]}"]
+        return
+    if "BPF_ATTACH_FAILED" in m:
+        result.status = "load_failed"
+        result.messages = [f"loaded but could not attach: {m['BPF_ATTACH_FAILED'][0]}", *log]
+        return
+    result.events = _count(m, "BPF_EVENTS")
+    if "BPF_ATTACHED" in m and result.events and "BPF_DETACHED" in m:
+        result.status = "loaded"
+        return
+    result.status = "load_failed"
+    result.messages = [
+        "attached but counted no events" if not result.events else "could not be detached"
+    ]
+
+
+def judge(
+    keys: Sequence[DriverKey], serial: str, seconds: float, timed_out: bool = False
+) -> list[VmResult]:
+    """The result of each driver (tested in this order) from the guest's serial log."""
+    boot, blocks, console = read_markers(serial)
+    results = [VmResult.of(key, "boot_failed") for key in keys]
+    for r in results:
+        r.seconds = seconds
+    ending = [f"timed out after {seconds:.0f} s"] if timed_out else []
+    booted = (boot.get("BOOTED") or [None])[0]
+    if booted is None or (keys and booted != keys[0].kernel):
+        why = (
+            "the guest never ran its script (no BOOTED marker)"
+            if booted is None
+            else f"booted kernel {booted!r}, not {keys[0].kernel!r}"
+        )
+        for r in results:
+            r.messages = [why, *ending]
+        return results
+    for i, (key, result) in enumerate(zip(keys, results, strict=True), 1):
+        m = blocks.get(i)
+        if m is None:  # the guest never got to it: untested, retryable
+            result.messages = ["the guest stopped before testing this driver", *ending]
+        elif "END" not in m:  # it died or hung while testing this one: the driver's doing
+            died = "hung" if timed_out else "stopped"
+            result.status = "load_failed"
+            result.messages = [f"the kernel {died} while testing this driver", *console[-5:]]
+        elif key.kind == "mod":
+            _judge_module(result, m)
+        else:
+            _judge_probe(result, m)
+    return results
+
+
+def vm_test(
+    kernel: str,
+    drivers: Sequence[tuple[DriverKey, bytes]],
+    boot_image: Path | None,
+    timeout: float | None = None,
+    memory_mb: int = 512,
+    accel: str = "tcg",
+) -> list[VmResult]:
+    """Boot ``boot_image`` (the kernel ``kernel``) once and test each driver, given as
+    (key, gzip'd object as published), in it. One result per driver, in order."""
+    keys = [key for key, _ in drivers]
+    strangers = [k for k in keys if k.kernel != kernel]
+    if strangers:
+        raise VmTestError(f"{strangers[0]} is not a driver for {kernel}: test it in its own kernel")
+    if boot_image is None:
+        why = f"no bootable kernel image for {kernel}: untested, not passed"
+        return [VmResult.of(key, "no_boot_image", why) for key in keys]
+    if not keys:
+        return []
+    _require_tools()
+    elves = []
+    for key, data in drivers:
+        try:
+            elves.append((key.kind, gunzip(data)))
+        except ValueError as e:  # goes in as is: the guest refuses it like any bad file
+            elves.append((key.kind, f"corrupt: {e}".encode()))
+    modules = boot_image.parent / "modules"
+    stored = {_norm(module_name(p.read_bytes())) for p in modules.rglob("*.ko")}
+    results: dict[int, VmResult] = {}
+    for i, (kind, elf) in enumerate(elves):
+        missing = (
+            [d for d in module_depends(elf) if _norm(d) not in stored] if kind == "mod" else []
+        )
+        if missing:
+            results[i] = VmResult.of(
+                keys[i],
+                "not_tested",
+                f"needs module(s) {', '.join(missing)}, which the kernel-images bucket does not "
+                f"keep for {kernel}: list them in [vm_tests] modules and publish its boot "
+                "image again (drivers bundle debian ... --boot-images)",
+            )
+    booted = [i for i in range(len(keys)) if i not in results]
+    if booted:
+        boot = _boot(
+            kernel,
+            [keys[i] for i in booted],
+            [elves[i] for i in booted],
+            boot_image,
+            module_tree(kernel, modules) if stored else [],
+            timeout or BOOT_TIMEOUT_S + DRIVER_TIMEOUT_S * len(booted),
+            memory_mb,
+            accel,
+        )
+        results.update(zip(booted, boot, strict=True))
+    return [results[i] for i in range(len(keys))]
+
+
+def _depends_of(data: bytes) -> list[str]:
+    try:
+        return module_depends(gunzip(data))
+    except ValueError:
+        return []
+
+
+def _norm(module: str) -> str:
+    return module.replace("-", "_")
+
+
+def _boot(
+    kernel: str,
+    keys: list[DriverKey],
+    elves: list[tuple[str, bytes]],
+    boot_image: Path,
+    modules: list[Entry],
+    timeout: float,
+    memory_mb: int,
+    accel: str,
+) -> list[VmResult]:
+    loader = loader_binary() if "bpf" in {k.kind for k in keys} else None
+    with tempfile.TemporaryDirectory(prefix="vm-test-") as tmp:
+        initrd = Path(tmp) / "initrd.gz"
+        initrd.write_bytes(initramfs(elves, loader, modules))
+        serial = Path(tmp) / "serial.log"
+        command = [
+            QEMU,
+            "-accel", accel,
+            "-m", str(memory_mb),
+            "-smp", "1",
+            "-kernel", str(boot_image),
+            "-initrd", str(initrd),
+            "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
+            "-nographic", "-no-reboot", "-monitor", "none", "-nic", "none",
+            "-serial", f"file:{serial}",
+        ]  # fmt: skip
+        started = time.monotonic()
+        timed_out = False
+        try:
+            subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            timed_out = True  # judged by the markers: what never ended did not pass
+        seconds = round(time.monotonic() - started, 2)
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+    return judge(keys, text, seconds, timed_out)
+
+
+def test_kernels(
+    kernels: dict[str, list[DriverKey]],
+    fetch_image: Callable[[str, Path], Path | None],
+    load_drivers: Callable[[str], list[tuple[DriverKey, bytes]]],
+    parallel: int = 2,
+    budget_s: float = float("inf"),
+    accel: str = "tcg",
+    memory_mb: int = 512,
+) -> list[VmResult]:
+    """Test each kernel's drivers in its own boot, ``parallel`` VMs at a time. A kernel
+    whose turn comes after ``budget_s`` is not tested; a boot that failed is retried
+    once (infrastructure). ``fetch_image(kernel, folder)`` puts the boot image in a
+    scratch folder (None: there is none), removed after that kernel; ``load_drivers``
+    reads a kernel's drivers only when its turn comes, so memory stays bounded."""
+    deadline = time.monotonic() + budget_s
+
+    def one(kernel: str) -> list[VmResult]:
+        keys = kernels[kernel]
+        if time.monotonic() >= deadline:
+            why = f"the stage's time budget of {budget_s:.0f} s was spent before its turn"
+            return [VmResult.of(key, "not_tested", why) for key in keys]
+        with tempfile.TemporaryDirectory(prefix="vm-image-") as scratch:
+            image = fetch_image(kernel, Path(scratch))
+            drivers = load_drivers(kernel) if image is not None else [(k, b"") for k in keys]
+            results = vm_test(kernel, drivers, image, memory_mb=memory_mb, accel=accel)
+            again = [d for d, r in zip(drivers, results, strict=True) if r.status == RETRYABLE]
+            if again and time.monotonic() < deadline:
+                retried = iter(vm_test(kernel, again, image, memory_mb=memory_mb, accel=accel))
+                results = [next(retried) if r.status == RETRYABLE else r for r in results]
+        return results
+
+    with ThreadPoolExecutor(max(1, parallel), thread_name_prefix="vm-test") as pool:
+        return [r for results in pool.map(one, sorted(kernels)) for r in results]
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def cmd_vm_test(args: argparse.Namespace) -> int:
+    """``drivers vm-test DRIVER.gz... --driver-version V [--boot-image VMLINUZ]``: one
+    JSON result per driver on stdout; exit 0 when all loaded, 75 when the VM did not
+    boot (retry), 1 when a driver failed or has no boot image."""
+    keys = []
+    for path in map(Path, args.drivers):
+        entry = parse_object_name(f"{args.driver_version}/{path.name}")
+        if entry is None or entry.unavailable:
+            raise VmTestError(
+                f"{path.name}: not a driver file name (collector-<kernel>.ko.gz or .o.gz)"
+            )
+        keys.append(entry.key)
+    kernels = sorted({k.kernel for k in keys})
+    if len(kernels) != 1:
+        raise VmTestError(f"drivers of {len(kernels)} kernels {kernels}: give one kernel's")
+    kernel, cache = kernels[0], Path(args.cache)
+    drivers = [(key, Path(p).read_bytes()) for key, p in zip(keys, args.drivers, strict=True)]
+    image = args.boot_image
+    if image is None and args.boot_images:
+        from drivers.store.storage import client_from_environment, parse_gs_uri
+
+        store = ObjectStore(client_from_environment(), parse_gs_uri(args.boot_images)[0])
+        image = fetch_boot_image(store, kernel, cache / "kernel-images")
+    elif image is None:  # Debian's package, with the modules these drivers need
+        needs = {d for key, data in drivers if key.kind == "mod" for d in _depends_of(data)}
+        image = debian_boot_image(kernel, cache / "debs", cache / "kernel-images", sorted(needs))
+    results = vm_test(kernel, drivers, image, timeout=args.timeout, accel=args.accel)
+    for result in results:
+        print(json.dumps(result.to_json()))
+    statuses = {r.status for r in results}
+    if statuses == {PASSED}:
+        return 0
+    return 75 if statuses <= {PASSED, RETRYABLE} else 1
+
+
+__all__ = [
+    "VmResult",
+    "debian_boot_image",
+    "fetch_boot_image",
+    "initramfs",
+    "judge",
+    "loader_binary",
+    "read_markers",
+    "test_kernels",
+    "vm_test",
+]

@@ -1,0 +1,2 @@
+"""Operators' tools: the `drivers` CLI, `drivers why`, withdraw, reports, notifications,
+the embedded Airflow."""

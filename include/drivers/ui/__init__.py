@@ -1,0 +1,1 @@
+"""The driver coverage page (served by plugins/drivers_coverage.py)."""
