@@ -24,6 +24,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from drivers.airflow import glue as glue
 from drivers.domain.config import load_config
+from drivers.domain.dag_ids import CPAAS_DRIVERS
 
 if TYPE_CHECKING:
     from drivers.flows.cpaas import CpaasParams
@@ -38,7 +39,8 @@ def _params() -> CpaasParams:
 
 
 @dag(
-    schedule=config.schedules["cpaas_drivers"] or None,  # "": by hand only
+    dag_id=CPAAS_DRIVERS,
+    schedule=config.schedules[CPAAS_DRIVERS] or None,  # "": by hand only
     params=glue.cpaas_params(config),
     tags=["drivers", "cpaas"],
     doc_md=__doc__,

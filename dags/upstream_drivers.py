@@ -32,6 +32,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from drivers.airflow import glue as glue
 from drivers.domain.config import load_config
+from drivers.domain.dag_ids import BACKFILL_DRIVERS, UPSTREAM_DRIVERS
 
 if TYPE_CHECKING:
     from drivers.flows.upstream import RunParams
@@ -69,7 +70,7 @@ def drivers_dag(dag_id: str):
     """One DAG of the pipeline: the nightly ``upstream_drivers`` or the by-hand
     ``backfill_drivers`` (no schedule, selector required, dry run by default, its own
     builder pool, a lower priority). Same tasks, same order."""
-    backfill = dag_id == glue.BACKFILL
+    backfill = dag_id == BACKFILL_DRIVERS
     policy = glue.dag_policy(config)
     policy["default_args"] |= {
         "priority_weight": glue.PRIORITY_WEIGHTS[dag_id],
@@ -246,5 +247,5 @@ def drivers_dag(dag_id: str):
     return pipeline()
 
 
-upstream_drivers = drivers_dag(glue.NIGHTLY)
-backfill_drivers = drivers_dag(glue.BACKFILL)
+upstream_drivers = drivers_dag(UPSTREAM_DRIVERS)
+backfill_drivers = drivers_dag(BACKFILL_DRIVERS)

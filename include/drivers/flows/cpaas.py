@@ -24,13 +24,13 @@ from typing import Any
 from drivers.build import oci
 from drivers.domain import layout
 from drivers.domain.config import Config
+from drivers.domain.dag_ids import CPAAS_DRIVERS
 from drivers.domain.errors import RunInputError
 from drivers.domain.layout import report_prefix
 from drivers.store.push import Candidate, push_new
 from drivers.store.storage import ObjectNotFound, Stores, read_json, write_json
 
-DAG_ID = "cpaas_drivers"
-STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the digest the last good run took
+STATE_OBJECT = layout.run_state_object(CPAAS_DRIVERS)  # the digest the last good run took
 FIRST_LINES = 20  # of each failure log, in the report
 
 
@@ -327,7 +327,7 @@ def report(
     unchanged = bool(mirror and mirror["unchanged"])
     status = "failed" if reasons else "unchanged" if unchanged else "success"
     doc = {
-        "dag_id": DAG_ID,
+        "dag_id": CPAAS_DRIVERS,
         "run_id": run_id,
         "status": status,
         "reasons": reasons,

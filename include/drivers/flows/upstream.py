@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from drivers.domain import layout
 from drivers.domain.config import VM_TEST_MODES, Config
+from drivers.domain.dag_ids import UPSTREAM_DRIVERS
 from drivers.domain.errors import RunInputError
 from drivers.domain.kernels import Kernel
 from drivers.domain.layout import report_prefix
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 
     from drivers.store.runtime_config import RuntimeConfig
 
-DAG_ID = "upstream_drivers"
-STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the shrink guard's reference
+# The shrink guard's reference: the nightly's and the backfill's (both list the whole
+# bundle bucket), so either's success moves it.
+STATE_OBJECT = layout.run_state_object(UPSTREAM_DRIVERS)
 
 
 class ShrinkGuardError(RuntimeError):
