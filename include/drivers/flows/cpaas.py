@@ -87,7 +87,10 @@ def mirror_opened(
     stores: Stores, run_id: str, image: oci.Image, params: CpaasParams
 ) -> list[dict[str, str]]:
     for arch in image.architectures():
-        layout.cache_arch(arch)  # an image with an architecture no cache knows is refused
+        try:  # an image with an architecture no cache knows is a bad image
+            layout.cache_arch(arch)
+        except layout.UnknownArchitecture as e:
+            raise oci.ImageError(f"image {image.digest} ({image.source}): {e}") from None
     selected = [a for a in params.architectures if a in image.manifests]
     if not selected:
         raise oci.ImageError(
@@ -285,17 +288,14 @@ def publish_cpaas_packages(
 ) -> dict[str, Any]:
     """Rebuild the CPaaS support packages of ``arch`` whose driver set changed (also
     after ``drivers withdraw`` removed an upstream driver the x86_64 ones carry)."""
-    from drivers.build.packages import publish_support_packages
+    from drivers.build.packages import DriverSource, publish_support_packages
 
-    root = layout.cpaas_prefix(arch)
-    if _upstream_arch(arch):  # the upstream drivers, overridden by the CPaaS cache's
-        base, sources = stores.drivers, {"downstream_store": stores.cpaas_drivers}
-        sources["downstream_prefix"] = root
-    else:
-        base, sources = stores.cpaas_drivers, {"drivers_prefix": root}
-        sources["drivers_source"] = "downstream"
+    root = layout.cpaas_prefix(arch)  # the CPaaS cache's prefix is its packages' root too
+    sources = [DriverSource(stores.cpaas_drivers, root, "downstream")]
+    if _upstream_arch(arch):  # the upstream drivers too, where the CPaaS cache lacks them
+        sources.append(DriverSource(stores.drivers))
     return publish_support_packages(
-        base, stores.support, versions, timestamp=timestamp, root=root, **sources
+        sources, stores.support, versions, timestamp=timestamp, root=root
     )
 
 

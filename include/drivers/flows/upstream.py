@@ -501,10 +501,10 @@ def update_support_packages(
     stores: Stores, versions: list[str], now: datetime | None = None
 ) -> dict[str, Any]:
     """Rebuild the support packages of the versions whose driver set changed."""
-    from drivers.build.packages import publish_support_packages
+    from drivers.build.packages import DriverSource, publish_support_packages
 
     return publish_support_packages(
-        stores.drivers, stores.support, versions, timestamp=now or datetime.now(UTC)
+        [DriverSource(stores.drivers)], stores.support, versions, timestamp=now or datetime.now(UTC)
     )
 
 
