@@ -517,6 +517,21 @@ def notify_run(context: dict[str, Any], verdict: dict[str, Any]) -> bool:
     return True
 
 
+def watch(verdict: dict[str, Any]) -> dict[str, Any]:
+    """The watcher's last word, in every DAG (its final task, trigger rule all_done, which
+    got every step's summary and judged them: :mod:`drivers.domain.verdict`): one message
+    for a failed or degraded run, and a failed verdict fails the task, so the run fails
+    instead of going green (the watcher of Airflow's own system tests)."""
+    from airflow.sdk import get_current_context
+
+    from drivers.domain.verdict import FAILED
+
+    notify_run(get_current_context(), verdict)
+    if verdict["status"] == FAILED:
+        raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
+    return verdict
+
+
 def failed_tasks(context: dict[str, Any]) -> list[str]:
     """Tasks of this run that failed (for the report task, the run's watcher); the ones
     that did not run because of them (upstream_failed) are not the culprits."""
