@@ -11,8 +11,9 @@ image lacks, and rebuild the CPaaS support packages.
 digest the last successful run took is *unchanged* and nothing else runs. Then, mapped
 per architecture: `extract_drivers` → `push_drivers` → `pull_missing` →
 `build_support_packages`. `test_drivers_compilation` fails on any non-empty failure log,
-without holding back push and packages. `report` is the run's verdict; reports stay under
-`reports/cpaas/<run_id>/` in the work bucket.
+without holding back push and packages. `report`, the run's watcher, gets every step's
+summary and fails the run when a task failed or the image is bad (as in
+`upstream_drivers`); reports stay under `reports/cpaas/<run_id>/` in the work bucket.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from drivers.airflow import glue as glue
 from drivers.domain.config import load_config
+from drivers.domain.dag_ids import CPAAS_DRIVERS
 
 if TYPE_CHECKING:
     from drivers.flows.cpaas import CpaasParams
@@ -38,7 +40,8 @@ def _params() -> CpaasParams:
 
 
 @dag(
-    schedule=config.schedules["cpaas_drivers"] or None,  # "": by hand only
+    dag_id=CPAAS_DRIVERS,
+    schedule=config.schedules[CPAAS_DRIVERS] or None,  # "": by hand only
     params=glue.cpaas_params(config),
     tags=["drivers", "cpaas"],
     doc_md=__doc__,
@@ -75,7 +78,7 @@ def cpaas_drivers():
     def test_drivers_compilation(extracted: list[dict]) -> dict:
         from drivers.flows import cpaas
 
-        found = cpaas.find_compile_failures(glue.stores(), glue.run_id(), list(extracted))
+        found = cpaas.find_compile_failures(glue.stores(), list(extracted))
         if found["failures"]:
             raise AirflowFailException(cpaas.describe_failures(found["failures"]))
         return {"failures": 0, "empty_logs": found["empty_logs"]}
@@ -105,23 +108,30 @@ def cpaas_drivers():
         return cpaas.cleanup_staging(glue.stores(), glue.run_id())
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
-    def report() -> dict:
+    def report(steps: dict) -> dict:
         from drivers.flows import cpaas
 
         failed = glue.failed_tasks(get_current_context())
-        verdict = cpaas.report(glue.stores(), glue.run_id(), _params(), failed)
-        glue.notify_run(get_current_context(), verdict)  # a failed run: one message
-        if verdict["status"] == "failed":
-            raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
-        return verdict
+        return glue.watch(cpaas.report(glue.stores(), glue.run_id(), _params(), steps, failed))
 
     extracted = extract_drivers.expand(target=mirror)
     compiled = test_drivers_compilation(extracted)
-    packages = build_support_packages.expand(
-        pulled=pull_missing.expand(pushed=push_drivers.expand(extracted=extracted))
+    pushed = push_drivers.expand(extracted=extracted)
+    pulled = pull_missing.expand(pushed=pushed)
+    packages = build_support_packages.expand(pulled=pulled)
+    # report is the last task (the run's watcher): it gets every step's summary (the
+    # mapped ones: one per architecture), and its verdict is the run's state.
+    verdict = report(
+        {
+            "mirror_image": mirror,
+            "extract_drivers": extracted,
+            "test_drivers_compilation": compiled,
+            "push_drivers": pushed,
+            "pull_missing": pulled,
+            "build_support_packages": packages,
+        }
     )
-    # report is the last task (the run's watcher), so its verdict is the run's state.
-    chain([compiled, packages], cleanup_staging(), report())
+    chain([compiled, packages], cleanup_staging(), verdict)
 
 
 cpaas_drivers()

@@ -32,6 +32,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from drivers.airflow import glue as glue
 from drivers.domain.config import load_config
+from drivers.domain.dag_ids import BACKFILL_DRIVERS, UPSTREAM_DRIVERS
 
 if TYPE_CHECKING:
     from drivers.flows.upstream import RunParams
@@ -69,7 +70,7 @@ def drivers_dag(dag_id: str):
     """One DAG of the pipeline: the nightly ``upstream_drivers`` or the by-hand
     ``backfill_drivers`` (no schedule, selector required, dry run by default, its own
     builder pool, a lower priority). Same tasks, same order."""
-    backfill = dag_id == glue.BACKFILL
+    backfill = dag_id == BACKFILL_DRIVERS
     policy = glue.dag_policy(config)
     policy["default_args"] |= {
         "priority_weight": glue.PRIORITY_WEIGHTS[dag_id],
@@ -182,24 +183,12 @@ def drivers_dag(dag_id: str):
             return pipeline.update_support_packages(glue.stores(), plan["driver_versions"])
 
         @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
-        def report(plan: dict | None, unified, verified, tested, pushed, packages) -> dict:
+        def report(steps: dict) -> dict:
             from drivers.flows import upstream as pipeline
 
             failed = glue.failed_tasks(get_current_context())
-            steps = {
-                "unify": unified,
-                "verify_drivers": verified,
-                "integration_tests": tested,
-                "push_drivers": pushed,
-                "update_support_packages": packages,
-            }
-            verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), plan, steps, failed)
-            glue.notify_run(get_current_context(), verdict)  # failed or degraded: one message
-            if verdict["status"] != "success":
-                raise AirflowFailException(
-                    "; ".join(verdict["reasons"]) + f" ({verdict['report']})"
-                )
-            return verdict
+            verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), steps, failed)
+            return glue.watch(verdict)
 
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def record_ledger() -> dict:
@@ -217,8 +206,20 @@ def drivers_dag(dag_id: str):
         verified = verify_drivers()
         pushed = push_drivers()
         packages = update_support_packages(plan)
-        verdict = report(plan, unified, verified, tested, pushed, packages)
-        # report is the last task (the run's watcher), so its verdict is the run's state.
+        recorded = record_ledger()
+        # report is the last task (the run's watcher): it gets every step's summary, and
+        # its verdict is the run's state.
+        verdict = report(
+            {
+                "pre_build": plan,
+                "unify": unified,
+                "verify_drivers": verified,
+                "integration_tests": tested,
+                "push_drivers": pushed,
+                "update_support_packages": packages,
+                "record_ledger": recorded,
+            }
+        )
         chain(
             plan,
             builder_groups,
@@ -227,7 +228,7 @@ def drivers_dag(dag_id: str):
             tested,
             pushed,
             packages,
-            record_ledger(),
+            recorded,
             cleanup_staging(),
             verdict,
         )
@@ -246,5 +247,5 @@ def drivers_dag(dag_id: str):
     return pipeline()
 
 
-upstream_drivers = drivers_dag(glue.NIGHTLY)
-backfill_drivers = drivers_dag(glue.BACKFILL)
+upstream_drivers = drivers_dag(UPSTREAM_DRIVERS)
+backfill_drivers = drivers_dag(BACKFILL_DRIVERS)

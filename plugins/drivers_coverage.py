@@ -27,8 +27,10 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
+from drivers.domain.dag_ids import UPSTREAM_DRIVERS
+
 URL_PREFIX = "/drivers"
-DAG_ID = "upstream_drivers"  # who may read its runs may read their coverage
+DAG_ID = UPSTREAM_DRIVERS  # who may read its runs may read their coverage
 STORES_TTL_S = 300.0  # the storage client is reused this long (the connection may change)
 
 _app: Any = None

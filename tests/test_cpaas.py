@@ -70,16 +70,25 @@ def run(stores: Stores, source: Path, **params) -> dict:
     run_id = f"test__{uuid.uuid4().hex[:8]}"
     p = cpaas.CpaasParams.from_params({"source_image": str(source)} | params, load_config())
     failed = []
-    targets = cpaas.mirror_image(stores, run_id, p)
-    extracted = [cpaas.extract_drivers(stores, run_id, t) for t in targets]
-    if extracted and cpaas.find_compile_failures(stores, run_id, extracted)["failures"]:
-        failed.append("test_drivers_compilation")
-    for e in extracted:
-        pushed = cpaas.push_drivers(stores, run_id, e, p.dry_run)
-        pulled = cpaas.pull_missing(stores, run_id, pushed)
-        cpaas.build_support_packages(stores, run_id, pulled)
-    assert cpaas.cleanup_staging(stores, run_id) >= 0
-    verdict = cpaas.report(stores, run_id, p, failed)
+    steps: dict = {"mirror_image": cpaas.mirror_image(stores, run_id, p)}
+    steps["extract_drivers"] = [
+        cpaas.extract_drivers(stores, run_id, t) for t in steps["mirror_image"]
+    ]
+    if steps["extract_drivers"]:
+        found = cpaas.find_compile_failures(stores, steps["extract_drivers"])
+        if found["failures"]:
+            failed.append("test_drivers_compilation")
+        else:
+            steps["test_drivers_compilation"] = {"failures": 0}
+    for step in ("push_drivers", "pull_missing", "build_support_packages"):
+        steps[step] = []
+    for e in steps["extract_drivers"]:
+        steps["push_drivers"].append(cpaas.push_drivers(stores, run_id, e, p.dry_run))
+        steps["pull_missing"].append(cpaas.pull_missing(stores, run_id, steps["push_drivers"][-1]))
+        pulled = steps["pull_missing"][-1]
+        steps["build_support_packages"].append(cpaas.build_support_packages(stores, run_id, pulled))
+    cpaas.cleanup_staging(stores, run_id)
+    verdict = cpaas.report(stores, run_id, p, steps, failed)
     doc = json.loads(stores.work.download(verdict["report"].split("/", 3)[3]))
     return doc | {"run_id": run_id}
 

@@ -188,21 +188,56 @@ def test_cpaas_drivers_shape(bag):
     assert dag["max_active_runs"] == 1
     assert dag["params"] == ["architectures", "dry_run", "force", "source_image"]
     tasks = dag["tasks"]
-    assert tasks["mirror_image"]["downstream"] == ["extract_drivers"]
-    # per architecture: extract -> push -> pull -> packages, all mapped
+    assert tasks["mirror_image"]["downstream"] == ["extract_drivers", "report"]
+    # per architecture: extract -> push -> pull -> packages, all mapped; each step's
+    # summary goes to the watcher
     for task, after in [
-        ("extract_drivers", ["push_drivers", "test_drivers_compilation"]),
-        ("push_drivers", ["pull_missing"]),
-        ("pull_missing", ["build_support_packages"]),
-        ("build_support_packages", ["cleanup_staging"]),
+        ("extract_drivers", ["push_drivers", "report", "test_drivers_compilation"]),
+        ("push_drivers", ["pull_missing", "report"]),
+        ("pull_missing", ["build_support_packages", "report"]),
+        ("build_support_packages", ["cleanup_staging", "report"]),
     ]:
         assert tasks[task]["type"] == "DecoratedMappedOperator", task
         assert tasks[task]["downstream"] == after, task
     # push and packages do not wait on the failure test
-    assert tasks["test_drivers_compilation"]["downstream"] == ["cleanup_staging"]
+    assert tasks["test_drivers_compilation"]["downstream"] == ["cleanup_staging", "report"]
     assert tasks["cleanup_staging"]["trigger_rule"] == "all_done"
-    assert tasks["report"]["trigger_rule"] == "all_done"
-    assert tasks["report"]["downstream"] == [] and tasks["report"]["retries"] == 0
+    assert tasks["cleanup_staging"]["downstream"] == ["report"]
+
+
+@pytest.mark.parametrize("dag_id", ["upstream_drivers", "backfill_drivers", "cpaas_drivers"])
+def test_report_is_the_watcher_every_task_leads_to(bag, dag_id):
+    """One watcher design in every DAG: the last task, run whatever happened upstream,
+    never retried, downstream of every other task (so a failure anywhere reaches its
+    verdict)."""
+    tasks = bag["dags"][dag_id]["tasks"]
+    report = tasks["report"]
+    assert report["trigger_rule"] == "all_done" and report["retries"] == 0
+    assert report["downstream"] == []
+    upstream = {t: {u for u in tasks if t in tasks[u]["downstream"]} for t in tasks}
+    reached, todo = set(), ["report"]
+    while todo:  # walk back from report
+        for task in upstream[todo.pop()] - reached:
+            reached.add(task)
+            todo.append(task)
+    assert reached == set(tasks) - {"report"}
+
+
+def test_parsing_the_dags_imports_no_google_cloud_storage(tmp_path):
+    """DAG parsing stays cheap: google-cloud-storage is imported by tasks, not by the DAG
+    files or what they import."""
+    script = (
+        "import runpy, sys\n"
+        f"for name in ('upstream_drivers', 'cpaas_drivers'):\n"
+        f"    runpy.run_path('{DAGS}/' + name + '.py')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('google.cloud.storage')))\n"
+    )
+    env = os.environ | {"AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_HOME": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_builders_come_from_the_configured_file(tmp_path):
@@ -225,7 +260,7 @@ def test_kubernetes_runtime_maps_pods(tmp_path):
     assert tasks["integration_tests"]["type"] == "KubernetesPodOperator"
     assert tasks["integration_tests"]["downstream"] == ["push_drivers", "report"]
     assert cpaas["mirror_image"]["type"] == "KubernetesPodOperator"
-    assert cpaas["mirror_image"]["downstream"] == ["extract_drivers"]
+    assert cpaas["mirror_image"]["downstream"] == ["extract_drivers", "report"]
 
 
 def test_an_external_integration_suite_is_triggered_after_push_when_configured(tmp_path):

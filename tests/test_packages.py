@@ -17,6 +17,7 @@ import pytest
 from drivers.build import packages
 from drivers.build.packages import (
     LICENSE_TEXT,
+    DriverSource,
     IndexEntry,
     PackageConflict,
     ZipInfo,
@@ -293,7 +294,9 @@ def test_publish_builds_package_checksum_pointers_index_and_matrix(store, tmp_pa
     cache, support = store(), store()
     fill(cache, {**DRIVERS, **OLD, "2.3.0/build.log": b"not a driver"})
 
-    report = publish_support_packages(cache, support, [V, "2.2.0"], timestamp=T1, work_dir=tmp_path)
+    report = publish_support_packages(
+        [DriverSource(cache)], support, [V, "2.2.0"], timestamp=T1, work_dir=tmp_path
+    )
 
     zip_name = "support-pkg-2.3.0-20221201100000.zip"
     assert set(listing(support)) == {
@@ -370,10 +373,10 @@ def test_publish_builds_package_checksum_pointers_index_and_matrix(store, tmp_pa
 def test_unchanged_driver_set_is_not_rebuilt(store):
     cache, support = store(), store()
     fill(cache, {**DRIVERS, **OLD})
-    publish_support_packages(cache, support, [V, "2.2.0"], timestamp=T1)
+    publish_support_packages([DriverSource(cache)], support, [V, "2.2.0"], timestamp=T1)
     before = listing(support)
 
-    report = publish_support_packages(cache, support, [V, "2.2.0"], timestamp=T2)
+    report = publish_support_packages([DriverSource(cache)], support, [V, "2.2.0"], timestamp=T2)
 
     assert report["built"] == 0 and report["unchanged"] == 2
     assert report["versions"][V]["status"] == "unchanged"
@@ -387,13 +390,13 @@ def test_unchanged_driver_set_is_not_rebuilt(store):
 def test_changed_driver_set_gets_a_new_package_and_pointers_old_one_kept(store):
     cache, support = store(), store()
     fill(cache, {**DRIVERS, **OLD})
-    publish_support_packages(cache, support, [V, "2.2.0"], timestamp=T1)
+    publish_support_packages([DriverSource(cache)], support, [V, "2.2.0"], timestamp=T1)
     old_zip = f"{V}/support-pkg-2.3.0-20221201100000.zip"
     before = listing(support)
     new_driver = {f"{V}/collector-6.0.0-1-generic.ko.gz": b"\x1f\x8b new"}
     fill(cache, new_driver)
 
-    report = publish_support_packages(cache, support, [V, "2.2.0"], timestamp=T3)
+    report = publish_support_packages([DriverSource(cache)], support, [V, "2.2.0"], timestamp=T3)
 
     assert report["versions"][V]["status"] == "built"
     assert report["versions"]["2.2.0"]["status"] == "unchanged"
@@ -428,17 +431,11 @@ def test_cpaas_root_packages_upstream_and_downstream_with_downstream_winning(sto
         f"{V}/collector-4.18.0-305.el8.x86_64.ko.gz": b"\x1f\x8b el8 downstream",
     }
     fill(cpaas_cache, downstream, prefix=prefix)
-    publish_support_packages(cache, support, [V], timestamp=T1)  # the upstream root
+    publish_support_packages([DriverSource(cache)], support, [V], timestamp=T1)  # the upstream root
 
-    report = publish_support_packages(
-        cache,
-        support,
-        [V],
-        timestamp=T2,
-        root=prefix,
-        downstream_store=cpaas_cache,
-        downstream_prefix=prefix,
-    )
+    # the order of the sources does not matter: downstream wins
+    sources = [DriverSource(cpaas_cache, prefix, "downstream"), DriverSource(cache)]
+    report = publish_support_packages(sources, support, [V], timestamp=T2, root=prefix)
 
     zip_name = f"{prefix}{V}/support-pkg-2.3.0-20221202100000.zip"
     contents = read_zip(support, zip_name)
@@ -460,7 +457,7 @@ def test_cpaas_root_packages_upstream_and_downstream_with_downstream_winning(sto
     assert "20221201100000" not in cpaas_index
     # the upstream root is untouched and its index does not see the cpaas/ subtree
     assert support.download(f"{V}/latest") == b"support-pkg-2.3.0-20221201100000.zip\n"
-    publish_support_packages(cache, support, [V], timestamp=T3)
+    publish_support_packages([DriverSource(cache)], support, [V], timestamp=T3)
     upstream_index = support.download("index.html").decode()
     assert "20221202100000" not in upstream_index and "cpaas" not in upstream_index
 
@@ -468,15 +465,8 @@ def test_cpaas_root_packages_upstream_and_downstream_with_downstream_winning(sto
 def test_single_downstream_set_is_labelled_downstream(store):
     cpaas_cache, support = store(), store()
     fill(cpaas_cache, DRIVERS, prefix="cpaas/s390x/")
-    publish_support_packages(
-        cpaas_cache,
-        support,
-        [V],
-        timestamp=T1,
-        root="cpaas/s390x/",
-        drivers_prefix="cpaas/s390x/",
-        drivers_source="downstream",
-    )
+    downstream = DriverSource(cpaas_cache, "cpaas/s390x/", "downstream")
+    publish_support_packages([downstream], support, [V], timestamp=T1, root="cpaas/s390x/")
     matrix = json.loads(support.download("cpaas/s390x/driver-matrix.json"))
     assert matrix["5.4.0-62-generic"] == {V: {"kmod": "downstream", "ebpf": "downstream"}}
     meta = json.loads(support.download(f"cpaas/s390x/{V}/metadata.json"))
@@ -486,11 +476,11 @@ def test_single_downstream_set_is_labelled_downstream(store):
 def test_retry_at_the_same_timestamp_accepts_its_own_package(store):
     cache, support = store(), store()
     fill(cache, DRIVERS)
-    publish_support_packages(cache, support, [V], timestamp=T1)
+    publish_support_packages([DriverSource(cache)], support, [V], timestamp=T1)
     # as if the first try died after the package, before its metadata
     support.client.bucket(support.bucket_name).blob(f"{V}/metadata.json").delete()
 
-    report = publish_support_packages(cache, support, [V], timestamp=T1)
+    report = publish_support_packages([DriverSource(cache)], support, [V], timestamp=T1)
 
     assert report["versions"][V]["status"] == "built"
     assert json.loads(support.download(f"{V}/metadata.json"))["timestamp"] == "20221201100000"
@@ -499,21 +489,23 @@ def test_retry_at_the_same_timestamp_accepts_its_own_package(store):
 def test_other_bytes_under_the_same_package_name_are_a_conflict(store):
     cache, support = store(), store()
     fill(cache, DRIVERS)
-    publish_support_packages(cache, support, [V], timestamp=T1)
+    publish_support_packages([DriverSource(cache)], support, [V], timestamp=T1)
     fill(cache, {f"{V}/collector-6.0.0-1-generic.ko.gz": b"\x1f\x8b new"})
 
     # timestamps are UTC: 11:00 at +01:00 is the 10:00 UTC package name again
     same_instant = T1.astimezone(timezone(timedelta(hours=1)))
     with pytest.raises(PackageConflict, match="never replaced"):
-        publish_support_packages(cache, support, [V], timestamp=same_instant)
+        publish_support_packages([DriverSource(cache)], support, [V], timestamp=same_instant)
     assert support.download(f"{V}/latest") == b"support-pkg-2.3.0-20221201100000.zip\n"
 
 
 def test_license_change_rebuilds(store):
     cache, support = store(), store()
     fill(cache, DRIVERS)
-    publish_support_packages(cache, support, [V], timestamp=T1)
-    report = publish_support_packages(cache, support, [V], timestamp=T2, license_text="new\n")
+    publish_support_packages([DriverSource(cache)], support, [V], timestamp=T1)
+    report = publish_support_packages(
+        [DriverSource(cache)], support, [V], timestamp=T2, license_text="new\n"
+    )
     assert report["versions"][V]["status"] == "built"
     contents = read_zip(support, f"{V}/support-pkg-2.3.0-20221202100000.zip")
     assert contents[f"kernel-modules/{V}/LICENSE"] == b"new\n"
@@ -522,7 +514,7 @@ def test_license_change_rebuilds(store):
 def test_version_without_drivers_is_reported_not_published(store):
     cache, support = store(), store()
     fill(cache, DRIVERS)
-    report = publish_support_packages(cache, support, [V, "2.4.0"], timestamp=T1)
+    report = publish_support_packages([DriverSource(cache)], support, [V, "2.4.0"], timestamp=T1)
     assert report["versions"]["2.4.0"] == {"status": "no-drivers"}
     assert report["no_drivers"] == 1
     assert not any(n.startswith("2.4.0/") for n in listing(support))
@@ -540,7 +532,7 @@ def test_index_lists_packages_made_by_the_original_system(store):
             "2.1.0/latest": f"{legacy}\n".encode(),
         },
     )
-    publish_support_packages(cache, support, [V], timestamp=T1)
+    publish_support_packages([DriverSource(cache)], support, [V], timestamp=T1)
     index = support.download("index.html").decode()
     assert f'href="2.1.0/{legacy}"' in index and "ab" * 32 in index
     assert "2022-06-01 08:00:00 UTC" in index
@@ -549,9 +541,13 @@ def test_index_lists_packages_made_by_the_original_system(store):
 def test_bad_root_and_version_are_refused(store):
     cache, support = store(), store()
     with pytest.raises(ValueError, match="must be '' or end with one '/'"):
-        publish_support_packages(cache, support, [V], timestamp=T1, root="cpaas/x86_64")
+        publish_support_packages(
+            [DriverSource(cache)], support, [V], timestamp=T1, root="cpaas/x86_64"
+        )
     with pytest.raises(ValueError, match="neither semver"):
-        publish_support_packages(cache, support, ["latest"], timestamp=T1)
+        publish_support_packages([DriverSource(cache)], support, ["latest"], timestamp=T1)
+    with pytest.raises(ValueError, match="no driver source"):
+        publish_support_packages([], support, [V], timestamp=T1)
 
 
 def test_package_names_use_the_utc_timestamp():

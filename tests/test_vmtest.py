@@ -401,13 +401,13 @@ def test_enforce_publishes_only_what_loads_in_its_kernel_or_is_marked_untested(s
         ]
     )
     steps = {"unify": {"compile_failures": 0}, "integration_tests": summary, "push_drivers": pushed}
-    verdict = pipeline.report(stores, run_id, params(), None, steps, [])
+    verdict = pipeline.report(stores, run_id, params(), steps, [])
     assert verdict["status"] == "failed"
     assert verdict["reasons"] == [
         "0 compile failure(s) + 2 driver(s) their kernel refused (not published) > max_failures=0"
     ]
     tolerant = params(max_failures=2)
-    assert pipeline.report(stores, run_id, tolerant, None, steps, [])["status"] == "success"
+    assert pipeline.report(stores, run_id, tolerant, steps, [])["status"] == "success"
 
 
 @needs_qemu
@@ -420,7 +420,7 @@ def test_warn_publishes_everything_and_reports_what_the_kernel_refused(stage):
     assert (summary["refused"], summary["held_back"]) == (2, 0)
     assert pipeline.push_drivers(stores, run_id)["created"] == 6
     steps = {"integration_tests": summary}
-    assert pipeline.report(stores, run_id, params(), None, steps, [])["status"] == "success"
+    assert pipeline.report(stores, run_id, params(), steps, [])["status"] == "success"
 
 
 def test_off_spent_budget_and_no_new_drivers_boot_no_vm(stage, monkeypatch):

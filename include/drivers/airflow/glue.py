@@ -18,34 +18,37 @@ from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from drivers.domain.config import BACKFILL_POOL, BUILDER_POOL, VM_TEST_MODES, Config
+from drivers.domain.dag_ids import BACKFILL_DRIVERS, CPAAS_DRIVERS, DAG_IDS, UPSTREAM_DRIVERS
 from drivers.domain.layout import Buckets
 from drivers.domain.names import DRIVER_VERSION_RE, KINDS
 from drivers.store.ledger import IMAGE_ENV
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from drivers.store.storage import Stores
 
 GCP_CONN_ID = os.environ.get("DRIVERS_GCP_CONN_ID", "google_cloud_default")
 EX_DATAERR, EX_TEMPFAIL = 65, 75  # drivers build-shard: bad input / transient failure
 
-# The two DAGs one factory builds (dags/upstream_drivers.py): the nightly, and the
-# kernel-range backfill an engineer triggers. What differs between them is here.
-NIGHTLY, BACKFILL = "upstream_drivers", "backfill_drivers"
+# The two DAGs one factory builds (dags/upstream_drivers.py): the nightly
+# (UPSTREAM_DRIVERS), and the kernel-range backfill an engineer triggers (BACKFILL_DRIVERS).
+# What differs between them is here.
 # Builder tasks take a slot of their DAG's pool: a backfill, however large, can only fill
 # its own pool (sized from [backfill] slots) and never takes a nightly builder slot.
-BUILDER_POOLS = {NIGHTLY: BUILDER_POOL, BACKFILL: BACKFILL_POOL}
+BUILDER_POOLS = {UPSTREAM_DRIVERS: BUILDER_POOL, BACKFILL_DRIVERS: BACKFILL_POOL}
 # Where tasks of both DAGs wait for the same executor slots (worker processes, the
 # executor's parallelism, the triggerer), the scheduler queues the higher weight first.
 # weight_rule "absolute": a task's weight is its own priority_weight. (The default,
 # "downstream", adds the weights of every task downstream of it, so the numbers would
 # depend on the DAG's shape; both DAGs have the same shape, absolute keeps it explicit.)
-PRIORITY_WEIGHTS = {NIGHTLY: 10, BACKFILL: 1}
+PRIORITY_WEIGHTS = {UPSTREAM_DRIVERS: 10, BACKFILL_DRIVERS: 1}
 
 
 def run_config(config: Config, dag_id: str) -> Config:
     """The config a run of ``dag_id`` plans with: a backfill balances its shards over its
     own pool's slots."""
-    if dag_id == BACKFILL:
+    if dag_id == BACKFILL_DRIVERS:
         return dataclasses.replace(config, slots=config.backfill["slots"])
     return config
 
@@ -447,13 +450,16 @@ def delete_run_pods(config: Config, dag_id: str, run_id: str) -> list[str]:
     return names
 
 
-# What removes a run's staging, per DAG ("module:function" taking the stores and the run
-# id, imported only when needed, so parsing stays cheap).
-STAGING_CLEANUP = {
-    "upstream_drivers": "drivers.flows.upstream:cleanup_staging",
-    "backfill_drivers": "drivers.flows.upstream:cleanup_staging",
-    "cpaas_drivers": "drivers.flows.cpaas:cleanup_staging",
-}
+def staging_cleanup() -> dict[str, Callable[[Stores, str], int]]:
+    """What removes a run's staging (and releases its claim), per DAG. A function, not a
+    module constant: the flows import google-cloud-storage, which DAG parsing must not."""
+    from drivers.flows import cpaas, upstream
+
+    return {
+        UPSTREAM_DRIVERS: upstream.cleanup_staging,
+        BACKFILL_DRIVERS: upstream.cleanup_staging,
+        CPAAS_DRIVERS: cpaas.cleanup_staging,
+    }
 
 
 def teardown_run(dag_id: str, run_id: str) -> None:
@@ -461,12 +467,11 @@ def teardown_run(dag_id: str, run_id: str) -> None:
     run fails or is marked failed in the UI): its pods are deleted by label, its
     staging removed and its claim released (upstream and backfill: cleanup_staging);
     reports stay. Runs that end normally are cleaned by their cleanup_staging task."""
-    import importlib
     import logging
 
     from drivers.domain.config import load_config
 
-    if dag_id not in STAGING_CLEANUP:
+    if dag_id not in DAG_IDS:  # another team's DAG
         return
     log = logging.getLogger(__name__)
     config = load_config()
@@ -474,8 +479,7 @@ def teardown_run(dag_id: str, run_id: str) -> None:
         log.warning(
             "%s %s: deleted pods %s", dag_id, run_id, delete_run_pods(config, dag_id, run_id)
         )
-    module, _, function = STAGING_CLEANUP[dag_id].partition(":")
-    removed = getattr(importlib.import_module(module), function)(stores(), run_id)
+    removed = staging_cleanup()[dag_id](stores(), run_id)
     log.warning("%s %s: removed %d staging object(s)", dag_id, run_id, removed)
 
 
@@ -511,6 +515,21 @@ def notify_run(context: dict[str, Any], verdict: dict[str, Any]) -> bool:
         logging.getLogger(__name__).error("%s %s: no notification sent: %s", dag_id, run_id, e)
         return False
     return True
+
+
+def watch(verdict: dict[str, Any]) -> dict[str, Any]:
+    """The watcher's last word, in every DAG (its final task, trigger rule all_done, which
+    got every step's summary and judged them: :mod:`drivers.domain.verdict`): one message
+    for a failed or degraded run, and a failed verdict fails the task, so the run fails
+    instead of going green (the watcher of Airflow's own system tests)."""
+    from airflow.sdk import get_current_context
+
+    from drivers.domain.verdict import FAILED
+
+    notify_run(get_current_context(), verdict)
+    if verdict["status"] == FAILED:
+        raise AirflowFailException("; ".join(verdict["reasons"]) + f" ({verdict['report']})")
+    return verdict
 
 
 def failed_tasks(context: dict[str, Any]) -> list[str]:

@@ -45,6 +45,7 @@ from drivers.store.storage import ObjectInfo, ObjectNotFound, ObjectStore, Uploa
 
 __all__ = [
     "LICENSE_TEXT",
+    "DriverSource",
     "PACKAGE_FORMAT",
     "IndexEntry",
     "PackageConflict",
@@ -462,11 +463,21 @@ def _matrix_order(key: tuple[str, str, str]) -> tuple:
 
 
 @dataclass(frozen=True)
+class DriverSource:
+    """A driver cache a support package takes drivers from: its store, the prefix the
+    cache lives under there (``cpaas/<arch>/`` for a CPaaS cache) and which cache it is,
+    the driver matrix's ``upstream`` or ``downstream``."""
+
+    store: ObjectStore
+    prefix: str = ""
+    origin: Literal["upstream", "downstream"] = "upstream"
+
+
+@dataclass(frozen=True)
 class _Driver:
     base: str  # object basename, the entry name inside kernel-modules/<version>/
     info: ObjectInfo
-    store: ObjectStore
-    downstream: bool
+    source: DriverSource
 
 
 def _group_by_version(infos: Iterable[ObjectInfo], prefix: str) -> dict[str, list[ObjectInfo]]:
@@ -479,50 +490,41 @@ def _group_by_version(infos: Iterable[ObjectInfo], prefix: str) -> dict[str, lis
 
 
 def publish_support_packages(
-    drivers_store: ObjectStore,
+    sources: Iterable[DriverSource],
     support_store: ObjectStore,
     versions: Iterable[str],
     *,
     timestamp: datetime,
-    license_text: str = LICENSE_TEXT,
     root: str = "",
-    drivers_prefix: str = "",
-    drivers_source: Literal["upstream", "downstream"] = "upstream",
-    downstream_store: ObjectStore | None = None,
-    downstream_prefix: str = "",
+    license_text: str = LICENSE_TEXT,
     work_dir: Path | str | None = None,
     workers: int = 16,
 ) -> dict[str, object]:
     """Build and publish the support package of each driver version whose driver set
     changed; rewrite ``index.html`` and ``driver-matrix.json`` under ``root``.
 
-    The package of a version holds its drivers in ``drivers_store`` (under
-    ``drivers_prefix``) and, when given, in ``downstream_store`` (under
-    ``downstream_prefix``; it wins where both have a driver, as in the original CPaaS
-    flow). ``drivers_source`` says what ``drivers_store`` is, for the matrix, when it is
-    the only set. Each cache is listed once. Returns a JSON-able report.
+    The package of a version holds its drivers from every source; where an upstream and
+    a downstream source both have a driver, the downstream one is packaged (as in the
+    original CPaaS flow; between two sources of the same origin, the later one). Each
+    source is listed once. Returns a JSON-able report.
     """
     check_root(root)
     versions = [check_driver_version(v) for v in dict.fromkeys(versions)]
-    if downstream_store is not None and drivers_source != "upstream":
-        raise ValueError("with a downstream store, drivers_store must be the upstream cache")
     stamp = format_timestamp(timestamp)
     license_sha256 = hashlib.sha256(license_text.encode()).hexdigest()
+    # upstream first: what a later source has replaces it (sorted() is stable)
+    ordered = sorted(sources, key=lambda source: source.origin == "downstream")
+    if not ordered:
+        raise ValueError("no driver source: give at least one driver cache to package")
+    listings = [(source, list(source.store.list(prefix=source.prefix))) for source in ordered]
 
-    upstream_infos = list(drivers_store.list(prefix=drivers_prefix))
-    downstream_infos = (
-        list(downstream_store.list(prefix=downstream_prefix)) if downstream_store else []
-    )
     by_version: dict[str, dict[str, _Driver]] = {}
-    sets = [(drivers_store, drivers_prefix, upstream_infos, drivers_source == "downstream")]
-    if downstream_store is not None:
-        sets.append((downstream_store, downstream_prefix, downstream_infos, True))
-    for store, prefix, infos, is_downstream in sets:
-        for version, objs in _group_by_version(infos, prefix).items():
+    for source, infos in listings:
+        for version, objs in _group_by_version(infos, source.prefix).items():
             drivers = by_version.setdefault(version, {})
-            for info in objs:  # later sets (downstream) override
+            for info in objs:
                 base = info.name.rpartition("/")[2]
-                drivers[base] = _Driver(base, info, store, is_downstream)
+                drivers[base] = _Driver(base, info, source)
 
     report_versions: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="support-packages-", dir=work_dir) as tmp:
@@ -562,14 +564,10 @@ def publish_support_packages(
         "text/html",
         POINTER_CACHE_CONTROL,
     )
-    if downstream_store is not None:
-        matrix = driver_matrix(
-            (i.name[len(drivers_prefix) :] for i in upstream_infos),
-            (i.name[len(downstream_prefix) :] for i in downstream_infos),
-        )
-    else:
-        names = (i.name[len(drivers_prefix) :] for i in upstream_infos)
-        matrix = driver_matrix(*((names, ()) if drivers_source == "upstream" else ((), names)))
+    names: dict[str, list[str]] = {"upstream": [], "downstream": []}
+    for source, infos in listings:
+        names[source.origin] += (i.name[len(source.prefix) :] for i in infos)
+    matrix = driver_matrix(names["upstream"], names["downstream"])
     support_store.put(root + MATRIX, _json_bytes(matrix), "application/json", POINTER_CACHE_CONTROL)
 
     statuses = [v["status"] for v in report_versions.values()]
@@ -600,9 +598,9 @@ def _build_and_upload(
     work = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=tmp))
     try:
         paths: dict[str, Path] = {}
-        stores = {id(d.store): d.store for d in drivers}.values()
+        stores = {id(d.source.store): d.source.store for d in drivers}.values()
         for n, store in enumerate(stores):
-            names = [d.info.name for d in drivers if d.store is store]
+            names = [d.info.name for d in drivers if d.source.store is store]
             got = store.download_many(names, work / f"from-{n}", workers=workers)
             paths.update({name.rpartition("/")[2]: path for name, path in got.items()})
         zip_name = package_name(version, stamp)
@@ -644,7 +642,7 @@ def _build_and_upload(
         assert entry is not None  # grouped by parse_object_name already
         kind = "bpf_unavailable" if entry.unavailable else entry.key.kind
         counts[kind] += 1
-        counts["downstream"] += d.downstream
+        counts["downstream"] += d.source.origin == "downstream"
     return {
         "format": PACKAGE_FORMAT,
         "driver_version": version,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from drivers.domain.blocklist import Blocklist
+from drivers.domain.dag_ids import CPAAS_DRIVERS, UPSTREAM_DRIVERS
 from drivers.domain.kernels import Kernel
 from drivers.domain.names import KINDS, Kind, check_driver_version
 from drivers.domain.selectors import Selector, SelectorError, parse_selector
@@ -105,7 +106,7 @@ CLAIMS_DEFAULTS: dict[str, Any] = {
 
 
 # When each DAG runs by itself (cron, UTC); "" leaves it to triggers by hand.
-SCHEDULE_DEFAULTS: dict[str, str] = {"upstream_drivers": "0 2 * * *", "cpaas_drivers": "0 0 * * *"}
+SCHEDULE_DEFAULTS: dict[str, str] = {UPSTREAM_DRIVERS: "0 2 * * *", CPAAS_DRIVERS: "0 0 * * *"}
 
 
 class ConfigError(ValueError):

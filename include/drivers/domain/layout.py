@@ -35,6 +35,12 @@ def report_prefix(run_id: str) -> str:
     return f"{REPORTS_PREFIX}{run_id}/"
 
 
+def run_state_object(dag_id: str) -> str:
+    """What the last successful run of ``dag_id`` leaves for the next one (JSON, work
+    bucket): the upstream shrink guard's kernel listing, the CPaaS image digest."""
+    return f"state/{dag_id}/last_success.json"
+
+
 LEDGER_PREFIX = "ledger/"
 IMAGES_PREFIX = "images/"
 # Run-time config in the work bucket (drivers.store.runtime_config): driver versions, blocklist

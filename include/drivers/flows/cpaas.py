@@ -24,13 +24,14 @@ from typing import Any
 from drivers.build import oci
 from drivers.domain import layout
 from drivers.domain.config import Config
+from drivers.domain.dag_ids import CPAAS_DRIVERS
 from drivers.domain.errors import RunInputError
 from drivers.domain.layout import report_prefix
+from drivers.domain.verdict import SUCCESS, Verdict
 from drivers.store.push import Candidate, push_new
 from drivers.store.storage import ObjectNotFound, Stores, read_json, write_json
 
-DAG_ID = "cpaas_drivers"
-STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the digest the last good run took
+STATE_OBJECT = layout.run_state_object(CPAAS_DRIVERS)  # the digest the last good run took
 FIRST_LINES = 20  # of each failure log, in the report
 
 
@@ -44,6 +45,12 @@ def reports(run_id: str) -> str:
 
 def staging(run_id: str) -> str:
     return layout.staging_prefix(layout.cpaas_run(run_id))
+
+
+def mirror_report(run_id: str) -> str:
+    """What mirror_image found (digest, architectures, unchanged): its XCom is the
+    extraction targets only (the mirror pod's too), so the report reads this by name."""
+    return f"{reports(run_id)}mirror.json"
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,10 @@ def mirror_opened(
     stores: Stores, run_id: str, image: oci.Image, params: CpaasParams
 ) -> list[dict[str, str]]:
     for arch in image.architectures():
-        layout.cache_arch(arch)  # an image with an architecture no cache knows is refused
+        try:  # an image with an architecture no cache knows is a bad image
+            layout.cache_arch(arch)
+        except layout.UnknownArchitecture as e:
+            raise oci.ImageError(f"image {image.digest} ({image.source}): {e}") from None
     selected = [a for a in params.architectures if a in image.manifests]
     if not selected:
         raise oci.ImageError(
@@ -115,7 +125,7 @@ def mirror_opened(
     }
     if not doc["unchanged"]:
         doc |= oci.mirror_image(image, stores.work, prefix)
-    write_json(stores.work, f"{reports(run_id)}mirror.json", doc)
+    write_json(stores.work, mirror_report(run_id), doc)
     return _targets(doc)
 
 
@@ -141,7 +151,8 @@ def _ref(value: list[Any]) -> oci.FileRef:
 def extract_drivers(stores: Stores, run_id: str, target: dict[str, str]) -> dict[str, Any]:
     """Read one architecture of the mirrored image (an entry of :func:`mirror_image`'s list): every
     driver hashed and verified, failure logs kept in the report. Writes the
-    architecture's manifest to staging."""
+    architecture's manifest to staging and what it found (rejected drivers, failure
+    logs) to ``extract-<arch>.json`` in the reports."""
     oci_arch = target["oci_arch"]
     with oci.open_mirrored(stores.work, target["image"]) as image:
         result = oci.extract_drivers(image, oci_arch)
@@ -171,8 +182,8 @@ def extract_drivers(stores: Stores, run_id: str, target: dict[str, str]) -> dict
     }
     name = f"{staging(run_id)}{arch}/image.json"
     write_json(stores.work, name, manifest)
-    if result.rejected:
-        write_json(stores.work, f"{reports(run_id)}rejected-{arch}.json", result.rejected)
+    found = {k: manifest[k] for k in ("arch", "digest", "rejected", "ignored", "failures")}
+    report = write_json(stores.work, f"{reports(run_id)}extract-{arch}.json", found)
     return {
         "arch": arch,
         "oci_arch": oci_arch,
@@ -180,20 +191,30 @@ def extract_drivers(stores: Stores, run_id: str, target: dict[str, str]) -> dict
         "drivers": len(result.drivers),
         "rejected": len(result.rejected),
         "failures": sum(1 for f in failures if f["size"]),
+        "report": report,
     }
 
 
-def find_compile_failures(stores: Stores, run_id: str, extracted: list[dict]) -> dict[str, Any]:
-    """The image's non-empty failure logs (empty ones are no failure), in one report."""
+def find_compile_failures(stores: Stores, extracted: list[dict]) -> dict[str, Any]:
+    """The image's non-empty failure logs (empty ones are no failure), from what
+    extract_drivers found in each architecture (its summaries)."""
     failures, empty = [], 0
     for e in extracted:
-        for f in read_json(stores.work, e["manifest"])["failures"]:
+        for f in _read_report(stores, e)["failures"]:
             if f["size"]:
                 failures.append(f)
             else:
                 empty += 1
-    write_json(stores.work, f"{reports(run_id)}failures.json", failures)
     return {"failures": failures, "empty_logs": empty}
+
+
+def _read_report(stores: Stores, summary: dict[str, Any] | None) -> Any:
+    """The report document a step's summary names (None: the step wrote none)."""
+    if not summary or not summary.get("report"):
+        return None
+    return read_json(
+        stores.work, summary["report"].removeprefix(f"gs://{stores.work.bucket_name}/")
+    )
 
 
 def describe_failures(failures: list[dict]) -> str:
@@ -223,7 +244,7 @@ def push_drivers(stores: Stores, run_id: str, extracted: dict, dry_run: bool) ->
     doc = result.to_json() | {"arch": arch, "dry_run": dry_run}
     if dry_run:
         doc["would_create"] = result.new
-    write_json(stores.work, f"{reports(run_id)}push-{arch}.json", doc)
+    report = write_json(stores.work, f"{reports(run_id)}push-{arch}.json", doc)
     return {
         "arch": arch,
         "manifest": extracted["manifest"],
@@ -232,6 +253,7 @@ def push_drivers(stores: Stores, run_id: str, extracted: dict, dry_run: bool) ->
         "different": len(result.different),
         "new": len(result.new),
         "dry_run": dry_run,
+        "report": report,
     }
 
 
@@ -256,7 +278,7 @@ def pull_missing(stores: Stores, run_id: str, pushed: dict) -> dict[str, Any]:
     from_cpaas = sorted(cpaas - image)
     from_upstream = sorted(upstream - image - cpaas)
     doc = {"arch": arch, "from_cpaas": from_cpaas, "from_upstream": from_upstream}
-    write_json(stores.work, f"{reports(run_id)}pull-{arch}.json", doc)
+    report = write_json(stores.work, f"{reports(run_id)}pull-{arch}.json", doc)
     return {
         "arch": arch,
         "versions": versions,
@@ -264,6 +286,7 @@ def pull_missing(stores: Stores, run_id: str, pushed: dict) -> dict[str, Any]:
         "from_upstream": len(from_upstream),
         "package_set": len(image | cpaas | upstream),
         "dry_run": pushed["dry_run"],
+        "report": report,
     }
 
 
@@ -276,8 +299,9 @@ def build_support_packages(
     if pulled["dry_run"]:
         return {"arch": arch, "dry_run": True}
     result = publish_cpaas_packages(stores, arch, pulled["versions"], now or datetime.now(UTC))
-    write_json(stores.work, f"{reports(run_id)}packages-{arch}.json", result)
-    return {"arch": arch} | {k: result[k] for k in ("built", "unchanged", "index", "matrix")}
+    report = write_json(stores.work, f"{reports(run_id)}packages-{arch}.json", result)
+    summary = {k: result[k] for k in ("built", "unchanged", "index", "matrix")}
+    return {"arch": arch} | summary | {"report": report}
 
 
 def publish_cpaas_packages(
@@ -285,69 +309,78 @@ def publish_cpaas_packages(
 ) -> dict[str, Any]:
     """Rebuild the CPaaS support packages of ``arch`` whose driver set changed (also
     after ``drivers withdraw`` removed an upstream driver the x86_64 ones carry)."""
-    from drivers.build.packages import publish_support_packages
+    from drivers.build.packages import DriverSource, publish_support_packages
 
-    root = layout.cpaas_prefix(arch)
-    if _upstream_arch(arch):  # the upstream drivers, overridden by the CPaaS cache's
-        base, sources = stores.drivers, {"downstream_store": stores.cpaas_drivers}
-        sources["downstream_prefix"] = root
-    else:
-        base, sources = stores.cpaas_drivers, {"drivers_prefix": root}
-        sources["drivers_source"] = "downstream"
+    root = layout.cpaas_prefix(arch)  # the CPaaS cache's prefix is its packages' root too
+    sources = [DriverSource(stores.cpaas_drivers, root, "downstream")]
+    if _upstream_arch(arch):  # the upstream drivers too, where the CPaaS cache lacks them
+        sources.append(DriverSource(stores.drivers))
     return publish_support_packages(
-        base, stores.support, versions, timestamp=timestamp, root=root, **sources
+        sources, stores.support, versions, timestamp=timestamp, root=root
     )
 
 
+# The steps mapped per architecture, in the order they run.
+PER_ARCHITECTURE = ("extract_drivers", "push_drivers", "pull_missing", "build_support_packages")
+
+
 def report(
-    stores: Stores, run_id: str, params: CpaasParams, failed_tasks: list[str]
+    stores: Stores,
+    run_id: str,
+    params: CpaasParams,
+    steps: dict[str, Any],
+    failed_tasks: list[str],
 ) -> dict[str, Any]:
-    """The run's verdict (``reports/cpaas/<run_id>/report.json``), from what the steps
-    wrote: failed when the image carries compile failures, a driver failed verification
-    or a task failed, after push and packages did what they could. A successful run
-    records the image's digest (the next run with it is "unchanged")."""
-    prefix = reports(run_id)
-    docs = {
-        info.name[len(prefix) : -len(".json")]: read_json(stores.work, info.name)
-        for info in stores.work.list(prefix, glob=f"{prefix}*.json")
-        if "/" not in info.name[len(prefix) :] and info.name != f"{prefix}report.json"
+    """The run's verdict (:mod:`drivers.domain.verdict`) from every step's summary
+    (``steps``, by task id; a step mapped per architecture gives the list of its
+    architectures' summaries), written to ``reports/cpaas/<run_id>/report.json``:
+    failed when the image carries compile failures, a driver failed verification or a
+    task failed, after push and packages did what they could. A successful run records
+    the image's digest (the next run with it is "unchanged")."""
+    steps = dict(steps)
+    for step in PER_ARCHITECTURE:  # lazy XCom sequences made lists: JSON, read twice
+        steps[step] = [summary for summary in steps.get(step) or () if summary]
+    try:
+        mirror = read_json(stores.work, mirror_report(run_id))
+    except ObjectNotFound:
+        mirror = None  # mirror_image failed
+    by_arch = {
+        step: {summary["arch"]: summary for summary in steps[step]} for step in PER_ARCHITECTURE
     }
-    mirror = docs.get("mirror")
-    failures = docs.get("failures") or []
-    rejected = sum(len(v) for k, v in docs.items() if k.startswith("rejected-"))
-    reasons = []
-    if failed_tasks:
-        reasons.append(f"task(s) failed: {', '.join(sorted(failed_tasks))}")
+    found = {arch: _read_report(stores, e) for arch, e in by_arch["extract_drivers"].items()}
+    failures = [f for doc in found.values() for f in doc["failures"] if f["size"]]
+    rejected = sum(len(doc["rejected"]) for doc in found.values())
+    problems = []
     if failures:
-        reasons.append(f"{len(failures)} compile failure(s) in the drivers image")
+        problems.append(f"{len(failures)} compile failure(s) in the drivers image")
     if rejected:
-        reasons.append(f"{rejected} driver(s) in the image failed verification (not pushed)")
-    if mirror is None and not reasons:
-        reasons.append("no image was mirrored")
-    unchanged = bool(mirror and mirror["unchanged"])
-    status = "failed" if reasons else "unchanged" if unchanged else "success"
-    doc = {
-        "dag_id": DAG_ID,
-        "run_id": run_id,
-        "status": status,
-        "reasons": reasons,
-        "params": params.__dict__,
-        "mirror": mirror,
-        "compile_failures": failures,
-        "architectures": {
-            arch: {
-                step: docs.get(f"{step}-{arch}")
-                for step in ("push", "pull", "packages", "rejected")
-            }
-            for arch in sorted({k.split("-", 1)[1] for k in docs if "-" in k})
-        },
-        "finished": datetime.now(UTC).isoformat(),
+        problems.append(f"{rejected} driver(s) in the image failed verification (not pushed)")
+    if mirror is None and not failed_tasks and not problems:
+        problems.append("no image was mirrored")
+    verdict = Verdict.judge(failed_tasks, problems, unchanged=bool(mirror and mirror["unchanged"]))
+    architectures = {
+        arch: {
+            "push": _read_report(stores, by_arch["push_drivers"].get(arch)),
+            "pull": _read_report(stores, by_arch["pull_missing"].get(arch)),
+            "packages": _read_report(stores, by_arch["build_support_packages"].get(arch)),
+            "rejected": found[arch]["rejected"] or None,
+        }
+        for arch in sorted(found)
     }
-    uri = write_json(stores.work, f"{prefix}report.json", doc)
-    if status == "success" and not params.dry_run:
+    doc = verdict.document(
+        run_id,
+        params.__dict__,
+        steps,
+        dag_id=CPAAS_DRIVERS,
+        mirror=mirror,
+        compile_failures=failures,
+        architectures=architectures,
+    )
+    uri = write_json(stores.work, f"{reports(run_id)}report.json", doc)
+    if verdict.status == SUCCESS and not params.dry_run:
         state = {"run_id": run_id, "digest": mirror["digest"]}
         write_json(stores.work, STATE_OBJECT, state | {"architectures": mirror["architectures"]})
-    return {"status": status, "reasons": reasons, "report": uri}
+    return verdict.to_json(uri)
 
 
 def cleanup_staging(stores: Stores, run_id: str) -> int:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from drivers.domain import layout
 from drivers.domain.config import VM_TEST_MODES, Config
+from drivers.domain.dag_ids import UPSTREAM_DRIVERS
 from drivers.domain.errors import RunInputError
 from drivers.domain.kernels import Kernel
 from drivers.domain.layout import report_prefix
@@ -30,6 +31,7 @@ from drivers.domain.names import (
 from drivers.domain.planner import plan
 from drivers.domain.planview import plan_view
 from drivers.domain.selectors import parse_selector
+from drivers.domain.verdict import SUCCESS, Verdict
 from drivers.store import claims, ledger
 from drivers.store.storage import ObjectNotFound, ObjectStore, Stores, read_json, write_json
 
@@ -38,8 +40,9 @@ if TYPE_CHECKING:
 
     from drivers.store.runtime_config import RuntimeConfig
 
-DAG_ID = "upstream_drivers"
-STATE_OBJECT = f"state/{DAG_ID}/last_success.json"  # the shrink guard's reference
+# The shrink guard's reference: the nightly's and the backfill's (both list the whole
+# bundle bucket), so either's success moves it.
+STATE_OBJECT = layout.run_state_object(UPSTREAM_DRIVERS)
 
 
 class ShrinkGuardError(RuntimeError):
@@ -499,10 +502,10 @@ def update_support_packages(
     stores: Stores, versions: list[str], now: datetime | None = None
 ) -> dict[str, Any]:
     """Rebuild the support packages of the versions whose driver set changed."""
-    from drivers.build.packages import publish_support_packages
+    from drivers.build.packages import DriverSource, publish_support_packages
 
     return publish_support_packages(
-        stores.drivers, stores.support, versions, timestamp=now or datetime.now(UTC)
+        [DriverSource(stores.drivers)], stores.support, versions, timestamp=now or datetime.now(UTC)
     )
 
 
@@ -510,19 +513,19 @@ def report(
     stores: Stores,
     run_id: str,
     params: RunParams,
-    pre: dict[str, Any] | None,
     steps: dict[str, Any],
     failed_tasks: list[str],
 ) -> dict[str, Any]:
-    """The run's verdict, written to ``reports/<run_id>/report.json``. Never green while
-    wrong: an infrastructure failure, a failed task or more compile failures than
-    ``max_failures`` fail the run (after everything that succeeded was published)."""
+    """The run's verdict (:mod:`drivers.domain.verdict`) from every step's summary
+    (``steps``, by task id: None for a step that did not finish), written to
+    ``reports/<run_id>/report.json``. Never green while wrong: an infrastructure failure,
+    a failed task or more compile failures than ``max_failures`` fail the run (after
+    everything that succeeded was published). A successful run's bundle listing becomes
+    the shrink guard's reference."""
     build = steps.get("unify") or {}
-    reasons = []
-    if failed_tasks:
-        reasons.append(f"task(s) failed: {', '.join(sorted(failed_tasks))}")
+    problems = []
     if build.get("infra_failures"):
-        reasons.append(f"{build['infra_failures']} infrastructure failure(s) in builders")
+        problems.append(f"{build['infra_failures']} infrastructure failure(s) in builders")
     vm = steps.get("integration_tests") or {}
     enforced = vm.get("mode") == "enforce"
     refused = vm.get("refused", 0) if enforced else 0  # warn: reported, published anyway
@@ -530,7 +533,7 @@ def report(
         what = f"{build.get('compile_failures', 0)} compile failure(s)"
         if refused:
             what += f" + {refused} driver(s) their kernel refused (not published)"
-        reasons.append(f"{what} > max_failures={params.max_failures}")
+        problems.append(f"{what} > max_failures={params.max_failures}")
     warnings = []
     tolerated = build.get("compile_failures", 0) + refused
     if tolerated and tolerated <= params.max_failures:
@@ -540,32 +543,28 @@ def report(
             f"{vm['refused']} driver(s) their kernel refused were published (vm_tests={vm['mode']})"
         )
     if enforced and vm.get("boot_failed"):
-        reasons.append(
+        problems.append(
             f"{vm['boot_failed']} driver(s) held back: their VM did not boot (infrastructure; "
             "the next run builds and tests them again)"
         )
     if (steps.get("verify_drivers") or {}).get("rejected"):
-        reasons.append(
+        problems.append(
             f"{steps['verify_drivers']['rejected']} staged driver(s) failed verification"
         )
-    status = "failed" if reasons else "success"
-    doc = {
-        "run_id": run_id,
-        "status": status,
-        "reasons": reasons,
-        "warnings": warnings,
-        "params": params.__dict__,
-        "plan": pre,
-        "steps": steps,
-        "finished": datetime.now(UTC).isoformat(),
-        "buckets": stores.buckets.__dict__,
-    }
+    verdict = Verdict.judge(failed_tasks, problems, warnings)
+    pre = steps.get("pre_build")
+    doc = verdict.document(
+        run_id,
+        params.__dict__,
+        {step: summary for step, summary in steps.items() if step != "pre_build"},
+        plan=pre,  # pre_build's summary, under the key the readers know
+        buckets=stores.buckets.__dict__,
+    )
     uri = write_json(stores.work, f"{report_prefix(run_id)}report.json", doc)
-    if status == "success" and pre and not params.dry_run:
-        # The listing of a successful run becomes the shrink guard's new reference.
+    if verdict.status == SUCCESS and pre and not params.dry_run:
         kernels = read_json(stores.work, f"{report_prefix(run_id)}kernels.json")
         write_json(stores.work, STATE_OBJECT, {"run_id": run_id, "kernels": kernels})
-    return {"status": status, "reasons": reasons, "warnings": warnings, "report": uri}
+    return verdict.to_json(uri)
 
 
 def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:

@@ -233,6 +233,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_run_dag(args: argparse.Namespace) -> int:
     """One real run of a DAG on the embedded default (LocalExecutor, parallel tasks)."""
+    from drivers.domain import dag_ids
     from drivers.ops import report
     from drivers.ops.embedded import EmbeddedAirflow
 
@@ -244,9 +245,9 @@ def cmd_run_dag(args: argparse.Namespace) -> int:
         status = airflow.dags_test(args.dag_id, conf, log=log)
     print(f"{args.dag_id}: {'success' if status == 0 else 'FAILED'}", file=sys.stderr)
     printer = {
-        "upstream_drivers": report.print_report,
-        "backfill_drivers": report.print_report,
-        "cpaas_drivers": report.print_cpaas_report,
+        dag_ids.UPSTREAM_DRIVERS: report.print_report,
+        dag_ids.BACKFILL_DRIVERS: report.print_report,
+        dag_ids.CPAAS_DRIVERS: report.print_cpaas_report,
     }
     if args.dag_id in printer and printer[args.dag_id](since=started) == 1 and status == 0:
         status = 1

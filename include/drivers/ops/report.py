@@ -1,4 +1,5 @@
-"""Human summary of an upstream_drivers run, read from its report in the work bucket."""
+"""Human summary of a run (upstream_drivers, backfill_drivers, cpaas_drivers), read from
+its report in the work bucket."""
 
 from __future__ import annotations
 
@@ -28,26 +29,30 @@ def newest_run_id(
     return newest.name.removeprefix(prefix).removesuffix("/report.json")
 
 
-def _load(reports: str, run_id: str | None, since: datetime | None, out):
+class NoRunReport(LookupError):
+    """No run has a report where one was looked for."""
+
+
+def _load(reports: str, run_id: str | None, since: datetime | None):
     """(buckets, work store, run id, report) of a run reported under ``reports`` (default:
-    the newest, or the newest since ``since``); None, having said so, when there is none."""
+    the newest, or the newest since ``since``); raises NoRunReport when there is none."""
     buckets = Buckets.from_env()
     work = storage.ObjectStore(storage.client_from_environment(), buckets.work)
     run_id = run_id or newest_run_id(work, since, reports)
     if run_id is None:
         when = f" since {since:%H:%M:%S}" if since else ""
-        print(f"no run report in gs://{buckets.work}/{reports}{when}", file=out)
-        return None
+        raise NoRunReport(f"no run report in gs://{buckets.work}/{reports}{when}")
     return buckets, work, run_id, json.loads(work.download(f"{reports}{run_id}/report.json"))
 
 
 def print_report(run_id: str | None = None, since: datetime | None = None, out=sys.stdout) -> int:
     """Print a run's summary (default: the newest run, or the newest since ``since``);
     returns 0 when that run succeeded."""
-    found = _load(REPORTS_PREFIX, run_id, since, out)
-    if found is None:
+    try:
+        buckets, work, run_id, doc = _load(REPORTS_PREFIX, run_id, since)
+    except NoRunReport as e:
+        print(e, file=out)
         return 1
-    buckets, work, run_id, doc = found
     prefix = report_prefix(run_id)
     plan = doc.get("plan") or {}
     summary = plan.get("summary", {})
@@ -138,10 +143,11 @@ def print_cpaas_report(
     architecture, and the compile failures found; returns 0 unless the run failed."""
     from drivers.flows import cpaas
 
-    found = _load(cpaas.REPORTS, run_id, since, out)
-    if found is None:
+    try:
+        buckets, _, run_id, doc = _load(cpaas.REPORTS, run_id, since)
+    except NoRunReport as e:
+        print(e, file=out)
         return 1
-    buckets, _, run_id, doc = found
     mirror = doc.get("mirror") or {}
     dry = " (dry run: nothing published)" if doc["params"]["dry_run"] else ""
     print(f"cpaas run {run_id}: {doc['status'].upper()}{dry}", file=out)
