@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from drivers.build.builder import toolchain_versions
 from drivers.domain import layout
 from drivers.domain.config import load_config
+from drivers.domain.decision import quarantined
 from drivers.domain.kernels import parse_kernel
 from drivers.domain.layout import report_prefix
 from drivers.domain.names import DriverKey
@@ -73,7 +75,7 @@ def fake_run(stores, config, run_id, failing=(), params=None):
             "failure": "compile" if failed else None,
             "message": "error: this does not compile" if failed else "",
             "sha256": None if failed else "ab" * 32,
-            "env": pipeline.builder_environment(config, builder),
+            "env": ledger.builder_environment(config, builder, toolchain_versions),
             "sources": stores.sources.info(layout.source_object(version)).md5,
             "bundle": stores.bundles.info(layout.bundle_object(kernel)).md5,
         }
@@ -149,12 +151,12 @@ def test_infrastructure_failures_are_never_quarantined(world):
     key, fp = (NEW, "2.3.0", "mod"), "img|sources:a|bundle:b"
     for n in range(5):
         coverage.apply(ledger.record(key, "infra_failed", f"r{n}", fingerprint=fp))
-    assert ledger.quarantined(coverage.entry(NEW, "mod"), fp, 2) is None
+    assert quarantined(coverage.entry(NEW, "mod"), fp, 2) is None
     coverage.apply(ledger.record(key, "failed", "r5", fingerprint=fp, failure="compile"))
     coverage.apply(ledger.record(key, "infra_failed", "r6", fingerprint=fp))  # in between
     coverage.apply(ledger.record(key, "failed", "r7", fingerprint=fp, failure="compile"))
-    assert ledger.quarantined(coverage.entry(NEW, "mod"), fp, 2) is not None
-    assert ledger.quarantined(coverage.entry(NEW, "mod"), "img2|sources:a|bundle:b", 2) is None
+    assert quarantined(coverage.entry(NEW, "mod"), fp, 2) is not None
+    assert quarantined(coverage.entry(NEW, "mod"), "img2|sources:a|bundle:b", 2) is None
 
 
 def test_an_index_written_meanwhile_is_read_again_not_overwritten(world):
