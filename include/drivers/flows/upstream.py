@@ -241,7 +241,11 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
 
 
 def _changed(entry: dict[str, Any] | None, status: str, reason: str) -> bool:
-    return entry is None or entry["status"] != status or entry.get("reason") != reason
+    if entry is None:
+        return True
+    if entry["status"] == "withdrawn" and status == "quarantined":
+        return False  # held because withdrawn: it stays so (no failures to hold it by)
+    return entry["status"] != status or entry.get("reason") != reason
 
 
 def unify(stores: Stores, run_id: str, expected_shards: dict[str, list[str]]) -> dict[str, Any]:
