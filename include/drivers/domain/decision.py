@@ -61,7 +61,7 @@ class Ledger(Protocol):
         """The inputs (builder environment, sources, bundle) it would be built from now."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Known:
     """What a run knows beyond the task itself; the same for all its candidates."""
 
@@ -81,11 +81,12 @@ def decide(task: Task, builder: str | None, done: bool, known: Known) -> Decisio
         return _DONE
     if known.claimed and (holder := known.claimed.get(task)) is not None:
         return Decision(CLAIMED, holder)
-    rule = known.blocklist.match(*task)
+    kernel, version, kind = task
+    rule = known.blocklist.match(kernel, version, kind)
     if rule is not None:
         return Decision(BLOCKED, f"{rule.where}: {rule.text}", rule)
     if builder is None:
-        return Decision(UNROUTABLE, f"no route takes {task[2]}")
+        return Decision(UNROUTABLE, f"no route takes {kind}")
     if known.only_builders is not None and builder not in known.only_builders:
         return _EXCLUDED
     if known.ledger is None:
@@ -100,7 +101,7 @@ def decide(task: Task, builder: str | None, done: bool, known: Known) -> Decisio
     why = quarantined(entry, now, known.quarantine_after)
     if why is not None:
         release = known.quarantine_release
-        lifted = release.match(*task) if release is not None else None
+        lifted = release.match(kernel, version, kind) if release is not None else None
         if lifted is None:
             return Decision(QUARANTINED, why)
         return Decision(BUILD, f"released by {lifted.where} (held: {why})")
