@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from drivers.build.builder import toolchain_versions
 from drivers.domain import layout
 from drivers.domain.config import load_config
 from drivers.domain.layout import Buckets
@@ -204,6 +205,17 @@ def seed(stores: Stores) -> Seeded:
     infrastructure failure, pending kernels, a kernel whose bundle is gone."""
     work = stores.work
     logs = {}
+    for kernel in ARRIVED:
+        stores.bundles.put(layout.bundle_object(kernel), b"bundle")
+    # A failure's inputs as a run records them: what the quarantine (planner and why) holds
+    # against the inputs of now.
+    now = ledger.Standing(
+        {},
+        load_config(),
+        ledger.source_hashes(stores.sources),
+        {k: stores.bundles.info(layout.bundle_object(k)).md5 for k in ARRIVED},
+        toolchain_versions,
+    )
 
     def log(run_id: str, name: str, text: str) -> str:
         object_name = f"reports/{run_id}/logs/{name}.log"
@@ -234,7 +246,7 @@ def seed(stores: Stores) -> Seeded:
             builder="rhel8",
             failure="compile",
             reason=f"compile: {text}",
-            fingerprint=ledger.fingerprint("rhel8:0.1.0", "sources-1", "bundle-1"),
+            fingerprint=now.fingerprint((kernel, version, "mod"), "rhel8"),
             log=log(run_id, f"{kernel}-{version}-mod", f"make[1]: ...\n{text}\n"),
         )
 
@@ -281,8 +293,6 @@ def seed(stores: Stores) -> Seeded:
         ],
     )
     ledger.apply_run(work, "cpaas-1", [], in_cache={V1: {(AWS, "bpf"): False}})
-    for kernel in ARRIVED:
-        stores.bundles.put(layout.bundle_object(kernel), b"bundle")
     ledger.write_kernels(work, {k: _iso(t) for k, t in ARRIVED.items()})
     return Seeded(stores, logs)
 

@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from drivers.build.builder import toolchain_versions
 from drivers.domain import layout
 from drivers.domain.config import load_config
+from drivers.domain.decision import quarantined
 from drivers.domain.kernels import parse_kernel
 from drivers.domain.layout import report_prefix
 from drivers.domain.names import DriverKey
@@ -73,7 +75,7 @@ def fake_run(stores, config, run_id, failing=(), params=None):
             "failure": "compile" if failed else None,
             "message": "error: this does not compile" if failed else "",
             "sha256": None if failed else "ab" * 32,
-            "env": pipeline.builder_environment(config, builder),
+            "env": ledger.builder_environment(config, builder, toolchain_versions),
             "sources": stores.sources.info(layout.source_object(version)).md5,
             "bundle": stores.bundles.info(layout.bundle_object(kernel)).md5,
         }
@@ -149,12 +151,12 @@ def test_infrastructure_failures_are_never_quarantined(world):
     key, fp = (NEW, "2.3.0", "mod"), "img|sources:a|bundle:b"
     for n in range(5):
         coverage.apply(ledger.record(key, "infra_failed", f"r{n}", fingerprint=fp))
-    assert ledger.quarantined(coverage.entry(NEW, "mod"), fp, 2) is None
+    assert quarantined(coverage.entry(NEW, "mod"), fp, 2) is None
     coverage.apply(ledger.record(key, "failed", "r5", fingerprint=fp, failure="compile"))
     coverage.apply(ledger.record(key, "infra_failed", "r6", fingerprint=fp))  # in between
     coverage.apply(ledger.record(key, "failed", "r7", fingerprint=fp, failure="compile"))
-    assert ledger.quarantined(coverage.entry(NEW, "mod"), fp, 2) is not None
-    assert ledger.quarantined(coverage.entry(NEW, "mod"), "img2|sources:a|bundle:b", 2) is None
+    assert quarantined(coverage.entry(NEW, "mod"), fp, 2) is not None
+    assert quarantined(coverage.entry(NEW, "mod"), "img2|sources:a|bundle:b", 2) is None
 
 
 def test_an_index_written_meanwhile_is_read_again_not_overwritten(world):
@@ -287,3 +289,98 @@ def test_withdraw_repackages_in_the_next_second_when_this_one_is_taken():
 
     assert _repackage(publish) == {"built": ["2.3.0"]}
     assert int(stamps[1].timestamp()) > int(stamps[0].timestamp())
+
+
+# --- the planner and `drivers why` decide alike (drivers.domain.decision) ------------------
+
+
+def planned(stores, config, key):
+    """What a dry run's plan decides for ``key``: "build", "quarantined" or None."""
+    params = pipeline.RunParams.from_params({"dry_run": True}, config)
+    pre = pipeline.pre_build(stores, config, "dry", params)
+    doc = json.loads(stores.work.download(pre["plan"].split("/", 3)[3]))
+    if list(key) in (task for shard in doc["shards"] for task in shard["tasks"]):
+        return "build"
+    if list(key) in (q["task"] for q in doc["quarantined"]):
+        return "quarantined"
+    return None
+
+
+def asked(stores, config, key):
+    return why.explain(stores, config, key.kernel, (key.driver_version,), (key.kind,)).answers[0]
+
+
+def quarantine(stores, config, kernel, kind):
+    """Two failures (quarantine_after = 2), then a run that holds it."""
+    fake_run(stores, config, "run1", failing={(kernel, kind)})
+    fake_run(stores, config, "run2", failing={(kernel, kind)})
+    pre, _ = fake_run(stores, config, "run3")
+    assert pre["summary"]["quarantined"] == 1
+    assert entry(stores, kernel, kind)["status"] == "quarantined"
+
+
+def test_why_and_the_plan_both_hold_a_quarantine_until_a_release_line_names_it(world):
+    stores, config = world
+    key = DriverKey(NEW, "2.3.0", "bpf")
+    quarantine(stores, config, NEW, "bpf")
+    answer = asked(stores, config, key)
+    assert (answer.status, answer.decision) == ("quarantined", "quarantined")
+    assert planned(stores, config, key) == "quarantined"
+    stores.work.put("config/quarantine-release", f"{NEW} 2.3.0 bpf\n".encode())
+    answer = asked(stores, config, key)
+    assert (answer.status, answer.decision) == ("pending", "build")
+    assert (
+        f"released by gs://{stores.work.bucket_name}/config/quarantine-release:1"
+        in (answer.details[0])
+    )
+    assert planned(stores, config, key) == "build"
+    stores.work.put("config/quarantine-release", b"")
+    assert asked(stores, config, key).decision == planned(stores, config, key) == "quarantined"
+
+
+@pytest.mark.parametrize("change", ["sources", "bundle", "toolchain"])
+def test_why_stops_saying_quarantined_when_the_inputs_change_as_the_plan_rebuilds_it(
+    world, capsys, monkeypatch, change
+):
+    stores, config = world
+    key = DriverKey(NEW, "2.3.0", "bpf")
+    quarantine(stores, config, NEW, "bpf")
+    if change == "sources":  # fixed driver sources: a new object for the version
+        stores.sources.put(layout.source_object("2.3.0"), b"sources, second cut")
+    elif change == "bundle":  # the kernel's bundle rebuilt
+        stores.bundles.put(layout.bundle_object(NEW), b"bundle, rebuilt")
+    else:  # a new compiler on the local runtime's builder (this worker)
+        from drivers.build import builder
+
+        toolchain = builder.toolchain_versions() | {"gcc": "gcc (GCC) 99.1.0"}
+        monkeypatch.setattr(builder, "toolchain_versions", lambda: toolchain)
+    answer = asked(stores, config, key)
+    assert (answer.status, answer.decision) == ("pending", "build")
+    assert "was held (2 failures in a row (compile)" in answer.details[0]
+    assert "changed since" in answer.details[0]
+    assert planned(stores, config, key) == "build"
+    assert cli.main(["why", NEW, "--driver-version", "2.3.0", "--kind", "bpf", "--json"]) == 1
+    (answered,) = json.loads(capsys.readouterr().out)["answers"]
+    assert (answered["status"], answered["decision"]) == ("pending", "build")
+    # and the run that rebuilds it publishes it
+    pre, recorded = fake_run(stores, config, "run4")
+    assert pre["summary"]["to_build"] == 1 and recorded["statuses"]["published"] == 1
+    assert asked(stores, config, key).status == "published"
+
+
+def test_a_withdrawn_driver_stays_held_run_after_run_until_its_inputs_change(world):
+    stores, config = world
+    fake_run(stores, config, "run1")
+    key = DriverKey(OLD, "2.3.0", "mod")
+    withdraw(stores, config, key, "panics on boot", "alice")
+    for run_id in ("run2", "run3"):  # the second run too: holding it is no change of state
+        pre, recorded = fake_run(stores, config, run_id)
+        assert pre["summary"]["quarantined"] == 1 and pre["summary"]["to_build"] == 0
+        assert "quarantined" not in recorded["statuses"]
+        answer = asked(stores, config, key)
+        assert (answer.status, answer.decision) == ("withdrawn", "quarantined")
+    stores.bundles.put(layout.bundle_object(OLD), b"bundle, rebuilt")
+    answer = asked(stores, config, key)
+    assert (answer.status, answer.decision) == ("pending", "build")
+    assert "was held (withdrawn " in answer.details[0]
+    assert planned(stores, config, key) == "build"

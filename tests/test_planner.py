@@ -3,9 +3,11 @@ from collections import Counter
 
 import pytest
 
+from drivers.domain.blocklist import Blocklist, parse_rules
 from drivers.domain.config import load_config
+from drivers.domain.decision import Known, decide
 from drivers.domain.kernels import parse_kernel
-from drivers.domain.names import CacheIndex, DriverKey
+from drivers.domain.names import KINDS, CacheIndex, DriverKey
 from drivers.domain.planner import KernelGroup, balance, makespan, plan
 from scenarios import BLOCKLISTS, SUPPORTED_2022, fully_built_cache, real_kernels
 
@@ -29,26 +31,14 @@ def test_full_build_routes_the_real_list_exactly_as_the_original(kernels, config
     p = plan(kernels, ["2.3.0"], ("mod", "bpf"), set(), config)
     counts = ("mod", "bpf", "kernels", "shards")
     summary = {b: {k: s[k] for k in counts} for b, s in p.builder_summary(config.builders).items()}
+    # The 90 slots shared by work (kernels x bundle fetch 15 s + mods x 45 s + probes x 60 s):
+    # rhel7 41.8, rhel8 29.5, fc36 18.7 -> 42, 29, 19 (largest remainder).
     assert summary == {
-        "rhel7": {
-            "mod": 333,
-            "bpf": 4294,
-            "kernels": 4294,
-            "shards": p.builder_summary(config.builders)["rhel7"]["shards"],
-        },
-        "rhel8": {
-            "mod": 3961,
-            "bpf": 0,
-            "kernels": 3961,
-            "shards": p.builder_summary(config.builders)["rhel8"]["shards"],
-        },
-        "fc36": {
-            "mod": 1259,
-            "bpf": 1259,
-            "kernels": 1259,
-            "shards": p.builder_summary(config.builders)["fc36"]["shards"],
-        },
+        "rhel7": {"mod": 333, "bpf": 4294, "kernels": 4294, "shards": 42},
+        "rhel8": {"mod": 3961, "bpf": 0, "kernels": 3961, "shards": 29},
+        "fc36": {"mod": 1259, "bpf": 1259, "kernels": 1259, "shards": 19},
     }
+    assert len(p.shards) == config.slots == 90
     assert p.unroutable == 123 + 123 and len(p.unroutable_kernels) == 123
     assert all(k.startswith("2.6.") for k in p.unroutable_kernels)
     assert p.candidates == len(kernels) * 2 and p.done == 0 and p.blocked == 0
@@ -155,3 +145,91 @@ def test_shards_never_exceed_1024():
 def test_makespan_is_list_scheduling_with_a_startup_per_shard():
     assert makespan([100, 100, 100], slots=2, startup=10) == 220
     assert makespan([50], slots=4, startup=10) == 60
+
+
+class Ledger:
+    """A drivers.domain.decision.Ledger over plain dicts: entries, and the one
+    fingerprint every task would be built from now."""
+
+    def __init__(self, entries, now):
+        self.entries, self.now = entries, now
+
+    def entry(self, task):
+        return self.entries.get(tuple(task))
+
+    def fingerprint(self, task, builder):
+        return self.now
+
+
+def failed_twice(fingerprint):
+    return {
+        "status": "failed",
+        "failures": 2,
+        "last_failure": "compile",
+        "fingerprint": fingerprint,
+    }
+
+
+def test_decide_takes_the_first_that_applies_in_the_documented_order():
+    task = ("5.10.0-20-amd64", "2.3.0", "mod")
+    blocklist = Blocklist(parse_rules(["5.10.0-20-amd64 2.3.0 mod"], "BLOCKLIST"))
+    release = Blocklist(parse_rules(["5.10.0-20-amd64 * *"], "gs://work/config/quarantine-release"))
+    everything = Known(
+        blocklist=blocklist,
+        force=True,
+        only_builders={"rhel8"},
+        claimed={task: "scheduled__nightly"},
+        ledger=Ledger({task: failed_twice("img|a|b")}, "img|a|b"),
+        quarantine_after=2,
+    )
+    # each step lifts what decided the one before
+    steps = [
+        ({"force": False}, None, "done", ""),
+        ({"force": True}, None, "claimed", "scheduled__nightly"),
+        ({"claimed": None}, None, "blocked", "BLOCKLIST:1: 5.10.0-20-amd64 2.3.0 mod"),
+        ({"blocklist": Blocklist([])}, None, "unroutable", "no route takes mod"),
+        ({}, "fc36", "excluded", ""),
+        ({"only_builders": None}, "fc36", "quarantined", "2 failures in a row (compile)"),
+        ({"quarantine_release": release}, "fc36", "build", "released by gs://work/config/"),
+        (
+            {"ledger": Ledger({task: failed_twice("img|a|b")}, "img|a|c")},
+            "fc36",
+            "build",
+            "was held",
+        ),
+        ({"quarantine_release": None}, "fc36", "build", "was held (2 failures"),
+    ]
+    known = everything
+    for change, builder, status, reason in steps:
+        known = dataclasses.replace(known, **change)
+        decision = decide(task, builder, True, known)
+        assert decision.status == status and decision.reason.startswith(reason), (change, decision)
+    assert decide(task, None, False, Known(Blocklist([]))).status == "unroutable"
+
+
+def test_a_quarantine_holds_only_with_the_inputs_of_its_failures(config):
+    kernels = [parse_kernel("5.10.0-20-amd64")]
+    failing = DriverKey("5.10.0-20-amd64", "2.3.0", "bpf")
+    entries = {failing: failed_twice("img|sources:a|bundle:b")}
+
+    def planned(now="img|sources:a|bundle:b", quarantine_after=2, release=None):
+        return plan(
+            kernels,
+            ["2.3.0"],
+            KINDS,
+            set(),
+            dataclasses.replace(config, quarantine_after=quarantine_after),
+            ledger=Ledger(entries, now),
+            quarantine_release=release,
+        )
+
+    held = planned()
+    assert held.quarantined == 1 and held.to_build == 1
+    ((key, status, why),) = held.decisions
+    assert (key, status) == (failing, "quarantined")
+    assert why.startswith("2 failures in a row (compile) with the same")
+    changed = planned(now="img|sources:c|bundle:b")
+    assert changed.quarantined == 0 and changed.to_build == 2 and changed.decisions == []
+    release = Blocklist(parse_rules(["5.10.0-20-amd64 2.3.0 bpf"], "quarantine-release"))
+    assert planned(release=release).to_build == 2
+    assert planned(quarantine_after=3).to_build == 2

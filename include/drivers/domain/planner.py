@@ -1,7 +1,8 @@
 """The planner: which drivers to build, and how to split them into builder shards.
 
 candidates (kernels x driver versions x kinds) - done - claimed (by another run in flight)
-- blocked - unroutable = tasks.
+- blocked - unroutable - excluded - quarantined = tasks, each candidate decided by
+:func:`drivers.domain.decision.decide` (what ``drivers why`` explains too).
 
 A shard is what one builder pod runs. Inside a builder, tasks are grouped by kernel so
 each bundle is fetched once per shard; kernel groups are never split. Shard counts are
@@ -13,11 +14,22 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from drivers.domain.blocklist import Blocklist
 from drivers.domain.config import MAX_SHARDS, Config
+from drivers.domain.decision import (
+    BLOCKED,
+    BUILD,
+    CLAIMED,
+    DONE,
+    EXCLUDED,
+    UNROUTABLE,
+    Known,
+    Ledger,
+    decide,
+)
 from drivers.domain.kernels import Kernel
 from drivers.domain.names import DriverKey, Kind
 
@@ -140,17 +152,28 @@ def plan(
     slots: int | None = None,
     only_builders: set[str] | None = None,
     blocklist: Blocklist | None = None,
-    held: Callable[[DriverKey, str], str | None] | None = None,
+    ledger: Ledger | None = None,
+    quarantine_release: Blocklist | None = None,
     claimed: Mapping[tuple[str, str, str], str] | None = None,
 ) -> Plan:
-    """Decide every candidate driver, then balance the tasks into shards.
+    """Decide every candidate driver (:func:`drivers.domain.decision.decide`), then
+    balance the tasks into shards.
 
-    ``blocklist`` replaces the config's (the run-time one); ``held(task, builder)`` says
-    why a routed task is quarantined, or None; ``claimed`` maps the tasks other runs in
-    flight planned to the run holding each (:mod:`drivers.store.claims`): they are left out."""
+    ``blocklist`` replaces the config's (the run-time one); ``ledger`` is what the ledger
+    knows of each task and what it would be built from now (for the quarantine, which
+    ``quarantine_release`` lines lift); ``claimed`` maps the tasks other runs in flight
+    planned to the run holding each (:mod:`drivers.store.claims`): they are left out."""
     slots = slots or config.slots
     result = Plan(slots=slots, shard_startup=config.costs.shard_startup)
-    blocklist = blocklist or config.blocklist
+    known = Known(
+        blocklist=blocklist or config.blocklist,
+        force=force,
+        only_builders=only_builders,
+        claimed=claimed,
+        ledger=ledger,
+        quarantine_after=config.quarantine_after,
+        quarantine_release=quarantine_release,
+    )
     groups: dict[str, dict[str, KernelGroup]] = defaultdict(dict)
     unroutable_kernels = set()
     kernels = sorted(kernels, key=lambda k: k.key)
@@ -160,38 +183,37 @@ def plan(
             builder = config.route(kernel, kind)
             for version in driver_versions:
                 result.candidates += 1
-                is_done = (release, version, kind) in done  # a DriverKey equals its tuple
-                if is_done and not force:
+                task = (release, version, kind)
+                is_done = task in done
+                decision = decide(task, builder, is_done, known)
+                status = decision.status
+                if status == DONE:
                     result.done += 1
                     continue
-                # Another run in flight planned it (drivers.store.claims): never build it twice,
-                # not even forced.
-                if claimed and (holder := claimed.get((release, version, kind))) is not None:
+                if status == CLAIMED:
                     result.claimed += 1
-                    result.claimed_by[holder] += 1
+                    result.claimed_by[decision.reason] += 1
                     continue
                 if is_done:
                     result.forced += 1
-                key = DriverKey(release, version, kind)
-                rule = blocklist.match(release, version, kind)
-                if rule is not None:
-                    result.blocked += 1
-                    result.blocked_by[rule.where] += 1
-                    result.decisions.append((key, "blocked", f"{rule.where}: {rule.text}"))
-                elif builder is None:
-                    result.unroutable += 1
-                    unroutable_kernels.add(release)
-                    result.decisions.append((key, "unroutable", f"no route takes {kind}"))
-                elif only_builders is not None and builder not in only_builders:
-                    result.excluded += 1
-                elif held is not None and (why := held(key, builder)) is not None:
-                    result.quarantined += 1
-                    result.decisions.append((key, "quarantined", why))
-                else:
+                if status == BUILD:
                     group = groups[builder].get(release)
                     if group is None:
                         group = groups[builder][release] = KernelGroup(kernel, [])
-                    group.tasks.append(key)
+                    group.tasks.append(DriverKey(release, version, kind))
+                elif status == EXCLUDED:
+                    result.excluded += 1
+                else:
+                    key = DriverKey(release, version, kind)
+                    result.decisions.append((key, status, decision.reason))
+                    if status == BLOCKED:
+                        result.blocked += 1
+                        result.blocked_by[decision.rule.where] += 1
+                    elif status == UNROUTABLE:
+                        result.unroutable += 1
+                        unroutable_kernels.add(release)
+                    else:
+                        result.quarantined += 1
     result.unroutable_kernels = [k.release for k in kernels if k.release in unroutable_kernels]
 
     fetch = config.costs.bundle_fetch

@@ -23,7 +23,6 @@ from drivers.domain.layout import report_prefix
 from drivers.domain.names import (
     KINDS,
     CacheIndex,
-    DriverKey,
     check_driver_version,
     check_kinds,
     parse_object_name,
@@ -36,8 +35,6 @@ from drivers.store import claims, ledger
 from drivers.store.storage import ObjectNotFound, ObjectStore, Stores, read_json, write_json
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from drivers.store.runtime_config import RuntimeConfig
 
 # The shrink guard's reference: the nightly's and the backfill's (both list the whole
@@ -153,50 +150,9 @@ def run_versions(params: RunParams, runtime: RuntimeConfig) -> tuple[str, ...]:
     return versions
 
 
-def builder_environment(config: Config, builder: str) -> str:
-    """What a builder builds with now: its image, or on the local runtime this worker's
-    toolchain (the builder runs here too)."""
-    if config.runtime == "local":
-        from drivers.build.builder import toolchain_versions
-
-        return ledger.environment(None, toolchain_versions())
-    return ledger.environment(config.builders[builder].image, None)
-
-
-def quarantine(
-    stores: Stores,
-    config: Config,
-    runtime: RuntimeConfig,
-    versions: tuple[str, ...],
-    bundles: dict[str, str | None],
-) -> tuple[Callable[[DriverKey, str], str | None], dict[str, ledger.Coverage]]:
-    """The planner's ``held``: why a task stays quarantined (or withdrawn), given what it
-    would be built from now; and the coverage indexes it read."""
-    coverage = {v: ledger.read_coverage(stores.work, v) for v in versions}
-    sources = {info.name: info.md5 for info in stores.sources.list() if info.name.endswith(".tgz")}
-    envs: dict[str, str] = {}
-
-    def held(key: DriverKey, builder: str) -> str | None:
-        entry = coverage[key.driver_version].entry(key.kernel, key.kind)
-        if entry is None or entry.get("fingerprint") is None:
-            return None
-        if builder not in envs:
-            envs[builder] = builder_environment(config, builder)
-        now = ledger.fingerprint(
-            envs[builder],
-            sources.get(layout.source_object(key.driver_version)),
-            bundles.get(key.kernel),
-        )
-        why = ledger.quarantined(entry, now, config.quarantine_after)
-        if why is None or runtime.quarantine_release.match(*key) is not None:
-            return None
-        return why
-
-    return held, coverage
-
-
 def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) -> dict[str, Any]:
     """Find what is missing and split it into shards; write the plan and shard files."""
+    from drivers.build.builder import toolchain_versions
     from drivers.store.runtime_config import load_runtime_config
 
     runtime = load_runtime_config(stores.work, config)  # a malformed object stops here
@@ -213,7 +169,7 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
         guard |= check_shrink(stores, kernels, config)
     selected = parse_selector(params.select).filter(kernels) if params.select else kernels
     cache = CacheIndex().add_names(info.name for info in stores.drivers.list())
-    held, coverage = quarantine(stores, config, runtime, versions, bundles)
+    standing = ledger.Standing.read(stores, config, versions, bundles, toolchain_versions)
     # Under the plan lock: tasks other runs in flight claimed are left to them, and this
     # run claims what it plans (drivers.store.claims; a dry run only reads the claims).
     with claims.Planning(stores.work, run_id, config.claims, not params.dry_run) as planning:
@@ -226,7 +182,8 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
             force=params.force,
             only_builders=set(params.builders) or None,
             blocklist=runtime.blocklist,
-            held=held,
+            ledger=standing,
+            quarantine_release=runtime.quarantine_release,
             claimed=planning.held,
         )
         planning.claim(task for shard in result.shards for task in shard.tasks)
@@ -257,7 +214,7 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
         changed = [
             ledger.record(key, status, run_id, reason=why)
             for key, status, why in result.decisions
-            if _changed(coverage[key.driver_version].entry(key.kernel, key.kind), status, why)
+            if _changed(standing.entry(key), status, why)
         ]
         stores.work.put(f"{staging}decisions.jsonl.gz", ledger.encode(changed))
     # The listing this run planned from: the shrink guard's next reference if it succeeds.
@@ -287,7 +244,11 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
 
 
 def _changed(entry: dict[str, Any] | None, status: str, reason: str) -> bool:
-    return entry is None or entry["status"] != status or entry.get("reason") != reason
+    if entry is None:
+        return True
+    if entry["status"] == "withdrawn" and status == "quarantined":
+        return False  # held because withdrawn: it stays so (no failures to hold it by)
+    return entry["status"] != status or entry.get("reason") != reason
 
 
 def unify(stores: Stores, run_id: str, expected_shards: dict[str, list[str]]) -> dict[str, Any]:

@@ -19,6 +19,16 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from drivers.domain import layout
+from drivers.domain.decision import (
+    BLOCKED,
+    BUILD,
+    DONE,
+    QUARANTINED,
+    REPEATABLE,
+    UNROUTABLE,
+    Known,
+    decide,
+)
 from drivers.domain.kernels import ebpf_supported, parse_kernel
 from drivers.domain.names import KINDS, DriverKey, check_driver_version, check_kinds
 from drivers.store import ledger
@@ -40,6 +50,9 @@ class Answer:
     kind: str
     status: str  # a ledger status, or "pending", "no_bundle", "not_configured", "missing"
     summary: str  # one line: where it is, or why not
+    # What a run would do with it now (drivers.domain.decision: "done", "build", ...);
+    # None for a driver version no run builds.
+    decision: str | None = None
     details: list[str] = field(default_factory=list)
     action: str | None = None  # what to do about it
     since: str | None = None
@@ -95,23 +108,39 @@ def explain(
             )
         )
         bundle = pool.submit(_info, stores.bundles, bundle_name)
+        sources = pool.submit(ledger.source_hashes, stores.sources)
         objects = dict(
             zip(keys, pool.map(lambda key: cached(key.object_name()), keys), strict=True)
         )
         bpf = [key for key in keys if key.kind == "bpf"]  # only probes have markers
         markers = dict(zip(bpf, pool.map(lambda key: cached(key.unavail_name()), bpf), strict=True))
         bundle_info = bundle.result()
+        # What the planner's quarantine compares with: the inputs each would be built from now.
+        standing = ledger.Standing(
+            coverage,
+            config,
+            sources.result(),
+            {k.release: bundle_info.md5 if bundle_info else None},
+            _toolchain,
+        )
     arrived = bundle_info.created.isoformat(timespec="seconds") if bundle_info else None
+    known = Known(
+        blocklist=runtime.blocklist,
+        ledger=standing,
+        quarantine_after=config.quarantine_after,
+        quarantine_release=runtime.quarantine_release,
+    )
     answers = [
         _answer(
             key,
             objects[key],
             markers.get(key),
-            coverage[key.driver_version].entry(key.kernel, key.kind),
+            standing.entry(key),
+            known,
             stores,
             config,
-            runtime,
             k,
+            runtime,
             arrived,
         )
         for key in keys
@@ -135,34 +164,34 @@ def _info(store: Any, name: str) -> Any:
         return None
 
 
+def _toolchain() -> dict[str, str | None]:
+    """This worker's toolchain: only the local runtime needs it, and only for a driver
+    with a ledger entry (the builder module is imported then, not on every `why`)."""
+    from drivers.build.builder import toolchain_versions
+
+    return toolchain_versions()
+
+
 def _answer(
     key: DriverKey,
     obj: Any,
     marker: Any,
     entry: dict[str, Any] | None,
+    known: Known,
     stores: Stores,
     config: Config,
-    runtime: RuntimeConfig,
     kernel: Any,
+    runtime: RuntimeConfig,
     arrived: str | None,
 ) -> Answer:
+    """The planner's decision for the driver (:func:`drivers.domain.decision.decide`),
+    told with what else is known: where it is, the last failure and its log, ..."""
     version, kind = key.driver_version, key.kind
     entry = entry or {}
     task = f"{key.kernel} {version} {kind}"
     where = f"gs://{stores.drivers.bucket_name}/"
     answer = Answer(version, kind, "pending", "", since=entry.get("since"), log=entry.get("log"))
-    if obj is not None:
-        answer.status = "published"
-        answer.summary = f"{where}{obj.name} ({obj.size} bytes, {obj.created:%Y-%m-%d %H:%M} UTC)"
-        if entry.get("builder"):  # a run of ours built it (not found in the listing)
-            answer.details.append(f"built in run {entry['run_id']} by {entry['builder']}")
-        answer.since = obj.created.isoformat(timespec="seconds")
-        return answer
-    if marker is not None:
-        answer.status = "unavailable"
-        answer.summary = f"this kernel cannot run eBPF probes (marker {where}{marker.name})"
-        return answer
-    if version not in runtime.driver_versions:
+    if version not in runtime.driver_versions and obj is None and marker is None:
         answer.status = "not_configured"
         answer.summary = (
             f"driver version {version} is not built: the run-time config lists "
@@ -170,8 +199,24 @@ def _answer(
         )
         answer.action = f"drivers config add driver-versions {version}"
         return answer
-    rule = runtime.blocklist.match(*key)
-    if rule is not None:
+    builder = config.route(kernel, kind)
+    decision = decide(key, builder, obj is not None or marker is not None, known)
+    answer.decision = decision.status
+    if decision.status == DONE:
+        if obj is not None:
+            answer.status = "published"
+            answer.summary = (
+                f"{where}{obj.name} ({obj.size} bytes, {obj.created:%Y-%m-%d %H:%M} UTC)"
+            )
+            if entry.get("builder"):  # a run of ours built it (not found in the listing)
+                answer.details.append(f"built in run {entry['run_id']} by {entry['builder']}")
+            answer.since = obj.created.isoformat(timespec="seconds")
+        else:
+            answer.status = "unavailable"
+            answer.summary = f"this kernel cannot run eBPF probes (marker {where}{marker.name})"
+        return answer
+    if decision.status == BLOCKED:
+        rule = decision.rule
         answer.status = "blocked"
         answer.summary = f"blocklisted by {rule.where}: {rule.text}"
         answer.action = "remove that line to build it " + (
@@ -180,8 +225,7 @@ def _answer(
             else f"(the shipped {rule.source}: a change to the repo)"
         )
         return answer
-    builder = config.route(kernel, kind)
-    if builder is None:
+    if decision.status == UNROUTABLE:
         answer.status = "unroutable"
         x_y_z = f"{kernel.major}.{kernel.minor}.{kernel.patch}"
         answer.summary = f"no builder route takes {kind} for {kernel.family} {x_y_z}"
@@ -190,29 +234,26 @@ def _answer(
     if kind == "bpf" and not ebpf_supported(kernel):
         answer.details.append("this kernel predates eBPF: the build publishes an .unavail marker")
     status = entry.get("status")
-    held = None
-    if status in ("withdrawn", "quarantined", *ledger.REPEATABLE):
-        held = ledger.quarantined(entry, entry.get("fingerprint"), config.quarantine_after)
-        if held and runtime.quarantine_release.match(*key) is not None:
-            held = None  # released by the run-time config: the next run tries again
     release = f"drivers config add quarantine-release '{task}'"
     log = f"; log: {entry['log']}" if entry.get("log") else ""
-    if status == "withdrawn":
+    if decision.reason and decision.status == BUILD:  # released, or its inputs changed
+        answer.details.append(decision.reason)
+    if decision.status == QUARANTINED and status == "withdrawn":
         answer.status = "withdrawn"
         answer.summary = f"withdrawn {entry['time']}: {entry.get('reason', '')}"
         answer.action = (
             f"it is rebuilt when its builder image, sources or bundle change, or after {release}"
         )
-    elif held:
+    elif decision.status == QUARANTINED:
         answer.status = "quarantined"
         last = f"; last: {entry['last_reason']}" if entry.get("last_reason") else ""
-        answer.summary = f"quarantined: {held}{last}{log}"
+        answer.summary = f"quarantined: {decision.reason}{last}{log}"
         answer.details.append(f"failing since {entry.get('since')}, last in run {entry['run_id']}")
         answer.action = (
             f"fix the driver sources or the {entry.get('builder', 'builder')} image (either "
             f"change ends the quarantine), or retry as is: {release}"
         )
-    elif status in ledger.REPEATABLE:
+    elif status in REPEATABLE:
         n = entry.get("failures", 1)
         answer.status = status
         what = "compile failure" if status == "failed" else "refused by its kernel"

@@ -39,8 +39,9 @@ class WithdrawError(ValueError):
 def withdraw(
     stores: Stores, config: Config, key: DriverKey, reason: str, who: str
 ) -> dict[str, Any]:
+    from drivers.build.builder import toolchain_versions
     from drivers.flows.cpaas import UPSTREAM_ARCH, publish_cpaas_packages
-    from drivers.flows.upstream import builder_environment, update_support_packages
+    from drivers.flows.upstream import update_support_packages
     from drivers.store.storage import ObjectNotFound
 
     if not reason.strip():
@@ -62,7 +63,9 @@ def withdraw(
         builder = config.route(parse_kernel(key.kernel), key.kind)
         sources = stores.sources.info(layout.source_object(key.driver_version)).md5
         bundle = stores.bundles.info(layout.bundle_object(key.kernel)).md5
-        built_from = ledger.fingerprint(builder_environment(config, builder), sources, bundle)
+        built_from = ledger.fingerprint(
+            ledger.builder_environment(config, builder, toolchain_versions), sources, bundle
+        )
     if not stores.drivers.delete_generation(name, info.generation):
         raise WithdrawError(f"{uri} changed while being withdrawn: nothing deleted; try again")
     run_id = f"withdraw__{datetime.now(UTC):%Y-%m-%dT%H:%M:%S}__{key.kernel}__{key.kind}"

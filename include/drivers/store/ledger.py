@@ -21,16 +21,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from drivers.domain import layout
+from drivers.domain.decision import REPEATABLE  # the failures that count toward quarantine
 from drivers.domain.names import DriverKey
 
 if TYPE_CHECKING:  # google-cloud-storage stays out of DAG parsing (IMAGE_ENV)
-    from drivers.store.storage import ObjectStore
+    from drivers.domain.config import Config
+    from drivers.store.storage import ObjectStore, Stores
 
 # What a record says about one driver.
 STATUSES = (
@@ -45,8 +47,6 @@ STATUSES = (
     "published",  # in the driver cache
     "withdrawn",  # removed from the cache by `drivers withdraw`
 )
-# Failures that count toward quarantine: the driver's own fault, the same each time.
-REPEATABLE = ("failed", "refused")
 RUNS_PREFIX = f"{layout.LEDGER_PREFIX}runs/"
 COVERAGE_PREFIX = f"{layout.LEDGER_PREFIX}coverage/"
 KERNELS_OBJECT = f"{COVERAGE_PREFIX}_kernels.json.gz"  # kernel -> when its bundle arrived
@@ -292,19 +292,61 @@ def read_kernels(work: ObjectStore) -> dict[str, str]:
         return {}
 
 
-def quarantined(entry: dict[str, Any] | None, current: str, threshold: int) -> str | None:
-    """Why a task stays quarantined, or None: it failed the same way ``threshold``
-    times in a row with the inputs it would be built from now (``current``, a
-    :func:`fingerprint`), or it was withdrawn and nothing it was built from changed."""
-    if entry is None or entry.get("fingerprint") != current:
-        return None
-    status = entry["status"]
-    if status == "withdrawn":
-        return f"withdrawn {entry['time']}: {entry.get('reason', '')}".strip()
-    failures = entry.get("failures", 0)
-    if status in (*REPEATABLE, "quarantined") and failures >= threshold > 0:
-        return (
-            f"{failures} failures in a row ({entry.get('last_failure')}) with the same "
-            "builder environment, sources and bundle"
+def builder_environment(
+    config: Config, builder: str, toolchain: Callable[[], dict[str, str | None]]
+) -> str:
+    """What a builder builds with now: its image, or on the local runtime this worker's
+    toolchain (the builder runs here too; ``toolchain`` reads it:
+    :func:`drivers.build.builder.toolchain_versions`, a layer above this one)."""
+    if config.runtime == "local":
+        return environment(None, toolchain())
+    return environment(config.builders[builder].image, None)
+
+
+def source_hashes(sources: ObjectStore) -> dict[str, str | None]:
+    """Each driver sources archive's md5, from one listing of the sources bucket."""
+    return {info.name: info.md5 for info in sources.list() if info.name.endswith(".tgz")}
+
+
+@dataclass
+class Standing:
+    """Where each driver stands, as the planner and ``drivers why`` decide it (a
+    :class:`drivers.domain.decision.Ledger`): its coverage entry, and the
+    :func:`fingerprint` of the inputs it would be built from now."""
+
+    coverage: Mapping[str, Coverage]  # driver version -> its index
+    config: Config
+    sources: Mapping[str, str | None]  # sources object -> md5 (source_hashes)
+    bundles: Mapping[str, str | None]  # kernel -> its bundle's md5
+    toolchain: Callable[[], dict[str, str | None]]  # see builder_environment
+    _environments: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def read(
+        cls,
+        stores: Stores,
+        config: Config,
+        versions: Iterable[str],
+        bundles: Mapping[str, str | None],
+        toolchain: Callable[[], dict[str, str | None]],
+    ) -> Standing:
+        """The coverage index of each of ``versions`` and the sources listing."""
+        coverage = {v: read_coverage(stores.work, v) for v in versions}
+        return cls(coverage, config, source_hashes(stores.sources), bundles, toolchain)
+
+    def entry(self, task: tuple[str, str, str]) -> dict[str, Any] | None:
+        kernel, version, kind = task
+        return self.coverage[version].entry(kernel, kind)
+
+    def environment(self, builder: str) -> str:
+        if builder not in self._environments:  # the local toolchain runs three commands
+            self._environments[builder] = builder_environment(self.config, builder, self.toolchain)
+        return self._environments[builder]
+
+    def fingerprint(self, task: tuple[str, str, str], builder: str) -> str:
+        kernel, version, _ = task
+        return fingerprint(
+            self.environment(builder),
+            self.sources.get(layout.source_object(version)),
+            self.bundles.get(kernel),
         )
-    return None
