@@ -284,7 +284,7 @@ def test_a_missing_image_path_is_named(stores, tmp_path):
 
 
 def test_unknown_architecture_parameters_are_refused():
-    with pytest.raises(oci.UnknownArchitecture, match="known are amd64, ppc64le, s390x"):
+    with pytest.raises(layout.UnknownArchitecture, match="known are amd64, ppc64le, s390x"):
         cpaas.CpaasParams.from_params({"architectures": ["arm64"]}, load_config())
 
 

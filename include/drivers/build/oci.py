@@ -72,6 +72,14 @@ class CorruptBlob(ImageError):
     pass
 
 
+def _cache_arch(oci_arch: str) -> str:
+    """:func:`cache_arch`, refusing an architecture no cache knows as a bad image."""
+    try:
+        return cache_arch(oci_arch)
+    except UnknownArchitecture as e:
+        raise ImageError(str(e)) from None
+
+
 # --- building ----------------------------------------------------------------------------
 
 Layer = Path | bytes  # a directory, or an uncompressed tar archive (tests: hand-made members)
@@ -743,11 +751,11 @@ def _resolve(state: dict[str, _Entry], name: str) -> FileRef | None:
 
 
 def _manifest(image: Image, arch: str) -> _Manifest:
-    cache_arch(arch)
+    _cache_arch(arch)
     manifest = image.manifests.get(arch)
     if manifest is None:
         have = ", ".join(image.architectures())
-        raise UnknownArchitecture(f"image {image.digest} has no {arch} image (it has {have})")
+        raise ImageError(f"image {image.digest} has no {arch} image (it has {have})")
     return manifest
 
 
@@ -767,7 +775,7 @@ def extract_drivers(image: Image, arch: str) -> DriverImage:
         raise ImageError(f"{where} has no /{KERNEL_MODULES}: is it a drivers image?")
     if state.get(KERNEL_MODULES, ("dir",))[0] != "dir":
         raise ImageError(f"{where}: /{KERNEL_MODULES} is not a folder")
-    result = DriverImage(cache_arch(arch), {}, [])
+    result = DriverImage(_cache_arch(arch), {}, [])
     bad: list[str] = []
     for name, (kind, _) in sorted(state.items()):
         if kind == "dir":
@@ -848,7 +856,7 @@ def cmd_image(args: argparse.Namespace) -> int:
         arch, eq, directory = item.partition("=")
         if not eq or not arch or not directory:
             raise ImageError(f"--arch {item!r}: expected ARCH=DIR, e.g. amd64=./drivers")
-        cache_arch(arch)  # the CLI makes images the pipeline can use
+        _cache_arch(arch)  # the CLI makes images the pipeline can use
         if arch in trees:
             layers.setdefault(arch, []).append(Path(directory))
         else:
