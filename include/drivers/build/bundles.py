@@ -35,7 +35,6 @@ without name or time): the same packages give the same bytes.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import json
@@ -55,6 +54,7 @@ from functools import cmp_to_key
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from drivers.domain.deterministic import gzip_writer
 from drivers.domain.kernels import Kernel, parse_kernel
 from drivers.domain.layout import boot_image_object, bundle_object
 
@@ -165,9 +165,7 @@ def write_tgz(members: Iterable[Member], path: Path) -> Path:
     try:
         with (
             os.fdopen(fd, "wb") as raw,
-            gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=COMPRESS_LEVEL
-            ) as gz,
+            gzip_writer(raw, COMPRESS_LEVEL) as gz,
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
         ):
             for m in sorted_members(members):

@@ -28,9 +28,7 @@ module it needs is not kept beside the boot image).
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import io
 import json
 import lzma
 import os
@@ -46,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from drivers.domain import layout
+from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.errors import DriversError
 from drivers.domain.names import DriverKey, parse_object_name
 from drivers.domain.verify import ElfError, gunzip, read_modinfo
@@ -221,10 +220,7 @@ def initramfs(
         entries.append((f"drivers/{i}.{'ko' if kind == 'mod' else 'o'}", elf, 0o100644))
     archive = b"".join(_newc(n, d, m, i + 1) for i, (n, d, m) in enumerate(entries))
     archive += _newc("TRAILER!!!", b"", 0, 0)
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz:
-        gz.write(archive)
-    return out.getvalue()
+    return gzip_bytes(archive, 1)
 
 
 def tools_dir() -> Path:

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from drivers.domain import layout
+from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.names import DriverKey
 
 if TYPE_CHECKING:  # google-cloud-storage stays out of DAG parsing (IMAGE_ENV)
@@ -104,7 +105,7 @@ def record(
 
 def encode(records: Iterable[dict[str, Any]]) -> bytes:
     lines = (json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records)
-    return gzip.compress("".join(lines).encode(), compresslevel=6, mtime=0)
+    return gzip_bytes("".join(lines).encode(), 6)
 
 
 def decode(data: bytes) -> Iterator[dict[str, Any]]:
@@ -221,9 +222,7 @@ def update_coverage(
         coverage = read_coverage(work, driver_version)
         change(coverage)
         coverage.updated = now()
-        data = gzip.compress(
-            json.dumps(coverage.to_json(), separators=(",", ":")).encode(), mtime=0
-        )
+        data = gzip_bytes(json.dumps(coverage.to_json(), separators=(",", ":")).encode(), 9)
         if (
             work.put_if_generation(
                 coverage_object(driver_version), data, coverage.generation, "application/gzip"
@@ -280,7 +279,7 @@ def apply_run(
 def write_kernels(work: ObjectStore, arrived: dict[str, str]) -> None:
     """kernel -> when its bundle arrived: the kernels the coverage page lists."""
     data = json.dumps(arrived, sort_keys=True, separators=(",", ":")).encode()
-    work.put(KERNELS_OBJECT, gzip.compress(data, mtime=0), "application/gzip")
+    work.put(KERNELS_OBJECT, gzip_bytes(data, 9), "application/gzip")
 
 
 def read_kernels(work: ObjectStore) -> dict[str, str]:
