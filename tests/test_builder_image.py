@@ -22,7 +22,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from drivers.build.builder import EX_OK
+from drivers.build.shard_run import EX_OK
 from drivers.domain import layout
 from drivers.domain.names import DriverKey
 from drivers.domain.verify import elf_sections, verify_driver

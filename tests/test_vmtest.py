@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from drivers.build import vmtest
-from drivers.build.builder import build_driver, open_bundle, safe_extract
+from drivers.build.bundle import open_bundle
 from drivers.build.bundles import make_debian_bundle
+from drivers.build.compile import build_driver
+from drivers.build.safetar import safe_extract
 from drivers.build.sources import shipped_sources_dir
 from drivers.domain import layout
 from drivers.domain.errors import RunInputError

@@ -54,20 +54,12 @@ from functools import cmp_to_key
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from drivers.build.bundle import METADATA_FILES
 from drivers.domain.deterministic import gzip_writer
 from drivers.domain.kernels import Kernel, parse_kernel
 from drivers.domain.layout import boot_image_object, bundle_object
 
 DISTRO = "debian"
-METADATA_FILES = (
-    "BUNDLE_UNAME",
-    "BUNDLE_BUILD_DIR",
-    "BUNDLE_DISTRO",
-    "BUNDLE_VERSION",
-    "BUNDLE_MAJOR",
-    "BUNDLE_MINOR",
-    "BUNDLE_CHECKSUM",
-)
 HEADERS_PREFIX = "linux-headers-"
 # 1980-01-01: any fixed time works; GNU tar warns about 0 ("implausibly old time stamp").
 ARCHIVE_MTIME = 315_532_800

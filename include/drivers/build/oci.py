@@ -6,7 +6,7 @@ such an image from an OCI image layout (a directory or a tar of one, as an image
 tool writes it) and makes one from directories, so tests and the demo need no registry.
 
 Only the two driver trees are taken from the layers; everything else (the base image)
-is skipped unread. The safety rules of :func:`drivers.build.builder.safe_extract` apply to the
+is skipped unread. The safety rules of :func:`drivers.build.safetar.safe_extract` apply to the
 members that are taken: no ``..``, no absolute links or links leaving the tree, no
 devices. A ``..`` in any member name is refused wherever it is. Absolute links outside
 the driver trees are a base image's business (``/etc/alternatives`` has plenty) and are

@@ -154,7 +154,7 @@ def builder_environment(config: Config, builder: str) -> str:
     """What a builder builds with now: its image, or on the local runtime this worker's
     toolchain (the builder runs here too)."""
     if config.runtime == "local":
-        from drivers.build.builder import toolchain_versions
+        from drivers.build.compile import toolchain_versions
 
         return ledger.environment(None, toolchain_versions())
     return ledger.environment(config.builders[builder].image, None)
