@@ -4,9 +4,9 @@ Not a test. Per kernel (Debian 6.1.0-47 and 6.1.0-56 in amd64, cloud-amd64, rt-a
 bundles made with drivers.build.bundles.make_debian_bundle):
 
 - fetch: ``ObjectStore.download_to`` of the bundle from the embedded GCS;
-- extraction: ``builder.safe_extract`` vs ``tar xzf`` of the same bundle into an empty
+- extraction: ``safetar.safe_extract`` vs ``tar xzf`` of the same bundle into an empty
   folder on the same file system (alternating, so both see the same cache state);
-- build: ``builder.build_driver`` for the kernel module (fresh copy of the sources, make,
+- build: ``compile.build_driver`` for the kernel module (fresh copy of the sources, make,
   strip --strip-debug, vermagic check, deterministic gzip) vs the bare
   ``make -C <BUNDLE_BUILD_DIR> M=<fresh copy> modules`` on the same extracted headers;
   the same for the eBPF probe (make, llvm-strip -g, ELF check, gzip), for information.
@@ -33,9 +33,10 @@ from pathlib import Path
 
 from machine import describe  # noqa: E402
 
-from drivers.build import builder
-from drivers.build.builder import build_driver, open_bundle, safe_extract
+from drivers.build.bundle import open_bundle
 from drivers.build.bundles import make_debian_bundle
+from drivers.build.compile import build_driver, toolchain_versions
+from drivers.build.safetar import safe_extract
 from drivers.build.sources import package_sources
 from drivers.domain import layout
 from drivers.domain.names import DriverKey
@@ -131,7 +132,7 @@ def bench_kernel(
 
 
 def tools_line() -> str:
-    tools = builder.toolchain_versions()
+    tools = toolchain_versions()
     return f"{tools['gcc']}, {tools['clang']}, {tools['make']}"
 
 

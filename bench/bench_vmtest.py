@@ -25,7 +25,7 @@ from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from drivers.build import vmtest  # noqa: E402
+from drivers.build import boot_images, vmtest  # noqa: E402
 from drivers.domain.names import DriverKey  # noqa: E402
 from test_vmtest import build_driver_for  # noqa: E402
 
@@ -56,7 +56,7 @@ def main() -> None:
                 (DriverKey(kernel, "2.3.0", kind), build_driver_for(kernel, Path(tmp), kind))
                 for kind in ("mod", "bpf")
             ]
-            images[kernel] = vmtest.debian_boot_image(
+            images[kernel] = boot_images.debian_boot_image(
                 kernel, CACHE / "debs", CACHE / "kernel-images"
             )
     per_kernel: dict[str, list[float]] = {k: [] for k in KERNELS}

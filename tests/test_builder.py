@@ -24,24 +24,19 @@ from pathlib import Path
 import pytest
 import requests
 
-from drivers.build import builder
-from drivers.build.builder import (
-    EX_DATAERR,
-    EX_OK,
-    EX_TEMPFAIL,
-    BundleCorrupt,
-    Shard,
-    ShardFormatError,
-    UnsafeArchive,
-    open_bundle,
-    safe_extract,
-)
+from drivers.build.bundle import BundleCorrupt, open_bundle
+from drivers.build.compile import LOG_LIMIT, WORKDIR_IN_LOGS, gzip_driver
+from drivers.build.safetar import UnsafeArchive, safe_extract
+from drivers.build.shard import Shard, ShardFormatError
+from drivers.build.shard_run import build_shard
 from drivers.build.sources import package_sources
 from drivers.domain import layout
+from drivers.domain.exit_codes import EX_DATAERR, EX_OK, EX_TEMPFAIL
 from drivers.domain.names import DriverKey
 from drivers.domain.verify import elf_sections, read_vermagic, verify_driver
 from drivers.ops.cli import main
 from drivers.store.storage import ObjectStore
+from tarballs import tgz
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-47-cloud-amd64"
@@ -82,30 +77,6 @@ def relabelled_bundle(real_bundle: Path, tmp_path_factory: pytest.TempPathFactor
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
     return out.getvalue()
-
-
-def tgz(*members: tuple[str, str, bytes | str]) -> bytes:
-    """A small .tgz: (name, type, data or link target); type is file, dir, symlink,
-    hardlink, fifo or chr."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, kind, payload in members:
-            info = tarfile.TarInfo(name)
-            data = None
-            if kind == "file":
-                data = payload.encode() if isinstance(payload, str) else payload
-                info.size = len(data)
-            else:
-                info.type = {
-                    "dir": tarfile.DIRTYPE,
-                    "symlink": tarfile.SYMTYPE,
-                    "hardlink": tarfile.LNKTYPE,
-                    "fifo": tarfile.FIFOTYPE,
-                    "chr": tarfile.CHRTYPE,
-                }[kind]
-                info.linkname = payload if isinstance(payload, str) else ""
-            tf.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buf.getvalue()
 
 
 def fake_bundle(uname: str | None, *extra: tuple[str, str, bytes | str]) -> bytes:
@@ -364,8 +335,8 @@ def test_a_module_that_does_not_compile_fails_with_its_log(env, real_bundle, tmp
     assert r["log"] == layout.staged_log_object("run1", KERNEL, "9.9.9", "mod")
     log = env.work.download(r["log"]).decode()
     assert "undeclared_thing" in log and "error" in log
-    assert builder.WORKDIR_IN_LOGS in log and str(tmp_path) not in log
-    assert len(log) <= builder.LOG_LIMIT + 200
+    assert WORKDIR_IN_LOGS in log and str(tmp_path) not in log
+    assert len(log) <= LOG_LIMIT + 200
     assert by_task(records)[(KERNEL, "9.9.9", "bpf")]["status"] == "built"  # the shard went on
 
 
@@ -493,7 +464,7 @@ def test_unreachable_storage_stops_the_shard_with_75_and_accounts_for_every_task
     stores[env.work.bucket_name] = FailingUploads(env.work)
     shard = Shard.from_json(env.work.download(layout.shard_object("run1", "fc36", 0)), "shard.json")
 
-    status, records = builder.build_shard(shard, stores.__getitem__, env.tmp_path / "w")
+    status, records = build_shard(shard, stores.__getitem__, env.tmp_path / "w")
 
     assert status == EX_TEMPFAIL
     assert [(r["status"], r["failure"]) for r in records[:-1]] == [("infra_failed", "storage")] * 2
@@ -551,131 +522,7 @@ def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle,
     assert list(workdir.iterdir()) == [], [str(p) for p in workdir.rglob("*")][:20]
 
 
-# --- safe extraction and bundle checks ---------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("members", "words"),
-    [
-        ([("../x", "file", "x")], "'..'"),
-        ([("a/../../x", "file", "x")], "'..'"),
-        ([("/etc/x", "file", "x")], "absolute"),
-        ([("link", "symlink", "/etc/passwd")], "outside the tree"),
-        ([("a", "dir", ""), ("a/link", "symlink", "../../x")], "outside"),
-        # In-tree-looking links chained: a -> . makes a/b -> ../x land above the tree.
-        ([("a", "symlink", "."), ("a/b", "symlink", "../x")], "outside"),
-        ([("f", "file", "x"), ("h", "hardlink", "../f")], "outside the tree"),
-        ([("h", "hardlink", "/etc/passwd")], "outside the tree"),
-        ([("dev", "chr", "")], "device"),
-        ([("pipe", "fifo", "")], "fifo"),
-    ],
-)
-def test_safe_extract_refuses_members_that_leave_the_tree(tmp_path, members, words):
-    archive = tmp_path / "bundle-x.tgz"
-    archive.write_bytes(tgz(*members))
-    dest = tmp_path / "deep" / "dest"
-
-    with pytest.raises(UnsafeArchive, match="bundle-x.tgz") as e:
-        safe_extract(archive, dest)
-
-    assert words in str(e.value)
-    assert not (tmp_path / "deep" / "x").exists() and not (tmp_path / "x").exists()
-
-
-def test_safe_extract_keeps_in_tree_links_and_executable_bits(tmp_path):
-    archive = tmp_path / "ok.tgz"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        script = tarfile.TarInfo("tree/scripts/run")
-        script.size, script.mode = 3, 0o755
-        tf.addfile(script, io.BytesIO(b"hi\n"))
-        link = tarfile.TarInfo("tree/other/scripts")
-        link.type, link.linkname = tarfile.SYMTYPE, "../scripts"
-        tf.addfile(link)
-    archive.write_bytes(buf.getvalue())
-
-    assert safe_extract(archive, tmp_path / "out") == 2
-    assert (tmp_path / "out/tree/other/scripts/run").read_text() == "hi\n"
-    assert os.access(tmp_path / "out/tree/scripts/run", os.X_OK)
-
-
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_safe_extract_reads_long_names_in_every_tar_format_like_tarfile(tmp_path, fmt):
-    long_dir = "/".join(["folder-with-a-long-name"] * 5)  # 119 characters
-    files = {f"{long_dir}/header-{i}.h": f"#define N{i} {i}\n".encode() * (i + 1) for i in range(3)}
-    if fmt != tarfile.USTAR_FORMAT:  # ustar cannot hold a last part over 100 characters
-        files[f"{long_dir}/{'x' * 120}.h"] = b"long\n"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 315_532_800
-            tf.addfile(info, io.BytesIO(data))
-        if fmt != tarfile.USTAR_FORMAT:
-            link = tarfile.TarInfo("short-link")
-            link.type, link.linkname = tarfile.SYMTYPE, f"{long_dir}/{'x' * 120}.h"
-            tf.addfile(link)
-    archive = tmp_path / "formats.tgz"
-    archive.write_bytes(buf.getvalue())
-
-    safe_extract(archive, tmp_path / "out")
-
-    for name, data in files.items():
-        assert (tmp_path / "out" / name).read_bytes() == data
-        assert (tmp_path / "out" / name).stat().st_mtime == 315_532_800
-    if fmt != tarfile.USTAR_FORMAT:
-        assert (tmp_path / "out/short-link").read_bytes() == b"long\n"
-
-
-def test_safe_extract_streams_a_large_member_and_lets_a_later_duplicate_win(tmp_path):
-    big = os.urandom(9 << 20)  # above the size written while inflating
-    archive = tmp_path / "big.tgz"
-    archive.write_bytes(
-        tgz(
-            ("vmlinux", "file", big),
-            ("dup", "file", "first"),
-            ("dup", "file", "second"),
-            ("hard", "hardlink", "dup"),
-        )
-    )
-
-    assert safe_extract(archive, tmp_path / "out") == 4
-    assert (tmp_path / "out/vmlinux").read_bytes() == big
-    assert (tmp_path / "out/dup").read_text() == "second"
-    assert (tmp_path / "out/hard").read_text() == "second"
-
-
-def test_safe_extract_refuses_a_link_re_aimed_out_of_the_tree_by_a_later_member(tmp_path):
-    # a -> c/.. is inside while c -> d/e; once c is replaced by c -> ., a points above.
-    archive = tmp_path / "reaim.tgz"
-    archive.write_bytes(
-        tgz(
-            ("d/e", "dir", ""),
-            ("c", "symlink", "d/e"),
-            ("a", "symlink", "c/.."),
-            ("c", "symlink", "."),
-        )
-    )
-    with pytest.raises(UnsafeArchive, match="'a' ends outside the tree"):
-        safe_extract(archive, tmp_path / "out")
-
-
-@pytest.mark.parametrize(
-    ("data", "words"),
-    [
-        (gzip.compress(b""), "truncated"),
-        (b"\x1f\x8b this is not a bundle", "decompressing"),  # gzip magic, then garbage
-        (gzip.compress(os.urandom(4096)), "checksum"),
-        (gzip.compress(tgz(("f", "file", os.urandom(2048)))), "checksum"),  # gzip in gzip
-        (tgz(("f", "file", os.urandom(100_000)))[:50_000], "truncated"),
-    ],
-)
-def test_safe_extract_reports_data_that_is_not_a_tar_archive(tmp_path, data, words):
-    archive = tmp_path / "junk.tgz"
-    archive.write_bytes(data)
-    with pytest.raises(UnsafeArchive, match="not a readable .tgz") as e:
-        safe_extract(archive, tmp_path / "out")
-    assert words in str(e.value)
+# --- bundle checks (safe extraction: test_safetar.py) -----------------------------------------
 
 
 def test_a_truncated_bundle_is_corrupt(tmp_path, real_bundle):
@@ -706,8 +553,8 @@ def test_bundle_metadata_problems_are_corrupt_bundles(tmp_path, files, words):
 
 
 def test_deterministic_gzip_has_no_name_and_no_time():
-    a = builder.gzip_deterministic(b"driver bytes")
+    a = gzip_driver(b"driver bytes")
     time.sleep(1.1)
-    assert builder.gzip_deterministic(b"driver bytes") == a
+    assert gzip_driver(b"driver bytes") == a
     assert a[3] == 0 and a[4:8] == b"\0\0\0\0"  # no FNAME flag, mtime 0
     assert gzip.decompress(a) == b"driver bytes"

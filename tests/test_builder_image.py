@@ -22,8 +22,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from drivers.build.builder import EX_OK
 from drivers.domain import layout
+from drivers.domain.exit_codes import EX_OK
 from drivers.domain.names import DriverKey
 from drivers.domain.verify import elf_sections, verify_driver
 from podman import ensure_builder_image, podman_service, podman_unavailable_reason

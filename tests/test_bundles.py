@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.build import bundles
+from drivers.build import bundles, debian
 from drivers.build.bundles import (
     BundleReport,
     build_debian_bundle,
@@ -53,7 +53,7 @@ def kernel(deb_cache: Path) -> str:
     )
     if cached:
         return cached[0]
-    available = [u for u in bundles.available_unames() if pattern.fullmatch(u)]
+    available = [u for u in debian.available_unames() if pattern.fullmatch(u)]
     assert available, "apt offers no linux-headers-6.1.0-*-amd64 (is apt-get update done?)"
     return available[-1]
 
@@ -216,7 +216,7 @@ def test_unknown_kernel_is_refused_naming_the_available_ones(
     argv = ["bundle", "debian", "6.1.0-999-amd64", "--out", str(tmp_path / "out")]
     assert main([*argv, "--deb-cache", str(tmp_path / "debs")]) == 2
     err = capsys.readouterr().err
-    available = bundles.available_unames()
+    available = debian.available_unames()
     assert "6.1.0-999-amd64" in err and available and all(u in err for u in available)
     assert not (tmp_path / "out").exists()
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from drivers.build.builder import toolchain_versions
+from drivers.build.compile import toolchain_versions
 from drivers.domain import layout
 from drivers.domain.config import load_config
 from drivers.domain.layout import Buckets

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from drivers.build.builder import toolchain_versions
+from drivers.build.compile import toolchain_versions
 from drivers.domain import layout
 from drivers.domain.config import load_config
 from drivers.domain.decision import quarantined
@@ -350,10 +350,10 @@ def test_why_stops_saying_quarantined_when_the_inputs_change_as_the_plan_rebuild
     elif change == "bundle":  # the kernel's bundle rebuilt
         stores.bundles.put(layout.bundle_object(NEW), b"bundle, rebuilt")
     else:  # a new compiler on the local runtime's builder (this worker)
-        from drivers.build import builder
+        from drivers.build import compile as builder_compile
 
-        toolchain = builder.toolchain_versions() | {"gcc": "gcc (GCC) 99.1.0"}
-        monkeypatch.setattr(builder, "toolchain_versions", lambda: toolchain)
+        toolchain = builder_compile.toolchain_versions() | {"gcc": "gcc (GCC) 99.1.0"}
+        monkeypatch.setattr(builder_compile, "toolchain_versions", lambda: toolchain)
     answer = asked(stores, config, key)
     assert (answer.status, answer.decision) == ("pending", "build")
     assert "was held (2 failures in a row (compile)" in answer.details[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.build import vmtest
+from drivers.build import boot_images
 from drivers.build.sources import package_sources, shipped_sources_dir
 from drivers.domain import layout
 from drivers.domain.config import load_config
@@ -49,7 +49,7 @@ def env(gcs, tmp_path_factory):
             publish_bundle(stores, kernel)
         # A boot image for the first kernel only: the second's drivers go out untested.
         assert (
-            vmtest.publish_boot_image(
+            boot_images.publish_boot_image(
                 stores["kernel_images"], KERNELS[0], REPO / ".cache" / "debs", tmp / "images"
             )
             == "created"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.build.builder import gzip_deterministic
+from drivers.build.compile import gzip_driver as gzip_deterministic
 from drivers.domain.names import DriverKey
 from drivers.domain.verify import (
     EM_BPF,

@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from drivers.build import vmtest
-from drivers.build.builder import build_driver, open_bundle, safe_extract
+from drivers.build.boot_images import (
+    BootImageError,
+    debian_boot_image,
+    fetch_boot_image,
+    module_closure,
+    publish_boot_image,
+)
+from drivers.build.bundle import open_bundle
 from drivers.build.bundles import make_debian_bundle
+from drivers.build.compile import build_driver
+from drivers.build.safetar import safe_extract
 from drivers.build.sources import shipped_sources_dir
 from drivers.domain import layout
 from drivers.domain.errors import RunInputError
@@ -57,7 +66,7 @@ def build_module(kernel: str, tmp: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def boot_image() -> Path:
-    image = vmtest.debian_boot_image(KERNEL, CACHE / "debs", CACHE / "kernel-images")
+    image = debian_boot_image(KERNEL, CACHE / "debs", CACHE / "kernel-images")
     assert image is not None
     return image
 
@@ -147,7 +156,7 @@ def test_drivers_are_tested_in_their_own_kernel_only():
 
 
 def test_a_release_debian_does_not_publish_has_no_boot_image(tmp_path):
-    assert vmtest.debian_boot_image("4.18.0-477.el8.x86_64", tmp_path, tmp_path) is None
+    assert debian_boot_image("4.18.0-477.el8.x86_64", tmp_path, tmp_path) is None
 
 
 def test_the_initramfs_is_a_newc_archive_the_guest_can_use(tmp_path):
@@ -232,16 +241,16 @@ def test_only_the_markers_decide(serial, timed_out, statuses, message):
 
 def test_boot_images_go_to_the_kernel_images_bucket_and_come_back(store, tmp_path):
     images = store()
-    assert vmtest.publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a") == "created"
-    assert vmtest.publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a") == (
+    assert publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a") == "created"
+    assert publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a") == (
         "identical"
     )  # never overwritten
-    fetched = vmtest.fetch_boot_image(images, KERNEL, tmp_path / "b")
+    fetched = fetch_boot_image(images, KERNEL, tmp_path / "b")
     assert fetched.read_bytes() == (tmp_path / "a" / KERNEL / "vmlinuz").read_bytes()
     assert [i.name for i in images.list()] == [layout.boot_image_object(KERNEL)]
     el8 = "4.18.0-477.el8.x86_64"
-    assert vmtest.publish_boot_image(images, el8, tmp_path / "debs", tmp_path / "a") == "absent"
-    assert vmtest.fetch_boot_image(images, el8, tmp_path / "b") is None
+    assert publish_boot_image(images, el8, tmp_path / "debs", tmp_path / "a") == "absent"
+    assert fetch_boot_image(images, el8, tmp_path / "b") is None
 
 
 def test_drivers_bundle_also_stores_boot_images_even_for_bundles_already_there(
@@ -288,10 +297,10 @@ def needs_crc8(tmp_path_factory) -> bytes:
 
 def test_the_modules_a_driver_needs_are_resolved_with_their_own_dependencies():
     depends = {"a": ["b_c"], "b-c": ["d"], "d": [], "e": []}
-    assert vmtest.module_closure(["a"], depends) == ["a", "b-c", "d"]
-    assert vmtest.module_closure([], depends) == []
-    with pytest.raises(vmtest.VmTestError, match="no loadable module 'zz'"):
-        vmtest.module_closure(["zz"], depends)
+    assert module_closure(["a"], depends) == ["a", "b-c", "d"]
+    assert module_closure([], depends) == []
+    with pytest.raises(BootImageError, match="no loadable module 'zz'"):
+        module_closure(["zz"], depends)
 
 
 @needs_qemu
@@ -299,13 +308,13 @@ def test_a_module_loads_after_the_modules_it_depends_on_kept_beside_the_boot_ima
     store, needs_crc8, built, boot_image, tmp_path
 ):
     images = store()
-    published = vmtest.publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a", ["crc8"])
+    published = publish_boot_image(images, KERNEL, CACHE / "debs", tmp_path / "a", ["crc8"])
     assert published == "created"
     assert sorted(i.name for i in images.list()) == [
         f"{KERNEL}/modules/lib/crc8.ko",
         f"{KERNEL}/vmlinuz",
     ]
-    image = vmtest.fetch_boot_image(images, KERNEL, tmp_path / "b")
+    image = fetch_boot_image(images, KERNEL, tmp_path / "b")
     results = vmtest.vm_test(KERNEL, [(MOD, needs_crc8), (MOD, built["mod"])], image)
     assert [r.status for r in results] == ["loaded", "loaded"], results
 

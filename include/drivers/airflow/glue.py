@@ -19,6 +19,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from drivers.domain.config import BACKFILL_POOL, BUILDER_POOL, VM_TEST_MODES, Config
 from drivers.domain.dag_ids import BACKFILL_DRIVERS, CPAAS_DRIVERS, DAG_IDS, UPSTREAM_DRIVERS
+from drivers.domain.exit_codes import EX_DATAERR
 from drivers.domain.layout import Buckets
 from drivers.domain.names import DRIVER_VERSION_RE, KINDS
 from drivers.store.ledger import IMAGE_ENV
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from drivers.store.storage import Stores
 
 GCP_CONN_ID = os.environ.get("DRIVERS_GCP_CONN_ID", "google_cloud_default")
-EX_DATAERR, EX_TEMPFAIL = 65, 75  # drivers build-shard: bad input / transient failure
 
 # The two DAGs one factory builds (dags/upstream_drivers.py): the nightly
 # (UPSTREAM_DRIVERS), and the kernel-range backfill an engineer triggers (BACKFILL_DRIVERS).

@@ -1,2 +1,3 @@
-"""Building: kernel bundles, driver sources, the builder's shard run, VM tests,
-OCI images and support packages."""
+"""Building: the builder's shard run (shard, safetar, bundle, compile, shard_run), kernel
+bundles from Debian (bundles, debian), driver sources, boot images and VM tests
+(boot_images, vmtest), OCI images and support packages."""

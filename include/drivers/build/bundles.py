@@ -35,40 +35,39 @@ without name or time): the same packages give the same bytes.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import io
 import json
 import os
 import posixpath
 import re
-import shutil
 import stat
-import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from functools import cmp_to_key
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from drivers.domain.kernels import Kernel, parse_kernel
+from drivers.build.bundle import METADATA_FILES
+from drivers.build.debian import (
+    DISTRO,
+    HEADERS_PREFIX,
+    DebianError,
+    Dependency,
+    cached_debs,
+    check_uname,
+    check_unames,
+    deb_field,
+    fetch_deb,
+    parse_depends,
+    run_tool,
+)
+from drivers.domain.deterministic import gzip_writer
 from drivers.domain.layout import boot_image_object, bundle_object
 
-DISTRO = "debian"
-METADATA_FILES = (
-    "BUNDLE_UNAME",
-    "BUNDLE_BUILD_DIR",
-    "BUNDLE_DISTRO",
-    "BUNDLE_VERSION",
-    "BUNDLE_MAJOR",
-    "BUNDLE_MINOR",
-    "BUNDLE_CHECKSUM",
-)
-HEADERS_PREFIX = "linux-headers-"
 # 1980-01-01: any fixed time works; GNU tar warns about 0 ("implausibly old time stamp").
 ARCHIVE_MTIME = 315_532_800
 # Level 6 is ~1.5x faster than 9 on kernel headers for a 1% larger archive.
@@ -78,20 +77,13 @@ MAX_LINK_DEPTH = 8
 
 _COMMON_DEP_RE = re.compile(r"linux-headers-.+-common(?:-rt)?")
 _KBUILD_DEP_RE = re.compile(r"linux-kbuild-.+")
-_DEP_RE = re.compile(
-    r"\s*(?P<name>[a-z0-9][a-z0-9+.-]*)(?::[a-z0-9-]+)?"
-    r"\s*(?:\(\s*(?P<op><<|<=|=|>=|>>)\s*(?P<version>[^\s)]+)\s*\))?\s*"
-)
 _INCLUDE_RE = re.compile(r"^include\s+/(?P<path>\S+)/Makefile[ \t]*$", re.MULTILINE)
 _ARCH_RE = re.compile(r"^\s*override\s+ARCH\s*:?=\s*(\S+)\s*$", re.MULTILINE)
 
 
 class BundleError(RuntimeError):
-    """A step of making a bundle failed (apt, dpkg-deb, an unexpected package layout)."""
-
-
-class UnknownKernel(ValueError):
-    """No Debian header package for the kernel(s) asked for."""
+    """The header packages are not laid out as a bundle needs (apt and dpkg failures are
+    :class:`drivers.build.debian.DebianError`)."""
 
 
 # --- deterministic archives (also used for driver sources) ------------------------------
@@ -165,9 +157,7 @@ def write_tgz(members: Iterable[Member], path: Path) -> Path:
     try:
         with (
             os.fdopen(fd, "wb") as raw,
-            gzip.GzipFile(
-                filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=COMPRESS_LEVEL
-            ) as gz,
+            gzip_writer(raw, COMPRESS_LEVEL) as gz,
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
         ):
             for m in sorted_members(members):
@@ -197,137 +187,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# --- Debian packages ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dependency:
-    name: str
-    op: str | None = None
-    version: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.op} {self.version})" if self.op else self.name
-
-
-def parse_depends(text: str) -> list[Dependency]:
-    """Every package a Depends field names, alternatives (``a | b``) included."""
-    deps = []
-    for group in text.split(","):
-        for alternative in group.split("|"):
-            if not alternative.strip():
-                continue
-            m = _DEP_RE.fullmatch(alternative)
-            if m is None:
-                raise BundleError(f"cannot read dependency {alternative.strip()!r}")
-            deps.append(Dependency(m["name"], m["op"], m["version"]))
-    return deps
-
-
-def _run(command: list[str], what: str, cwd: Path | None = None) -> str:
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise BundleError(f"{what}: {command[0]} is not installed") from None
-    if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-10:])
-        raise BundleError(f"{what} failed (exit {done.returncode}): {' '.join(command)}\n{tail}")
-    return done.stdout
-
-
-def deb_field(deb: Path, name: str) -> str:
-    return _run(["dpkg-deb", "-f", str(deb), name], f"reading {name} of {deb}").strip()
-
-
-def _version_cmp(a: str, b: str) -> int:
-    if a == b:
-        return 0
-    lower = subprocess.run(["dpkg", "--compare-versions", a, "lt", b], check=False)
-    return -1 if lower.returncode == 0 else 1
-
-
-def _satisfies(version: str, dep: Dependency) -> bool:
-    if dep.op is None:
-        return True
-    op = {"<<": "lt", "<=": "le", "=": "eq", ">=": "ge", ">>": "gt"}[dep.op]
-    done = subprocess.run(["dpkg", "--compare-versions", version, op, dep.version], check=False)
-    return done.returncode == 0
-
-
-def available_unames() -> list[str]:
-    """Kernels apt can fetch headers for (flavour packages only), in version order."""
-    out = _run(["apt-cache", "pkgnames", HEADERS_PREFIX], "listing linux-headers packages")
-    kernels: list[Kernel] = []
-    for name in out.split():
-        try:
-            kernel = parse_kernel(name.removeprefix(HEADERS_PREFIX))
-        except ValueError:
-            continue  # meta packages such as linux-headers-6.12-amd64
-        if kernel.family == DISTRO:  # -common and -common-rt are not kernels
-            kernels.append(kernel)
-    return [k.release for k in sorted(kernels)]
-
-
-def check_uname(uname: str) -> Kernel:
-    """The parsed kernel, or ValueError when ``uname`` is not a Debian kernel release."""
-    kernel = parse_kernel(uname)
-    if kernel.family != DISTRO:
-        raise ValueError(
-            f"{uname!r} is not a Debian kernel release (family {kernel.family!r}); "
-            "Debian ones end in -amd64, -cloud-amd64, -rt-amd64, e.g. 6.1.0-47-amd64"
-        )
-    return kernel
-
-
-def check_unames(unames: Iterable[str], deb_cache: Path) -> list[Kernel]:
-    """Parse every uname and make sure its headers are cached or known to apt; one error
-    names every unknown kernel and lists the available ones."""
-    kernels = [check_uname(u) for u in unames]
-    missing = [k.release for k in kernels if not _cached(HEADERS_PREFIX + k.release, deb_cache)]
-    if missing:
-        available = available_unames()
-        unknown = [u for u in missing if u not in available]
-        if unknown:
-            raise UnknownKernel(
-                f"no Debian package linux-headers-<uname> for {', '.join(unknown)}; "
-                f"apt knows {len(available)} kernel(s): {', '.join(available) or '(none)'} "
-                "(run apt-get update if that list looks stale)"
-            )
-    return kernels
-
-
-def _cached(package: str, deb_cache: Path) -> list[Path]:
-    # "_" separates name and version in a .deb's file name and never occurs in names.
-    return sorted(deb_cache.glob(f"{package}_*.deb"))
-
-
-def fetch_deb(dep: Dependency, deb_cache: Path) -> tuple[Path, bool]:
-    """The .deb for ``dep`` from the cache, else downloaded into it with ``apt-get
-    download``. Returns (path, downloaded)."""
-    deb_cache.mkdir(parents=True, exist_ok=True)
-    versions = {p: deb_field(p, "Version") for p in _cached(dep.name, deb_cache)}
-    fitting = [p for p, v in versions.items() if _satisfies(v, dep)]
-    if fitting:
-        newest = cmp_to_key(lambda a, b: _version_cmp(versions[a], versions[b]))
-        return max(fitting, key=newest), False
-    spec = f"{dep.name}={dep.version}" if dep.op == "=" else dep.name
-    # Into a private folder first: an interrupted download never looks like a cached .deb.
-    scratch = Path(tempfile.mkdtemp(dir=deb_cache, prefix=".download-"))
-    try:
-        _run(["apt-get", "download", "-q", spec], f"downloading {spec}", cwd=scratch)
-        debs = list(scratch.glob("*.deb"))
-        if len(debs) != 1:
-            raise BundleError(f"apt-get download {spec} gave {len(debs)} .deb files, not 1")
-        version = deb_field(debs[0], "Version")
-        if not _satisfies(version, dep):
-            raise BundleError(f"apt offers {dep.name} {version}, but {dep} is needed")
-        final = deb_cache / debs[0].name
-        os.replace(debs[0], final)
-        return final, True
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # --- bundles ------------------------------------------------------------------------------
@@ -367,7 +226,7 @@ def build_debian_bundle(uname: str, out_dir: Path, deb_cache: Path) -> BundleRep
     started = time.monotonic()
 
     flavour_package = HEADERS_PREFIX + uname
-    if not _cached(flavour_package, deb_cache):
+    if not cached_debs(flavour_package, deb_cache):
         check_unames([uname], deb_cache)
     flavour_deb, fetched = fetch_deb(Dependency(flavour_package), deb_cache)
     debs, downloaded = [flavour_deb], [flavour_deb.name] if fetched else []
@@ -380,7 +239,7 @@ def build_debian_bundle(uname: str, out_dir: Path, deb_cache: Path) -> BundleRep
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".bundle-{uname}-") as scratch:
         root = Path(scratch)
         for deb in debs:  # one root, as dpkg would install them: relative links resolve
-            _run(["dpkg-deb", "-x", str(deb), str(root)], f"extracting {deb.name}")
+            run_tool(["dpkg-deb", "-x", str(deb), str(root)], f"extracting {deb.name}")
         extracted_at = time.monotonic()
 
         tree = DebianTree(root, uname)
@@ -552,7 +411,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     for uname in unames:
         try:
             report = build_debian_bundle(uname, out_dir, deb_cache)
-        except BundleError as e:
+        except (BundleError, DebianError) as e:
             print(f"drivers bundle: {uname}: {e}", file=sys.stderr)
             status = 1
             continue
@@ -577,7 +436,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def _publish_boot_image(
     args: argparse.Namespace, uname: str, deb_cache: Path, out_dir: Path
 ) -> str:
-    from drivers.build import vmtest
+    from drivers.build.boot_images import publish_boot_image
     from drivers.domain.config import load_config
     from drivers.store import storage
 
@@ -589,9 +448,7 @@ def _publish_boot_image(
         if args.boot_modules is not None
         else load_config().vm_tests["modules"]
     )
-    result = vmtest.publish_boot_image(
-        store, uname, deb_cache, out_dir.parent / "kernel-images", modules
-    )
+    result = publish_boot_image(store, uname, deb_cache, out_dir.parent / "kernel-images", modules)
     where = f"gs://{store.bucket_name}/{boot_image_object(uname)}"
     extra = f" (with module(s) {', '.join(modules)} and their dependencies)" if modules else ""
     print(f"  boot image {where}: {result}{extra}", file=sys.stderr)

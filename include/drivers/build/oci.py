@@ -6,7 +6,7 @@ such an image from an OCI image layout (a directory or a tar of one, as an image
 tool writes it) and makes one from directories, so tests and the demo need no registry.
 
 Only the two driver trees are taken from the layers; everything else (the base image)
-is skipped unread. The safety rules of :func:`drivers.build.builder.safe_extract` apply to the
+is skipped unread. The safety rules of :func:`drivers.build.safetar.safe_extract` apply to the
 members that are taken: no ``..``, no absolute links or links leaving the tree, no
 devices. A ``..`` in any member name is refused wherever it is. Absolute links outside
 the driver trees are a base image's business (``/etc/alternatives`` has plenty) and are
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from drivers.domain.deterministic import HashingWriter, gzip_writer
 from drivers.domain.layout import UnknownArchitecture, cache_arch
 from drivers.domain.names import DriverVersionError, check_driver_version, parse_object_name
 from drivers.domain.verify import MAX_DRIVER_SIZE, DriverFacts, check_driver, inspect_driver
@@ -83,27 +84,6 @@ def _cache_arch(oci_arch: str) -> str:
 # --- building ----------------------------------------------------------------------------
 
 Layer = Path | bytes  # a directory, or an uncompressed tar archive (tests: hand-made members)
-
-
-class _HashingWriter(io.RawIOBase):
-    """Counts and hashes what goes through to ``target`` (``None``: hash only)."""
-
-    def __init__(self, target: IO[bytes] | None) -> None:
-        self.target, self.sha, self.size = target, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        if self.target is not None:
-            self.target.write(data)
-        return len(data)
-
-    @property
-    def digest(self) -> str:
-        return f"sha256:{self.sha.hexdigest()}"
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -160,20 +140,18 @@ def _put_layer(root: Path, layer: Layer) -> tuple[dict[str, Any], str]:
     """Write one gzip'd tar layer blob; (its descriptor, the uncompressed diff_id)."""
     blobs = root / "blobs" / "sha256"
     with tempfile.NamedTemporaryFile(dir=blobs, prefix=".layer-", delete=False) as out:
-        compressed = _HashingWriter(out)
-        # No name and mtime 0 in the gzip header: the same tree gives the same digest.
+        compressed = HashingWriter(out)
+        # Deterministic gzip: the same tree gives the same digest.
         # Level 6, not 9: drivers are gzip'd already, more effort only costs time.
-        with gzip.GzipFile(
-            filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=6
-        ) as gz:
-            plain = _HashingWriter(gz)
+        with gzip_writer(compressed, 6) as gz:
+            plain = HashingWriter(gz)
             if isinstance(layer, bytes):
                 plain.write(layer)
             else:
                 with tarfile.open(fileobj=plain, mode="w|", format=tarfile.GNU_FORMAT) as tar:
                     _write_tree(tar, layer)
     os.replace(out.name, _blob_path(root, compressed.digest))
-    desc = {"mediaType": MEDIA_LAYER_GZIP, "digest": compressed.digest, "size": compressed.size}
+    desc = {"mediaType": MEDIA_LAYER_GZIP, "digest": compressed.digest, "size": compressed.offset}
     return desc, plain.digest
 
 

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from drivers.domain.deterministic import HashingWriter
 from drivers.domain.kernels import version_tokens
 from drivers.domain.names import DRIVER_VERSION_RE, check_driver_version, parse_object_name
 from drivers.store.storage import ObjectInfo, ObjectNotFound, ObjectStore, UploadResult
@@ -148,22 +149,6 @@ _END64_LOCATOR = struct.Struct("<IIQI")
 _PIPELINE_DEPTH = 8  # entries read ahead of the writer: bounds memory to a few drivers
 
 
-class _HashingWriter:
-    """Writes to ``out`` and hashes what it writes, in order: the zip is written strictly
-    front to back (sizes and CRCs are known before each header), so the sha256 needs no
-    second pass over the file."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-        self.sha256 = hashlib.sha256()
-        self.offset = 0
-
-    def write(self, data: bytes) -> None:
-        self.sha256.update(data)  # releases the GIL: overlaps reading the next driver
-        self.out.write(data)
-        self.offset += len(data)
-
-
 def _zip_entries(
     driver_version: str, drivers: Iterable[tuple[str, Path | bytes]], license_text: str
 ) -> list[tuple[str, Path | bytes]]:
@@ -232,7 +217,7 @@ def _write_zip(entries: list[tuple[str, Path | bytes]], out: BinaryIO) -> ZipInf
     # header, before the data); a second thread hashes and writes. Both hashes release the
     # GIL, so on two cores reading and writing overlap.
     ahead: queue.Queue[tuple[str, bytes, int] | None] = queue.Queue(_PIPELINE_DEPTH)
-    writer = _HashingWriter(out)
+    writer = HashingWriter(out)
     central: list[bytes] = []
     failure: list[BaseException] = []
 
@@ -263,7 +248,7 @@ def _write_zip(entries: list[tuple[str, Path | bytes]], out: BinaryIO) -> ZipInf
     return ZipInfo(writer.sha256.hexdigest(), writer.offset, len(entries) - 1)
 
 
-def _write_entry(writer: _HashingWriter, name: str, data: bytes, crc: int) -> bytes:
+def _write_entry(writer: HashingWriter, name: str, data: bytes, crc: int) -> bytes:
     """Write one local header and its data; return the entry's central-directory record."""
     if len(data) >= 0xFFFFFFFF:  # no ZIP64 sizes: a driver is a few MB at most
         raise ValueError(f"{name}: {len(data)} bytes is too large for a support package entry")
@@ -282,7 +267,7 @@ def _write_entry(writer: _HashingWriter, name: str, data: bytes, crc: int) -> by
     return record + raw_name + extra
 
 
-def _write_central_directory(writer: _HashingWriter, central: list[bytes]) -> None:
+def _write_central_directory(writer: HashingWriter, central: list[bytes]) -> None:
     start = writer.offset
     for record in central:
         writer.write(record)

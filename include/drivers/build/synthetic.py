@@ -8,11 +8,11 @@ and for the demo's "extra" downstream drivers. They are never loadable: the
 
 from __future__ import annotations
 
-import gzip
 import io
 import random
 import struct
 
+from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.names import DriverKey
 from drivers.domain.verify import EM_BPF, MODULE_ELF
 
@@ -52,7 +52,4 @@ def driver(key: DriverKey, arch: str = "x86_64", size: int = 4096, seed: int = 0
         elf = elf_relocatable(machine, little, {".modinfo": modinfo, ".data": filler})
     else:
         elf = elf_relocatable(EM_BPF, arch != "s390x", {".data": filler})
-    out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=1) as gz:
-        gz.write(elf)
-    return out.getvalue()
+    return gzip_bytes(elf, 1)

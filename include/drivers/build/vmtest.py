@@ -28,16 +28,12 @@ module it needs is not kept beside the boot image).
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
-import io
 import json
-import lzma
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -45,11 +41,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from drivers.domain import layout
+from drivers.build.boot_images import debian_boot_image, fetch_boot_image
+from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.errors import DriversError
+from drivers.domain.exit_codes import EX_TEMPFAIL
 from drivers.domain.names import DriverKey, parse_object_name
 from drivers.domain.verify import ElfError, gunzip, read_modinfo
-from drivers.store.storage import ObjectNotFound, ObjectStore
+from drivers.store.storage import ObjectStore
 
 MARK = "VMTEST:"
 BUSYBOX = Path("/usr/bin/busybox")  # Debian's busybox-static
@@ -221,10 +219,7 @@ def initramfs(
         entries.append((f"drivers/{i}.{'ko' if kind == 'mod' else 'o'}", elf, 0o100644))
     archive = b"".join(_newc(n, d, m, i + 1) for i, (n, d, m) in enumerate(entries))
     archive += _newc("TRAILER!!!", b"", 0, 0)
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz:
-        gz.write(archive)
-    return out.getvalue()
+    return gzip_bytes(archive, 1)
 
 
 def tools_dir() -> Path:
@@ -256,119 +251,6 @@ def loader_binary(out_dir: Path | None = None) -> Path:
         )
     partial.replace(binary)
     return binary
-
-
-# --- boot images -------------------------------------------------------------------------
-
-
-def _deb_members(deb: Path):
-    """The members of a .deb's data tar, streamed (a kernel package holds ~400 MB)."""
-    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as dpkg:
-        try:
-            with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
-                for member in tar:
-                    f = tar.extractfile(member) if member.isfile() else None
-                    yield member.name, f
-        finally:
-            dpkg.kill()
-
-
-def _plain_module(name: str, data: bytes) -> bytes:
-    """A module file's ELF bytes (Debian compresses 6.12's with xz)."""
-    return lzma.decompress(data) if name.endswith(".ko.xz") else data
-
-
-def module_closure(wanted: Sequence[str], depends: dict[str, list[str]]) -> list[str]:
-    """``wanted`` and everything they depend on (names as ``modinfo`` gives them, with
-    ``-`` and ``_`` equal); raises VmTestError for a name the kernel does not have."""
-    norm = {n.replace("-", "_"): n for n in depends}
-    out: list[str] = []
-    todo = [w.replace("-", "_") for w in wanted]
-    while todo:
-        name = todo.pop()
-        if name in out:
-            continue
-        if name not in norm:
-            raise VmTestError(f"the kernel has no loadable module {name!r}")
-        out.append(name)
-        todo += [d.replace("-", "_") for d in depends[norm[name]]]
-    return sorted(norm[n] for n in out)
-
-
-def debian_boot_image(
-    uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
-) -> Path | None:
-    """``vmlinuz`` of Debian's ``linux-image-<uname>`` (from the .deb cache, else apt),
-    extracted to ``out_dir/<uname>/vmlinuz``, and the ``modules`` drivers may depend on
-    (with their own dependencies) as plain ``.ko`` files under
-    ``out_dir/<uname>/modules/``; None when Debian has no such package."""
-    from drivers.build.bundles import BundleError, Dependency, fetch_deb
-
-    folder = out_dir / uname
-    target = folder / "vmlinuz"
-    if target.is_file() and not modules:
-        return target
-    try:
-        deb, _ = fetch_deb(Dependency(f"linux-image-{uname}"), deb_cache)
-    except BundleError:
-        return None
-    tree = f"./lib/modules/{uname}/kernel/"
-    if not target.is_file():
-        kernel = next(
-            (f.read() for n, f in _deb_members(deb) if n == f"./boot/vmlinuz-{uname}" and f),
-            None,
-        )
-        if not kernel:
-            return None
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".part")
-        partial.write_bytes(kernel)
-        partial.replace(target)
-    if modules:
-        # One pass for every module's dependencies, one for the closure's files.
-        paths, depends = {}, {}
-        for name, f in _deb_members(deb):
-            if f and name.startswith(tree) and name.endswith((".ko", ".ko.xz")):
-                info = read_modinfo(_plain_module(name, f.read()))
-                paths[info["name"]] = name
-                depends[info["name"]] = [d for d in info.get("depends", "").split(",") if d]
-        wanted = {paths[m] for m in module_closure(modules, depends)}
-        for name, f in _deb_members(deb):
-            if name in wanted and f:
-                path = folder / "modules" / name[len(tree) :].removesuffix(".xz")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(_plain_module(name, f.read()))
-    return target
-
-
-def publish_boot_image(
-    store: ObjectStore, uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
-) -> str:
-    """Put Debian's kernel image for ``uname``, and the ``modules`` drivers may depend on,
-    in the kernel-images bucket (never overwriting); returns what happened to the image:
-    created, identical, different or absent."""
-    image = debian_boot_image(uname, deb_cache, out_dir, modules)
-    if image is None:
-        return "absent"
-    tree = image.parent / "modules"
-    for path in sorted(tree.rglob("*.ko")) if modules else ():
-        store.upload_new_file(layout.boot_module_object(uname, str(path.relative_to(tree))), path)
-    return store.upload_new_file(layout.boot_image_object(uname), image).value
-
-
-def fetch_boot_image(store: ObjectStore, uname: str, out_dir: Path) -> Path | None:
-    """The kernel image of ``uname`` from the kernel-images bucket, with the modules kept
-    beside it in ``modules/`` (None: there is none, so its drivers are untested, never
-    passed)."""
-    target = out_dir / uname / "vmlinuz"
-    try:
-        store.download_to(layout.boot_image_object(uname), target)
-    except ObjectNotFound:
-        return None
-    prefix = layout.boot_module_object(uname, "")
-    for info in store.list(prefix):
-        store.download_to(info.name, target.parent / "modules" / info.name[len(prefix) :])
-    return target
 
 
 # --- the test ----------------------------------------------------------------------------
@@ -672,13 +554,11 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     statuses = {r.status for r in results}
     if statuses == {PASSED}:
         return 0
-    return 75 if statuses <= {PASSED, RETRYABLE} else 1
+    return EX_TEMPFAIL if statuses <= {PASSED, RETRYABLE} else 1
 
 
 __all__ = [
     "VmResult",
-    "debian_boot_image",
-    "fetch_boot_image",
     "initramfs",
     "judge",
     "loader_binary",

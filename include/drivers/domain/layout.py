@@ -8,6 +8,7 @@ Object *names* inside the driver cache are owned by :mod:`drivers.domain.names`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -118,11 +119,24 @@ def shard_object(run_id: str, builder: str, index: int) -> str:
     return f"{staging_prefix(run_id)}shards/{builder}-{index:04d}.json"
 
 
+_SHARD_OBJECT_RE = re.compile(
+    re.escape(STAGING_PREFIX) + r"(?P<run_id>[^/]+)/shards/(?P<builder>[^/]+)-(?P<index>\d+)\.json$"
+)
+
+
+def parse_shard_object(name: str) -> tuple[str, str, int] | None:
+    """(run_id, builder, index) of a shard object name or gs:// URI (inverse of
+    shard_object); None when ``name`` is not one."""
+    m = _SHARD_OBJECT_RE.search(name)
+    return (m["run_id"], m["builder"], int(m["index"])) if m else None
+
+
 def shard_from_object(name: str) -> tuple[str, int]:
     """(builder, index) of a shard object name or gs:// URI (inverse of shard_object)."""
-    stem = name.rsplit("/", 1)[-1].removesuffix(".json")
-    builder, _, index = stem.rpartition("-")
-    return builder, int(index)
+    parsed = parse_shard_object(name)
+    if parsed is None:
+        raise ValueError(f"{name!r} is not a shard object ({shard_object('<run>', '<b>', 0)})")
+    return parsed[1], parsed[2]
 
 
 def shard_results_object(run_id: str, builder: str, index: int) -> str:

@@ -152,7 +152,7 @@ def run_versions(params: RunParams, runtime: RuntimeConfig) -> tuple[str, ...]:
 
 def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) -> dict[str, Any]:
     """Find what is missing and split it into shards; write the plan and shard files."""
-    from drivers.build.builder import toolchain_versions
+    from drivers.build.compile import toolchain_versions
     from drivers.store.runtime_config import load_runtime_config
 
     runtime = load_runtime_config(stores.work, config)  # a malformed object stops here

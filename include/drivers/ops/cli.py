@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-shard", help="build one shard (what a builder image runs)")
     p.add_argument("--shard", required=True, help="gs://WORK/staging/<run>/shards/<b>-<i>.json")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
-    p.set_defaults(func=_lazy("drivers.build.builder", "cmd_build_shard"))
+    p.set_defaults(func=_lazy("drivers.build.shard_run", "cmd_build_shard"))
 
     p = sub.add_parser(
         "integration-tests", help="upstream_drivers' VM load tests of a run's staged drivers"

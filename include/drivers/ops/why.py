@@ -167,7 +167,7 @@ def _info(store: Any, name: str) -> Any:
 def _toolchain() -> dict[str, str | None]:
     """This worker's toolchain: only the local runtime needs it, and only for a driver
     with a ledger entry (the builder module is imported then, not on every `why`)."""
-    from drivers.build.builder import toolchain_versions
+    from drivers.build.compile import toolchain_versions
 
     return toolchain_versions()
 

@@ -39,7 +39,7 @@ class WithdrawError(ValueError):
 def withdraw(
     stores: Stores, config: Config, key: DriverKey, reason: str, who: str
 ) -> dict[str, Any]:
-    from drivers.build.builder import toolchain_versions
+    from drivers.build.compile import toolchain_versions
     from drivers.flows.cpaas import UPSTREAM_ARCH, publish_cpaas_packages
     from drivers.flows.upstream import update_support_packages
     from drivers.store.storage import ObjectNotFound

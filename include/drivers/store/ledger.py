@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from drivers.domain import layout
 from drivers.domain.decision import REPEATABLE  # the failures that count toward quarantine
+from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.names import DriverKey
 
 if TYPE_CHECKING:  # google-cloud-storage stays out of DAG parsing (IMAGE_ENV)
@@ -104,7 +105,7 @@ def record(
 
 def encode(records: Iterable[dict[str, Any]]) -> bytes:
     lines = (json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in records)
-    return gzip.compress("".join(lines).encode(), compresslevel=6, mtime=0)
+    return gzip_bytes("".join(lines).encode(), 6)
 
 
 def decode(data: bytes) -> Iterator[dict[str, Any]]:
@@ -221,9 +222,7 @@ def update_coverage(
         coverage = read_coverage(work, driver_version)
         change(coverage)
         coverage.updated = now()
-        data = gzip.compress(
-            json.dumps(coverage.to_json(), separators=(",", ":")).encode(), mtime=0
-        )
+        data = gzip_bytes(json.dumps(coverage.to_json(), separators=(",", ":")).encode(), 9)
         if (
             work.put_if_generation(
                 coverage_object(driver_version), data, coverage.generation, "application/gzip"
@@ -280,7 +279,7 @@ def apply_run(
 def write_kernels(work: ObjectStore, arrived: dict[str, str]) -> None:
     """kernel -> when its bundle arrived: the kernels the coverage page lists."""
     data = json.dumps(arrived, sort_keys=True, separators=(",", ":")).encode()
-    work.put(KERNELS_OBJECT, gzip.compress(data, mtime=0), "application/gzip")
+    work.put(KERNELS_OBJECT, gzip_bytes(data, 9), "application/gzip")
 
 
 def read_kernels(work: ObjectStore) -> dict[str, str]:
@@ -297,7 +296,7 @@ def builder_environment(
 ) -> str:
     """What a builder builds with now: its image, or on the local runtime this worker's
     toolchain (the builder runs here too; ``toolchain`` reads it:
-    :func:`drivers.build.builder.toolchain_versions`, a layer above this one)."""
+    :func:`drivers.build.compile.toolchain_versions`, a layer above this one)."""
     if config.runtime == "local":
         return environment(None, toolchain())
     return environment(config.builders[builder].image, None)

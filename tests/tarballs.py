@@ -1,0 +1,33 @@
+"""Small hand-made .tgz archives for the safe-extraction and builder tests."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+_TYPES = {
+    "dir": tarfile.DIRTYPE,
+    "symlink": tarfile.SYMTYPE,
+    "hardlink": tarfile.LNKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+}
+
+
+def tgz(*members: tuple[str, str | bytes, bytes | str]) -> bytes:
+    """A small .tgz: (name, type, data or link target); type is file, dir, symlink,
+    hardlink, fifo, chr, blk, or a raw tar type flag (bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            data = None
+            if kind == "file":
+                data = payload.encode() if isinstance(payload, str) else payload
+                info.size = len(data)
+            else:
+                info.type = kind if isinstance(kind, bytes) else _TYPES[kind]
+                info.linkname = payload if isinstance(payload, str) else ""
+            tf.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
