@@ -65,7 +65,7 @@ def cpaas_drivers():
 
         mirror = mirror_image()
 
-    @task
+    @task(multiple_outputs=False)
     def extract_drivers(target: dict) -> dict:
         from drivers.flows import cpaas
 
@@ -74,7 +74,7 @@ def cpaas_drivers():
         except ValueError as e:
             raise AirflowFailException(str(e)) from None
 
-    @task
+    @task(multiple_outputs=False)
     def test_drivers_compilation(extracted: list[dict]) -> dict:
         from drivers.flows import cpaas
 
@@ -83,19 +83,19 @@ def cpaas_drivers():
             raise AirflowFailException(cpaas.describe_failures(found["failures"]))
         return {"failures": 0, "empty_logs": found["empty_logs"]}
 
-    @task
+    @task(multiple_outputs=False)
     def push_drivers(extracted: dict) -> dict:
         from drivers.flows import cpaas
 
         return cpaas.push_drivers(glue.stores(), glue.run_id(), extracted, _params().dry_run)
 
-    @task
+    @task(multiple_outputs=False)
     def pull_missing(pushed: dict) -> dict:
         from drivers.flows import cpaas
 
         return cpaas.pull_missing(glue.stores(), glue.run_id(), pushed)
 
-    @task
+    @task(multiple_outputs=False)
     def build_support_packages(pulled: dict) -> dict:
         from drivers.flows import cpaas
 
@@ -107,7 +107,7 @@ def cpaas_drivers():
 
         return cpaas.cleanup_staging(glue.stores(), glue.run_id())
 
-    @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+    @task(trigger_rule=TriggerRule.ALL_DONE, retries=0, multiple_outputs=False)
     def report(steps: dict) -> dict:
         from drivers.flows import cpaas
 

@@ -88,7 +88,7 @@ def drivers_dag(dag_id: str):
         **policy,
     )
     def pipeline():
-        @task
+        @task(multiple_outputs=False)
         def pre_build() -> dict:
             from drivers.domain.planview import format_plan_view
             from drivers.flows import upstream as pipeline
@@ -137,7 +137,7 @@ def drivers_dag(dag_id: str):
 
             builder_groups.append(build(plan))
 
-        @task(trigger_rule=TriggerRule.ALL_DONE)
+        @task(trigger_rule=TriggerRule.ALL_DONE, multiple_outputs=False)
         def unify(plan: dict | None) -> dict:
             from drivers.flows import upstream as pipeline
 
@@ -145,7 +145,7 @@ def drivers_dag(dag_id: str):
                 raise AirflowFailException("pre_build produced no plan")
             return pipeline.unify(glue.stores(), glue.run_id(), plan["shards"])
 
-        @task
+        @task(multiple_outputs=False)
         def verify_drivers() -> dict:
             from drivers.flows import upstream as pipeline
 
@@ -157,7 +157,7 @@ def drivers_dag(dag_id: str):
             tested = KubernetesPodOperator(**glue.vm_test_pod_kwargs(config)).output
         else:
 
-            @task
+            @task(multiple_outputs=False)
             def integration_tests() -> dict:
                 from drivers.flows import upstream as pipeline
 
@@ -167,13 +167,13 @@ def drivers_dag(dag_id: str):
 
             tested = integration_tests()
 
-        @task
+        @task(multiple_outputs=False)
         def push_drivers() -> dict:
             from drivers.flows import upstream as pipeline
 
             return pipeline.push_drivers(glue.stores(), glue.run_id())
 
-        @task
+        @task(multiple_outputs=False)
         def update_support_packages(plan: dict) -> dict:
             from drivers.flows import upstream as pipeline
 
@@ -182,7 +182,7 @@ def drivers_dag(dag_id: str):
             # the versions pre_build resolved (an empty choice: the run-time config's)
             return pipeline.update_support_packages(glue.stores(), plan["driver_versions"])
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, retries=0)
+        @task(trigger_rule=TriggerRule.ALL_DONE, retries=0, multiple_outputs=False)
         def report(steps: dict) -> dict:
             from drivers.flows import upstream as pipeline
 
@@ -190,7 +190,7 @@ def drivers_dag(dag_id: str):
             verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), steps, failed)
             return glue.watch(verdict)
 
-        @task(trigger_rule=TriggerRule.ALL_DONE)
+        @task(trigger_rule=TriggerRule.ALL_DONE, multiple_outputs=False)
         def record_ledger() -> dict:
             from drivers.flows import upstream as pipeline
 

@@ -35,6 +35,8 @@ def describe(dag) -> dict:
                 "owner": t.owner,
                 "retries": t.retries,
                 "backoff": bool(t.retry_exponential_backoff),
+                "retry_delay_s": t.retry_delay.total_seconds(),
+                "max_retry_delay_s": t.max_retry_delay and t.max_retry_delay.total_seconds(),
                 "type": type(t).__name__,
                 "trigger_rule": getattr(t.trigger_rule, "value", t.trigger_rule),
                 "pool": t.pool,

@@ -1,8 +1,8 @@
 """backfill_drivers on the embedded Airflow (LocalExecutor + api-server, the real GCS
 emulator): a dry run of a kernel range shows the plan (in pre_build's log, the report and
-`drivers report`) and builds nothing; what the nightly claimed is left to it; the API
-refuses a malformed trigger before a run exists. Bundles are placeholders: a dry run
-only lists them."""
+`drivers report`) and builds nothing; what the nightly claimed is left to it; the REST
+API judges each trigger conf of tests/trigger_cases.py before a run exists. Bundles are
+placeholders: a dry run only lists them."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from drivers.ops import report
 from drivers.ops.embedded import EmbeddedAirflow
 from drivers.store import claims
 from pipeline_env import pipeline_env
+from trigger_cases import TRIGGER_CASES, case_id, refusal
 
 CONFIG = """
 driver_versions = ["2.3.0", "2.4.0-rc1"]
@@ -134,27 +135,51 @@ def test_the_plan_view_is_in_pre_builds_log_and_drivers_report(env, dry_run):
     assert "claimed: 2 task(s) held by run scheduled__nightly (left to it)" in printed
 
 
-@pytest.mark.parametrize(
-    "conf, culprit",
-    [
-        ({"driver_versions": ["2.3.0"]}, "select"),  # required
-        ({"select": "   "}, "select"),
-        ({"select": SELECT, "driver_versions": ["2.3"]}, "driver_versions"),
-        ({"select": SELECT, "kinds": ["ko"]}, "kinds"),
-        ({"select": SELECT, "max_failures": -1}, "max_failures"),
-    ],
-)
-def test_the_api_refuses_a_malformed_backfill_trigger(env, dry_run, conf, culprit):
-    """The REST API's trigger (what the UI form and `airflow dags trigger` go through)
-    on the DAG as the dry run stored it: refused with 400, no run created."""
+@pytest.fixture(scope="module")
+def api(env, dry_run) -> str:
+    """The REST API, with every DAG of dags/ stored as the DAG processor stores them (the
+    dry run stored only backfill_drivers)."""
     airflow, _ = env
-    url = f"http://127.0.0.1:{airflow.port}/api/v2/dags/backfill_drivers/dagRuns"
-    body = json.dumps({"logical_date": None, "conf": conf}).encode()
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as e:
-        OPENER.open(request, timeout=30)
-    assert e.value.code == 400
-    assert f"Invalid input for param {culprit}" in e.value.read().decode()
+    airflow.airflow("dags", "reserialize", capture_output=True)
+    return f"http://127.0.0.1:{airflow.port}/api/v2"
+
+
+def call(url: str, method: str = "GET", doc: dict | None = None) -> tuple[int, str]:
+    body = json.dumps(doc).encode() if doc is not None else None
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method=method)
+    try:
+        with OPENER.open(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def run_ids(api: str, dag_id: str) -> set[str]:
+    status, body = call(f"{api}/dags/{dag_id}/dagRuns?limit=100")
+    assert status == 200, body
+    return {r["dag_run_id"] for r in json.loads(body)["dag_runs"]}
+
+
+@pytest.mark.parametrize("case", TRIGGER_CASES, ids=map(case_id, TRIGGER_CASES))
+def test_the_rest_api_judges_a_trigger_conf_before_a_run_exists(api, case):
+    """The REST API's trigger (what the UI form and `airflow dags trigger` go through), on
+    the DAGs as stored: a malformed conf is refused with 400 naming the param, and no run
+    is created; a valid one creates its run (deleted again: nothing runs it here)."""
+    dag_id, conf, culprit = case
+    before = run_ids(api, dag_id)
+
+    status, body = call(
+        f"{api}/dags/{dag_id}/dagRuns", "POST", {"logical_date": None, "conf": conf}
+    )
+
+    if culprit is None:
+        assert status == 200, body
+        run_id = json.loads(body)["dag_run_id"]
+        assert run_ids(api, dag_id) == before | {run_id}
+        assert call(f"{api}/dags/{dag_id}/dagRuns/{run_id}", "DELETE")[0] == 204
+    else:
+        assert status == 400 and refusal(culprit) in body, (status, body)
+    assert run_ids(api, dag_id) == before
 
 
 def test_the_embedded_airflow_sizes_both_builder_pools_from_the_config(env):

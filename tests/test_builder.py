@@ -499,6 +499,32 @@ def test_a_builder_image_without_make_stops_with_65(env, real_bundle, tmp_path, 
     assert records[-1]["exit_status"] == EX_DATAERR and records[-1]["completed"] is False
 
 
+def processes_naming(folder: Path, but: int) -> list[str]:
+    """Command lines of the running processes (but pid ``but``) that name ``folder``:
+    make and the compilers it started in a shard's scratch folder."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # ended meanwhile
+            continue
+        if cmdline.parent.name != str(but) and any(str(folder) in a for a in args):
+            found.append(" ".join(args))
+    return found
+
+
+def in_stage(stage: str, workdir: Path, proc: subprocess.Popen) -> Path | None:
+    """The shard's scratch folder once it is in ``stage`` (else None): "bundle" while
+    extracting the bundle (its tree is there, no build started yet), "build" while make
+    runs (a process names the scratch folder)."""
+    for scratch in workdir.glob("*"):
+        if stage == "bundle" and (scratch / "bundle").is_dir():
+            return None if (scratch / "build").exists() else scratch
+        if stage == "build" and processes_naming(scratch, but=proc.pid):
+            return scratch
+    return None
+
+
 @pytest.mark.parametrize("stage", ["bundle", "build"])  # while extracting / compiling
 def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle, tmp_path, stage):
     env.add_bundle(KERNEL, real_bundle)
@@ -509,16 +535,29 @@ def test_sigterm_cleans_up_writes_results_and_asks_for_a_retry(env, real_bundle,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
-    while not list(workdir.glob(f"*/{stage}")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # wait until it is in that stage
+    deadline = time.monotonic() + 60
+    while (scratch := in_stage(stage, workdir, proc)) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the shard never was in its {stage} stage: {proc.communicate()[1]}")
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
+    build_started = False  # after the signal: it must stop in the stage it was in
+    while proc.poll() is None:
+        build_started = build_started or (scratch / "build").exists()
+        time.sleep(0.05)
     _out, err = proc.communicate(timeout=60)
 
     assert proc.returncode == EX_TEMPFAIL, err
-    records = env.results()
-    assert records[0]["status"] == "infra_failed" and "SIGTERM" in records[0]["message"]
-    assert records[-1]["exit_status"] == EX_TEMPFAIL
+    [task, shard] = env.results()
+    assert (task["status"], task["failure"]) == ("infra_failed", "terminated"), task
+    assert task["message"] == "stopped: terminated (SIGTERM)" and task["log"] is None
+    assert shard["exit_status"] == EX_TEMPFAIL and shard["completed"] is False
+    if stage == "bundle":  # interrupted while extracting: no build began
+        assert not build_started
+    else:  # interrupted while compiling: make and its compilers were killed with it
+        assert processes_naming(scratch, but=proc.pid) == []
+    assert list(env.work.list(layout.staged_drivers_prefix("run1"))) == []  # nothing staged
     assert list(workdir.iterdir()) == [], [str(p) for p in workdir.rglob("*")][:20]
 
 

@@ -630,7 +630,9 @@ def test_coverage_page_in_chromium_behind_the_login(
                 (By.CSS_SELECTOR, f"#why-result[data-kernel='{UBUNTU}']")
             )
         ).text
-        for a in explain(seeded.stores, load_config(), UBUNTU).answers:
+        answers = explain(seeded.stores, load_config(), UBUNTU).answers
+        assert len(answers) == 4  # 2 versions x 2 kinds, each shown
+        for a in answers:
             assert a.summary in answer and (a.action or "") in answer, a
         assert "3 of 4 driver(s) available" in answer
         screenshot("why")

@@ -49,9 +49,21 @@ def test_dag_ids_are_file_stems_and_follow_policy(bag):
         assert dag["doc"], dag_id
         for task_id, task in dag["tasks"].items():
             assert task["owner"] == "drivers", task_id
-            assert task["retries"] is not None, task_id
-            # transient failures: retried with exponential backoff
-            assert task["backoff"] or task["retries"] == 0, task_id
+
+
+# The shipped pipeline.toml: retries = 2, retry_delay_s = 120.
+RETRIES, RETRY_DELAY_S = 2, 120.0
+
+
+def test_every_task_retries_transient_failures_with_exponential_backoff(bag):
+    """The configured policy on every task (bad input fails at once, never retried); only
+    the watcher (report) is never retried: its verdict is the run's, a retry repeats it."""
+    for dag_id, dag in bag["dags"].items():
+        for task_id, task in dag["tasks"].items():
+            policy = (task["retries"], task["backoff"])
+            delays = (task["retry_delay_s"], task["max_retry_delay_s"])
+            assert policy == (0 if task_id == "report" else RETRIES, True), (dag_id, task_id)
+            assert delays == (RETRY_DELAY_S, 16 * RETRY_DELAY_S), (dag_id, task_id)
 
 
 def test_upstream_drivers_shape_comes_from_config(bag):
@@ -134,54 +146,6 @@ def test_the_trigger_form_renders_choices_and_proposals(bag):
         assert schema["title"] and schema["description"], name
 
 
-TRIGGER_CASES = [
-    # (dag_id, conf, the param the refusal names, or None: accepted)
-    ("upstream_drivers", {}, None),
-    ("upstream_drivers", {"select": "el8:4.18.0-305..4.18.0-372"}, None),
-    (
-        "upstream_drivers",
-        {"driver_versions": ["2.3.0"], "other_driver_versions": ["2.5.0", ""]},
-        None,
-    ),
-    ("upstream_drivers", {"driver_versions": ["2.3"]}, "driver_versions"),
-    ("upstream_drivers", {"other_driver_versions": ["v2.5"]}, "other_driver_versions"),
-    ("upstream_drivers", {"kinds": ["ko"]}, "kinds"),
-    ("upstream_drivers", {"kinds": []}, "kinds"),
-    ("upstream_drivers", {"builders": ["rhel9"]}, "builders"),
-    ("upstream_drivers", {"max_failures": -1}, "max_failures"),
-    ("upstream_drivers", {"select": "  "}, "select"),
-    ("upstream_drivers", {"vm_tests": "sometimes"}, "vm_tests"),
-    ("upstream_drivers", {"vm_tests_budget_s": -5}, "vm_tests_budget_s"),
-    ("upstream_drivers", {"force": "yes"}, "force"),
-    ("backfill_drivers", {"select": "el8:4.18.0-305..4.18.0-372"}, None),
-    ("backfill_drivers", {}, "select"),
-    ("backfill_drivers", {"select": None}, "select"),
-    ("backfill_drivers", {"select": ""}, "select"),
-    ("backfill_drivers", {"select": " \t"}, "select"),
-]
-
-
-def test_malformed_trigger_input_is_refused_at_trigger_time(tmp_path):
-    """The validation Airflow runs before a run exists, on the DAGs as the API server
-    loads them from the database (tests/trigger_validate.py)."""
-    cases = [[dag_id, conf] for dag_id, conf, _ in TRIGGER_CASES]
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "trigger_validate.py"), str(DAGS)],
-        input=json.dumps(cases),
-        capture_output=True,
-        text=True,
-        env=os.environ | {"AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_HOME": str(tmp_path)},
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    verdicts = json.loads(result.stdout.strip().splitlines()[-1])
-    for (dag_id, conf, culprit), verdict in zip(TRIGGER_CASES, verdicts, strict=True):
-        if culprit is None:
-            assert verdict is None, (dag_id, conf, verdict)
-        else:
-            assert verdict and f"Invalid input for param {culprit}:" in verdict, (dag_id, conf)
-
-
 def test_cpaas_drivers_shape(bag):
     dag = bag["dags"]["cpaas_drivers"]
     assert dag["schedule"] == "0 0 * * *" and dag["catchup"] is False
@@ -257,6 +221,9 @@ def test_kubernetes_runtime_maps_pods(tmp_path):
     tasks = bag["dags"]["upstream_drivers"]["tasks"]
     assert tasks["fc36.build_shard"]["type"] == "MappedOperator"
     cpaas = bag["dags"]["cpaas_drivers"]["tasks"]
+    for pod in (tasks["fc36.build_shard"], tasks["integration_tests"], cpaas["mirror_image"]):
+        # a lost pod (evicted, preempted) is retried sooner and once more than a task
+        assert (pod["retries"], pod["backoff"], pod["retry_delay_s"]) == (3, True, 60.0)
     assert tasks["integration_tests"]["type"] == "KubernetesPodOperator"
     assert tasks["integration_tests"]["downstream"] == ["push_drivers", "report"]
     assert cpaas["mirror_image"]["type"] == "KubernetesPodOperator"

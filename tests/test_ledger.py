@@ -155,7 +155,9 @@ def test_infrastructure_failures_are_never_quarantined(world):
     coverage.apply(ledger.record(key, "failed", "r5", fingerprint=fp, failure="compile"))
     coverage.apply(ledger.record(key, "infra_failed", "r6", fingerprint=fp))  # in between
     coverage.apply(ledger.record(key, "failed", "r7", fingerprint=fp, failure="compile"))
-    assert quarantined(coverage.entry(NEW, "mod"), fp, 2) is not None
+    assert quarantined(coverage.entry(NEW, "mod"), fp, 2) == (
+        "2 failures in a row (compile) with the same builder environment, sources and bundle"
+    )
     assert quarantined(coverage.entry(NEW, "mod"), "img2|sources:a|bundle:b", 2) is None
 
 

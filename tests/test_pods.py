@@ -61,12 +61,15 @@ def test_builder_pod_runs_the_entrypoint_with_the_shard(rendered):
     assert operator.deferrable and operator.on_finish_action.value == "delete_pod"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["DRIVERS_BUILDER_IMAGE"] == container["image"]  # the ledger's environment
-    # an evicted, preempted or timed-out pod is retried, with backoff
+    # an evicted, preempted or timed-out pod is retried 3 times, after 1, 2, 4 minutes
+    from datetime import timedelta
+
     from drivers.airflow import glue as glue
     from drivers.domain.config import load_config
 
     kwargs = glue.builder_pod_kwargs(load_config(), "fc36", glue.BUILDER_POOL)
-    assert kwargs["retries"] >= 1 and kwargs["retry_exponential_backoff"] is True
+    retry = (kwargs["retries"], kwargs["retry_delay"], kwargs["retry_exponential_backoff"])
+    assert retry == (3, timedelta(minutes=1), True)
 
 
 def test_builder_pod_carries_no_credentials(rendered):

@@ -1,8 +1,15 @@
-"""Trigger parameters beyond the form's JSON schema (tests/test_dag_integrity.py checks
-what the schema refuses at trigger time): versions picked and typed, and what only the
-first task can check, refused before anything is written, with a valid example."""
+"""Trigger parameters: what the form's JSON schema refuses before a run exists (the table
+in tests/trigger_cases.py, here through the params' validation; tests/test_backfill_e2e.py
+sends it through the REST API), versions picked and typed, and what only the first task
+can check, refused before anything is written, with a valid example."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +19,37 @@ from drivers.domain.selectors import SelectorError
 from drivers.flows import upstream as pipeline
 from drivers.store.storage import Stores, client_from_environment
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
+from trigger_cases import TRIGGER_CASES, case_id, refusal
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory) -> list[str | None]:
+    """Each case's verdict from the validation Airflow runs before a run exists, on the
+    DAGs as the API server loads them from the database (tests/trigger_validate.py)."""
+    cases = [[dag_id, conf] for dag_id, conf, _ in TRIGGER_CASES]
+    home = tmp_path_factory.mktemp("airflow")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "trigger_validate.py"), str(REPO / "dags")],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        env=os.environ | {"AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_HOME": str(home)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(TRIGGER_CASES)), ids=map(case_id, TRIGGER_CASES))
+def test_the_schema_judges_a_trigger_conf_before_a_run_exists(verdicts, case):
+    _, _, culprit = TRIGGER_CASES[case]
+    verdict = verdicts[case]
+    if culprit is None:
+        assert verdict is None
+    else:
+        assert verdict is not None and refusal(culprit) in verdict
 
 
 def test_typed_versions_join_the_picked_ones_and_blank_lines_are_dropped():
@@ -46,10 +84,11 @@ def test_pre_build_writes_nothing_for_a_selector_that_selects_nothing(gcs, tmp_p
     with pipeline_env(gcs, tmp_path, config, name="badinput") as buckets:
         buckets["bundles"].upload_new(layout.bundle_object("6.1.0-56-amd64"), b"listed only")
         stores = Stores(client_from_environment())
-        for select, why in SELECTS_NOTHING:
-            # as if the form's check were bypassed: pre_build itself refuses it
-            params = pipeline.RunParams(driver_versions=("2.3.0",), select=select)
-            with pytest.raises(SelectorError, match="valid selectors look like") as e:
-                pipeline.pre_build(stores, load_config(), f"manual__{select}", params)
-            assert why in str(e.value)
+        # as if the form's check were bypassed: pre_build itself refuses it (the other
+        # selectors' messages: the test above)
+        select, why = SELECTS_NOTHING[0]
+        params = pipeline.RunParams(driver_versions=("2.3.0",), select=select)
+        with pytest.raises(SelectorError, match="valid selectors look like") as e:
+            pipeline.pre_build(stores, load_config(), "manual__bad-select", params)
+        assert why in str(e.value)
         assert [i.name for i in buckets["work"].list()] == []  # no plan, claim, lock, report
