@@ -91,12 +91,12 @@ def drivers_dag(dag_id: str):
         @task(multiple_outputs=False)
         def pre_build() -> dict:
             from drivers.domain.planview import format_plan_view
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
             try:
                 params = _params()
-                planned = pipeline.pre_build(glue.stores(), run_config, glue.run_id(), params)
-            except (pipeline.ShrinkGuardError, ValueError) as e:  # bad input: no retry
+                planned = upstream.pre_build(glue.stores(), run_config, glue.run_id(), params)
+            except (upstream.ShrinkGuardError, ValueError) as e:  # bad input: no retry
                 raise AirflowFailException(str(e)) from None
             print(format_plan_view(planned["plan_view"], params.dry_run))  # the task log
             return planned
@@ -139,17 +139,17 @@ def drivers_dag(dag_id: str):
 
         @task(trigger_rule=TriggerRule.ALL_DONE, multiple_outputs=False)
         def unify(plan: dict | None) -> dict:
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
             if plan is None:
                 raise AirflowFailException("pre_build produced no plan")
-            return pipeline.unify(glue.stores(), glue.run_id(), plan["shards"])
+            return upstream.unify(glue.stores(), glue.run_id(), plan["shards"])
 
         @task(multiple_outputs=False)
         def verify_drivers() -> dict:
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
-            return pipeline.verify_drivers(glue.stores(), glue.run_id())
+            return upstream.verify_drivers(glue.stores(), glue.run_id())
 
         if config.runtime == "kubernetes":
             from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -159,9 +159,9 @@ def drivers_dag(dag_id: str):
 
             @task(multiple_outputs=False)
             def integration_tests() -> dict:
-                from drivers.flows import upstream as pipeline
+                from drivers.flows import upstream
 
-                return pipeline.integration_tests(
+                return upstream.integration_tests(
                     glue.stores(), glue.run_id(), _params(), config.vm_tests
                 )
 
@@ -169,38 +169,38 @@ def drivers_dag(dag_id: str):
 
         @task(multiple_outputs=False)
         def push_drivers() -> dict:
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
-            return pipeline.push_drivers(glue.stores(), glue.run_id())
+            return upstream.push_drivers(glue.stores(), glue.run_id())
 
         @task(multiple_outputs=False)
         def update_support_packages(plan: dict) -> dict:
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
             if _params().dry_run:  # plan and report only: publish nothing
                 return {"dry_run": True}
             # the versions pre_build resolved (an empty choice: the run-time config's)
-            return pipeline.update_support_packages(glue.stores(), plan["driver_versions"])
+            return upstream.update_support_packages(glue.stores(), plan["driver_versions"])
 
         @task(trigger_rule=TriggerRule.ALL_DONE, retries=0, multiple_outputs=False)
         def report(steps: dict) -> dict:
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
             failed = glue.failed_tasks(get_current_context())
-            verdict = pipeline.report(glue.stores(), glue.run_id(), _params(), steps, failed)
+            verdict = upstream.report(glue.stores(), glue.run_id(), _params(), steps, failed)
             return glue.watch(verdict)
 
         @task(trigger_rule=TriggerRule.ALL_DONE, multiple_outputs=False)
         def record_ledger() -> dict:
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
-            return pipeline.record_ledger(glue.stores(), glue.run_id())
+            return upstream.record_ledger(glue.stores(), glue.run_id())
 
         @task(trigger_rule=TriggerRule.ALL_DONE)
         def cleanup_staging() -> int:
-            from drivers.flows import upstream as pipeline
+            from drivers.flows import upstream
 
-            return pipeline.cleanup_staging(glue.stores(), glue.run_id())
+            return upstream.cleanup_staging(glue.stores(), glue.run_id())
 
         unified = unify(plan)
         verified = verify_drivers()

@@ -16,7 +16,7 @@ import pytest
 
 from drivers.domain import layout
 from drivers.domain.config import load_config
-from drivers.flows import upstream as pipeline
+from drivers.flows import upstream
 from drivers.store import claims
 from drivers.store.storage import Stores, client_from_environment
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
@@ -55,8 +55,8 @@ def pre_build(run_id: str, select: str | None = None, dry_run: bool = False) -> 
     """The real pre_build, with its own client (as each run's worker has)."""
     config = load_config()
     stores = Stores(client_from_environment())
-    params = pipeline.RunParams.from_params({"select": select, "dry_run": dry_run}, config)
-    return pipeline.pre_build(stores, config, run_id, params)
+    params = upstream.RunParams.from_params({"select": select, "dry_run": dry_run}, config)
+    return upstream.pre_build(stores, config, run_id, params)
 
 
 def planned(work, run_id: str) -> set[tuple[str, str, str]]:
@@ -132,7 +132,7 @@ def test_cleanup_staging_releases_the_claim(env):
     pre_build("scheduled__first")
     assert pre_build("manual__blocked")["summary"]["claimed"] == 12
     stores = Stores(client_from_environment())
-    pipeline.cleanup_staging(stores, "scheduled__first")
+    upstream.cleanup_staging(stores, "scheduled__first")
     assert not work.exists(layout.claim_object("scheduled__first"))
     assert pre_build("manual__free")["summary"]["claimed"] == 0
     # a run with nothing left to build holds no claim

@@ -18,8 +18,7 @@ from drivers.domain.decision import quarantined
 from drivers.domain.kernels import parse_kernel
 from drivers.domain.layout import report_prefix
 from drivers.domain.names import DriverKey
-from drivers.flows import cpaas
-from drivers.flows import upstream as pipeline
+from drivers.flows import cpaas, upstream
 from drivers.ops import cli, why
 from drivers.ops.withdraw import WithdrawError, withdraw
 from drivers.store import ledger
@@ -51,8 +50,8 @@ def world(gcs, tmp_path):
 def fake_run(stores, config, run_id, failing=(), params=None):
     """pre_build, then what the builders, the push and record_ledger do: every planned
     task is built and published unless its (kernel, kind) is in ``failing``."""
-    run = pipeline.RunParams.from_params(params or {}, config)
-    pre = pipeline.pre_build(stores, config, run_id, run)
+    run = upstream.RunParams.from_params(params or {}, config)
+    pre = upstream.pre_build(stores, config, run_id, run)
     tasks = [
         task
         for uris in pre["shards"].values()
@@ -87,8 +86,8 @@ def fake_run(stores, config, run_id, failing=(), params=None):
         f"{layout.staging_prefix(run_id)}results/0.jsonl", "\n".join(lines).encode() + b"\n"
     )
     write_json(stores.work, f"{report_prefix(run_id)}push.json", {"created": created})
-    recorded = pipeline.record_ledger(stores, run_id)
-    pipeline.cleanup_staging(stores, run_id)
+    recorded = upstream.record_ledger(stores, run_id)
+    upstream.cleanup_staging(stores, run_id)
     return pre, recorded
 
 
@@ -113,7 +112,7 @@ def test_runs_record_attempts_and_state_changes_not_what_is_done(world):
     assert entry(stores, NEW, "bpf")["failures"] == 2
     # applying a run twice (a retried task) changes nothing
     before = stores.work.download(ledger.coverage_object("2.3.0"))
-    pipeline.record_ledger(stores, "run2")
+    upstream.record_ledger(stores, "run2")
     after = ledger.read_coverage(stores.work, "2.3.0")
     assert after.entry(NEW, "bpf")["failures"] == 2
     assert json.loads(gzip.decompress(before))["entries"] == after.entries
@@ -231,7 +230,7 @@ def test_withdraw_removes_records_repackages_and_holds_back(world, monkeypatch):
     stores, config = world
     fake_run(stores, config, "run1")
     before = datetime(2026, 1, 1, tzinfo=UTC)
-    pipeline.update_support_packages(stores, ["2.3.0"], now=before)
+    upstream.update_support_packages(stores, ["2.3.0"], now=before)
     cpaas.publish_cpaas_packages(stores, cpaas.UPSTREAM_ARCH, ["2.3.0"], before)
     matrix = json.loads(stores.support.download("cpaas/x86_64/driver-matrix.json"))
     assert matrix[OLD]["2.3.0"] == {"kmod": "upstream", "ebpf": "upstream"}
@@ -270,9 +269,9 @@ def test_withdraw_removes_records_repackages_and_holds_back(world, monkeypatch):
 def test_a_malformed_run_time_config_stops_pre_build_before_it_writes(world):
     stores, config = world
     stores.work.put("config/blocklist", f"{OLD} 2.3.0 bpf extra-field\n".encode())
-    params = pipeline.RunParams.from_params({}, config)
+    params = upstream.RunParams.from_params({}, config)
     with pytest.raises(RuntimeConfigError) as e:
-        pipeline.pre_build(stores, config, "run1", params)
+        upstream.pre_build(stores, config, "run1", params)
     assert f"gs://{stores.work.bucket_name}/config/blocklist:1" in str(e.value)
     assert [i.name for i in stores.work.list()] == ["config/blocklist"]  # nothing written
 
@@ -298,8 +297,8 @@ def test_withdraw_repackages_in_the_next_second_when_this_one_is_taken():
 
 def planned(stores, config, key):
     """What a dry run's plan decides for ``key``: "build", "quarantined" or None."""
-    params = pipeline.RunParams.from_params({"dry_run": True}, config)
-    pre = pipeline.pre_build(stores, config, "dry", params)
+    params = upstream.RunParams.from_params({"dry_run": True}, config)
+    pre = upstream.pre_build(stores, config, "dry", params)
     doc = json.loads(stores.work.download(pre["plan"].split("/", 3)[3]))
     if list(key) in (task for shard in doc["shards"] for task in shard["tasks"]):
         return "build"

@@ -9,7 +9,7 @@ from drivers.domain.config import load_config
 from drivers.domain.errors import RunInputError
 from drivers.domain.kernels import parse_kernel
 from drivers.domain.selectors import SelectorError
-from drivers.flows import upstream as pipeline
+from drivers.flows import upstream
 from drivers.store.storage import Stores, write_json
 
 
@@ -19,7 +19,7 @@ def config():
 
 
 def test_run_params_default_to_the_config(config):
-    params = pipeline.RunParams.from_params({}, config)
+    params = upstream.RunParams.from_params({}, config)
     assert params.driver_versions == ()  # the run-time config's, resolved by pre_build
     assert params.kinds == ("mod", "bpf") and params.max_failures == 0 and not params.force
 
@@ -29,16 +29,16 @@ def test_run_versions_come_from_the_run_time_config(store, config):
 
     work = store()
     runtime = load_runtime_config(work, config)  # nothing set: as shipped
-    default = pipeline.RunParams.from_params({}, config)
-    assert pipeline.run_versions(default, runtime) == config.driver_versions
+    default = upstream.RunParams.from_params({}, config)
+    assert upstream.run_versions(default, runtime) == config.driver_versions
     work.put("config/driver-versions", b"2.3.0\n2.5.0\n")  # 2.4.0-rc1 retired, 2.5.0 added
     runtime = load_runtime_config(work, config)
-    assert pipeline.run_versions(default, runtime) == ("2.3.0", "2.5.0")
-    typed = pipeline.RunParams.from_params({"driver_versions": ["2.5.0"]}, config)
-    assert pipeline.run_versions(typed, runtime) == ("2.5.0",)
-    retired = pipeline.RunParams.from_params({"driver_versions": ["2.4.0-rc1"]}, config)
+    assert upstream.run_versions(default, runtime) == ("2.3.0", "2.5.0")
+    typed = upstream.RunParams.from_params({"driver_versions": ["2.5.0"]}, config)
+    assert upstream.run_versions(typed, runtime) == ("2.5.0",)
+    retired = upstream.RunParams.from_params({"driver_versions": ["2.4.0-rc1"]}, config)
     with pytest.raises(RunInputError) as e:
-        pipeline.run_versions(retired, runtime)
+        upstream.run_versions(retired, runtime)
     assert "['2.4.0-rc1'] are not in the run-time config" in str(e.value)
     assert "drivers config add driver-versions 2.4.0-rc1" in str(e.value)
 
@@ -55,7 +55,7 @@ def test_run_versions_come_from_the_run_time_config(store, config):
 )
 def test_bad_run_params_say_what_is_wrong(config, given, error, words):
     with pytest.raises(error) as e:
-        pipeline.RunParams.from_params(given, config)
+        upstream.RunParams.from_params(given, config)
     assert words in str(e.value)
 
 
@@ -69,14 +69,14 @@ def test_shrink_guard_names_the_missing_kernels(store, config):
     buckets = dataclasses.replace(layout.Buckets.from_env(), work=work.bucket_name)
     stores = Stores(work.client, buckets)
     kernels = [parse_kernel(f"5.4.0-{i}-generic") for i in range(1, 101)]
-    assert pipeline.check_shrink(stores, kernels, config) == {"reference": None, "missing": 0}
+    assert upstream.check_shrink(stores, kernels, config) == {"reference": None, "missing": 0}
     write_json(
-        work, pipeline.STATE_OBJECT, {"run_id": "r1", "kernels": [k.release for k in kernels]}
+        work, upstream.STATE_OBJECT, {"run_id": "r1", "kernels": [k.release for k in kernels]}
     )
     # 2 % of 100 may go (a kernel retired on purpose); 3 may not
-    assert pipeline.check_shrink(stores, kernels[2:], config)["missing"] == 2
-    with pytest.raises(pipeline.ShrinkGuardError) as e:
-        pipeline.check_shrink(stores, kernels[3:], config)
+    assert upstream.check_shrink(stores, kernels[2:], config)["missing"] == 2
+    with pytest.raises(upstream.ShrinkGuardError) as e:
+        upstream.check_shrink(stores, kernels[3:], config)
     message = str(e.value)
     assert "5.4.0-1-generic, 5.4.0-2-generic, 5.4.0-3-generic" in message
     assert "r1" in message and "accept_shrink" in message

@@ -16,7 +16,7 @@ import pytest
 from drivers.domain import layout
 from drivers.domain.config import load_config
 from drivers.domain.selectors import SelectorError
-from drivers.flows import upstream as pipeline
+from drivers.flows import upstream
 from drivers.store.storage import Stores, client_from_environment
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
 from trigger_cases import TRIGGER_CASES, case_id, refusal
@@ -53,12 +53,12 @@ def test_the_schema_judges_a_trigger_conf_before_a_run_exists(verdicts, case):
 
 
 def test_typed_versions_join_the_picked_ones_and_blank_lines_are_dropped():
-    params = pipeline.RunParams.from_params(
+    params = upstream.RunParams.from_params(
         {"driver_versions": ["2.3.0"], "other_driver_versions": ["2.5.0", "", "2.3.0"]},
         load_config(),
     )
     assert params.driver_versions == ("2.3.0", "2.5.0")
-    none = pipeline.RunParams.from_params({"driver_versions": None}, load_config())
+    none = upstream.RunParams.from_params({"driver_versions": None}, load_config())
     assert none.driver_versions == ()  # the run-time config's
 
 
@@ -74,7 +74,7 @@ SELECTS_NOTHING = [
 @pytest.mark.parametrize("select, why", SELECTS_NOTHING)
 def test_a_selector_the_schema_cannot_judge_is_refused_with_a_valid_example(select, why):
     with pytest.raises(SelectorError) as e:
-        pipeline.RunParams.from_params({"select": select}, load_config())
+        upstream.RunParams.from_params({"select": select}, load_config())
     assert why in str(e.value)
     assert "valid selectors look like 'el8:4.18.0-305..4.18.0-372'" in str(e.value)
 
@@ -87,8 +87,8 @@ def test_pre_build_writes_nothing_for_a_selector_that_selects_nothing(gcs, tmp_p
         # as if the form's check were bypassed: pre_build itself refuses it (the other
         # selectors' messages: the test above)
         select, why = SELECTS_NOTHING[0]
-        params = pipeline.RunParams(driver_versions=("2.3.0",), select=select)
+        params = upstream.RunParams(driver_versions=("2.3.0",), select=select)
         with pytest.raises(SelectorError, match="valid selectors look like") as e:
-            pipeline.pre_build(stores, load_config(), "manual__bad-select", params)
+            upstream.pre_build(stores, load_config(), "manual__bad-select", params)
         assert why in str(e.value)
         assert [i.name for i in buckets["work"].list()] == []  # no plan, claim, lock, report

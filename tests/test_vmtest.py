@@ -371,9 +371,9 @@ def vm_report(stores, run_id: str) -> dict:
 
 def params(**raw):
     from drivers.domain.config import load_config
-    from drivers.flows import upstream as pipeline
+    from drivers.flows import upstream
 
-    return pipeline.RunParams.from_params(raw, load_config())
+    return upstream.RunParams.from_params(raw, load_config())
 
 
 VM = {"parallel": 2, "kvm": False, "memory_mb": 512}
@@ -381,11 +381,11 @@ VM = {"parallel": 2, "kvm": False, "memory_mb": 512}
 
 @needs_qemu
 def test_enforce_publishes_only_what_loads_in_its_kernel_or_is_marked_untested(stage):
-    from drivers.flows import upstream as pipeline
+    from drivers.flows import upstream
 
     stores, run = stage
     run_id = run("r-enforce")
-    summary = pipeline.integration_tests(stores, run_id, params(), VM)
+    summary = upstream.integration_tests(stores, run_id, params(), VM)
     assert summary["statuses"] == {
         "load_failed": 1,
         "loaded": 2,
@@ -400,7 +400,7 @@ def test_enforce_publishes_only_what_loads_in_its_kernel_or_is_marked_untested(s
     assert rejected["messages"][0].startswith("verifier: R0 invalid mem access")
     assert results[f"2.3.0/collector-{EL8}.ko.gz"]["status"] == "no_boot_image"
 
-    pushed = pipeline.push_drivers(stores, run_id)
+    pushed = upstream.push_drivers(stores, run_id)
     assert sorted(i.name for i in stores.drivers.list()) == sorted(
         [
             f"2.3.0/collector-{KERNEL}.ko.gz",
@@ -410,43 +410,43 @@ def test_enforce_publishes_only_what_loads_in_its_kernel_or_is_marked_untested(s
         ]
     )
     steps = {"unify": {"compile_failures": 0}, "integration_tests": summary, "push_drivers": pushed}
-    verdict = pipeline.report(stores, run_id, params(), steps, [])
+    verdict = upstream.report(stores, run_id, params(), steps, [])
     assert verdict["status"] == "failed"
     assert verdict["reasons"] == [
         "0 compile failure(s) + 2 driver(s) their kernel refused (not published) > max_failures=0"
     ]
     tolerant = params(max_failures=2)
-    assert pipeline.report(stores, run_id, tolerant, steps, [])["status"] == "success"
+    assert upstream.report(stores, run_id, tolerant, steps, [])["status"] == "success"
 
 
 @needs_qemu
 def test_warn_publishes_everything_and_reports_what_the_kernel_refused(stage):
-    from drivers.flows import upstream as pipeline
+    from drivers.flows import upstream
 
     stores, run = stage
     run_id = run("r-warn")
-    summary = pipeline.integration_tests(stores, run_id, params(vm_tests="warn"), VM)
+    summary = upstream.integration_tests(stores, run_id, params(vm_tests="warn"), VM)
     assert (summary["refused"], summary["held_back"]) == (2, 0)
-    assert pipeline.push_drivers(stores, run_id)["created"] == 6
+    assert upstream.push_drivers(stores, run_id)["created"] == 6
     steps = {"integration_tests": summary}
-    assert pipeline.report(stores, run_id, params(), steps, [])["status"] == "success"
+    assert upstream.report(stores, run_id, params(), steps, [])["status"] == "success"
 
 
 def test_off_spent_budget_and_no_new_drivers_boot_no_vm(stage, monkeypatch):
-    from drivers.flows import upstream as pipeline
+    from drivers.flows import upstream
 
     def no_vm(*args, **kwargs):
         raise AssertionError("no VM may boot here")
 
     monkeypatch.setattr(vmtest, "vm_test", no_vm)
     stores, run = stage
-    off = pipeline.integration_tests(stores, run("r-off"), params(vm_tests="off"), VM)
+    off = upstream.integration_tests(stores, run("r-off"), params(vm_tests="off"), VM)
     assert off["statuses"] == {"not_tested": 5} and off["held_back"] == 0
-    spent = pipeline.integration_tests(stores, run("r-spent"), params(vm_tests_budget_s=0), VM)
+    spent = upstream.integration_tests(stores, run("r-spent"), params(vm_tests_budget_s=0), VM)
     assert spent["statuses"] == {"not_tested": 5} and spent["held_back"] == 0
     why = vm_report(stores, "r-spent")[f"2.3.0/collector-{KERNEL}.ko.gz"]["messages"]
     assert why == ["the stage's time budget of 0 s was spent before its turn"]
-    nightly = pipeline.integration_tests(stores, "r-noop", params(), VM)  # nothing staged
+    nightly = upstream.integration_tests(stores, "r-noop", params(), VM)  # nothing staged
     assert (nightly["kernels"], nightly["drivers"]) == (0, 0)
 
 
