@@ -110,17 +110,14 @@ def test_safe_extract_streams_a_large_member_and_lets_a_later_duplicate_win(tmp_
     assert (tmp_path / "out/hard").read_text() == "second"
 
 
+# a -> c/.. is d while c -> d/e; a later member replaces c by c -> ., and a points above.
+AIMED_INSIDE = (("d/e", "dir", ""), ("c", "symlink", "d/e"), ("a", "symlink", "c/.."))
+RE_AIMED = ("c", "symlink", ".")
+
+
 def test_safe_extract_refuses_a_link_re_aimed_out_of_the_tree_by_a_later_member(tmp_path):
-    # a -> c/.. is inside while c -> d/e; once c is replaced by c -> ., a points above.
     archive = tmp_path / "reaim.tgz"
-    archive.write_bytes(
-        tgz(
-            ("d/e", "dir", ""),
-            ("c", "symlink", "d/e"),
-            ("a", "symlink", "c/.."),
-            ("c", "symlink", "."),
-        )
-    )
+    archive.write_bytes(tgz(*AIMED_INSIDE, RE_AIMED))
     with pytest.raises(UnsafeArchive, match="'a' ends outside the tree"):
         safe_extract(archive, tmp_path / "out")
 
@@ -184,19 +181,12 @@ def test_a_hard_link_to_a_name_that_is_not_an_earlier_file_is_refused(tmp_path):
 
 
 def test_a_hard_link_to_an_earlier_file_moved_out_by_a_re_aimed_link_is_refused(tmp_path):
-    # a -> c/.. is d while c -> d/e, so a/f lands in d; once c -> ., a/f is above the tree,
-    # and a hard link to it would make a file outside the tree appear inside.
+    # a/f lands in d; once c is re-aimed, a/f is above the tree, and a hard link to it
+    # would make a file outside the tree appear inside.
     (tmp_path / "f").write_text("secret")
     archive = tmp_path / "bundle-x.tgz"
     archive.write_bytes(
-        tgz(
-            ("d/e", "dir", ""),
-            ("c", "symlink", "d/e"),
-            ("a", "symlink", "c/.."),
-            ("a/f", "file", "in d"),
-            ("c", "symlink", "."),
-            ("h", "hardlink", "a/f"),
-        )
+        tgz(*AIMED_INSIDE, ("a/f", "file", "in d"), RE_AIMED, ("h", "hardlink", "a/f"))
     )
     with pytest.raises(UnsafeArchive, match="'h' links to 'a/f', outside the tree"):
         safe_extract(archive, tmp_path / "out")
