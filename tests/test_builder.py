@@ -232,6 +232,7 @@ def test_a_rebuild_elsewhere_gives_identical_bytes(first_build):
 
     assert status == EX_OK
     first_tasks, again_tasks = by_task(first), by_task(again)
+    assert set(again_tasks) == set(first_tasks) and again_tasks  # every task, not none
     for task, r in again_tasks.items():
         assert r["status"] == "built", r
         assert r["sha256"] == first_tasks[task]["sha256"]
