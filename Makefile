@@ -10,9 +10,15 @@ GCS_PORT ?= 4443
 export DRIVERS_GCS_ROOT ?= $(CURDIR)/.gcs
 export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 
-# Debian kernels the embedded default builds drivers for (two header versions x 3 flavours).
-DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 6.1.0-56-rt-amd64 \
-                6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64 6.12.115+deb12-rt-amd64
+# Debian kernels the embedded default builds drivers for (two header versions x 2 flavours).
+DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 \
+                6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64
+# The collector's real driver sources (falcosecurity-libs trees, one tarball per driver
+# version) and the versions the embedded default prepares from them, TARBALL=VERSION: one
+# from 2022 that fails to compile on 6.12, and 8.1.0, which builds there.
+DRIVER_SOURCES ?= $(CURDIR)/../shared/data/driver-sources
+DEMO_SOURCES ?= stackrox-falcosecurity-libs-2.3.0.tar.gz=2.3.0 \
+                falcosecurity-libs-8.1.0+driver.tar.gz=8.1.0
 
 .PHONY: setup run run-cpaas ui test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest \
         bench-scheduler gcs-up gcs-down
@@ -35,14 +41,15 @@ gcs-down: setup
 	$(BIN)/drivers gcs down
 
 # The main job: bundles (and each kernel's bootable image, for the VM load tests) and
-# sources into the embedded buckets, one real upstream_drivers run (parallel builder
+# the prepared real sources into the embedded buckets, one real upstream_drivers run (parallel builder
 # shards, then every new driver loaded in its own kernel under QEMU), then its summary.
 # A second run builds nothing and boots no VM.
 # (The JSON those commands print for machines is dropped; their stderr says what they did.)
 run: gcs-up
 	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles \
 	    --boot-images gs://collector-kernel-images >/dev/null
-	$(BIN)/drivers sources publish --upload gs://collector-sources >/dev/null
+	for s in $(DEMO_SOURCES); do $(BIN)/drivers sources prepare "$(DRIVER_SOURCES)/$${s%=*}" \
+	    --driver-version "$${s##*=}" --upload gs://collector-sources >/dev/null || exit 1; done
 	$(BIN)/drivers run-dag upstream_drivers
 
 # After `make run`: two downstream drivers images made from the drivers it built plus

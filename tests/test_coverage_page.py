@@ -175,7 +175,7 @@ def new_buckets(gcs: Any) -> Buckets:
 # --- the scenario --------------------------------------------------------------------------
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
-V1, V2 = "2.3.0", "2.4.0-rc1"  # the shipped config's versions
+V1, V2 = "2.3.0", "8.1.0"  # the shipped config's versions
 UBUNTU = "5.4.0-62-generic"
 EL8_305 = "4.18.0-305.el8.x86_64"
 EL8_372 = "4.18.0-372.9.1.el8.x86_64"
@@ -322,11 +322,11 @@ def test_snapshot_lists_arrived_kernels_and_indexed_ones_by_family(seeded: Seede
 def test_snapshot_shows_a_configured_version_without_index_and_a_retired_one(
     seeded: Seeded,
 ) -> None:
-    snapshot = coverage_page.read_snapshot(seeded.stores.work, (V2, "2.5.0"))
-    assert snapshot.versions == (V1, V2, "2.5.0")
-    assert snapshot.status(UBUNTU, "2.5.0", "bpf") == coverage_page.PENDING
+    snapshot = coverage_page.read_snapshot(seeded.stores.work, (V2, "8.2.0"))
+    assert snapshot.versions == (V1, V2, "8.2.0")
+    assert snapshot.status(UBUNTU, "8.2.0", "bpf") == coverage_page.PENDING
     grid = coverage_page.render_grid(snapshot, range(len(snapshot.kernels)))
-    assert f"{V1} (retired)" in grid and "2.5.0 (retired)" not in grid
+    assert f"{V1} (retired)" in grid and "8.2.0 (retired)" not in grid
 
 
 def test_filters_by_family_and_by_selector_range(seeded: Seeded) -> None:
@@ -412,7 +412,7 @@ def test_log_reader_refuses_objects_that_are_not_run_logs(seeded: Seeded) -> Non
 def test_grid_has_a_row_per_kernel_and_a_letter_per_driver(seeded: Seeded) -> None:
     snapshot = coverage_page.read_snapshot(seeded.stores.work, (V1, V2))
     page = coverage_page.render_page(snapshot, family="el8")
-    # 2.3.0 mod, bpf; 2.4.0-rc1 mod, bpf
+    # 2.3.0 mod, bpf; 8.1.0 mod, bpf
     assert grid_rows(page) == {EL8_305: ["P", "P", "·", "·"], EL8_372: ["Q", "P", "·", "·"]}
     assert "2 of 6 kernels" in page
     everything = grid_rows(coverage_page.render_page(snapshot))

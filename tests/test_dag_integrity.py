@@ -135,7 +135,7 @@ def test_the_trigger_form_renders_choices_and_proposals(bag):
     multi-select of them, an array of strings without is one value per line, a string
     with ``examples`` a text field proposing them."""
     schemas = bag["dags"]["upstream_drivers"]["param_schemas"]
-    assert schemas["driver_versions"]["examples"] == ["2.3.0", "2.4.0-rc1"]  # shipped
+    assert schemas["driver_versions"]["examples"] == ["2.3.0", "8.1.0"]  # shipped
     assert "examples" not in schemas["other_driver_versions"]  # typed, one per line
     assert schemas["kinds"]["examples"] == ["mod", "bpf"]
     assert schemas["builders"]["examples"] == ["rhel7", "rhel8", "fc36"]

@@ -31,16 +31,16 @@ def test_run_versions_come_from_the_run_time_config(store, config):
     runtime = load_runtime_config(work, config)  # nothing set: as shipped
     default = upstream.RunParams.from_params({}, config)
     assert upstream.run_versions(default, runtime) == config.driver_versions
-    work.put("config/driver-versions", b"2.3.0\n2.5.0\n")  # 2.4.0-rc1 retired, 2.5.0 added
+    work.put("config/driver-versions", b"2.3.0\n2.5.0\n")  # 8.1.0 retired, 2.5.0 added
     runtime = load_runtime_config(work, config)
     assert upstream.run_versions(default, runtime) == ("2.3.0", "2.5.0")
     typed = upstream.RunParams.from_params({"driver_versions": ["2.5.0"]}, config)
     assert upstream.run_versions(typed, runtime) == ("2.5.0",)
-    retired = upstream.RunParams.from_params({"driver_versions": ["2.4.0-rc1"]}, config)
+    retired = upstream.RunParams.from_params({"driver_versions": ["8.1.0"]}, config)
     with pytest.raises(RunInputError) as e:
         upstream.run_versions(retired, runtime)
-    assert "['2.4.0-rc1'] are not in the run-time config" in str(e.value)
-    assert "drivers config add driver-versions 2.4.0-rc1" in str(e.value)
+    assert "['8.1.0'] are not in the run-time config" in str(e.value)
+    assert "drivers config add driver-versions 8.1.0" in str(e.value)
 
 
 @pytest.mark.parametrize(

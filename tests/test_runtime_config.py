@@ -61,7 +61,7 @@ def uri(work: ObjectStore, part: str) -> str:
 
 def test_nothing_set_means_the_shipped_config(work, config):
     rc = load_runtime_config(work, config)
-    assert rc.driver_versions == config.driver_versions == ("2.3.0", "2.4.0-rc1")
+    assert rc.driver_versions == config.driver_versions == ("2.3.0", "8.1.0")
     assert [r.where for r in rc.blocklist.rules] == ["BLOCKLIST:2"]
     assert rc.quarantine_release.rules == []
     assert rc.origins == dict.fromkeys(PARTS, "shipped")
@@ -147,7 +147,7 @@ def test_a_write_checks_the_generation_it_read(work, config):
 def test_add_starts_from_the_shipped_versions(work, config):
     number, _ = add_line(work, "driver-versions", "2.5.0", config)
     assert number == 3
-    assert load_runtime_config(work, config).driver_versions == ("2.3.0", "2.4.0-rc1", "2.5.0")
+    assert load_runtime_config(work, config).driver_versions == ("2.3.0", "8.1.0", "2.5.0")
 
 
 def test_add_refuses_a_concurrent_change(work, config, monkeypatch):
@@ -171,7 +171,7 @@ def test_cli_show_get_set_add(env, tmp_path, capsys, monkeypatch):
     work = env
     assert cli.main(["config", "get", "driver-versions"]) == 0
     out, err = capsys.readouterr()
-    assert out == "2.3.0\n2.4.0-rc1\n" and "is not set" in err
+    assert out == "2.3.0\n8.1.0\n" and "is not set" in err
 
     versions = tmp_path / "versions"
     versions.write_text("2.4.0-rc1\n2.5.0\n")

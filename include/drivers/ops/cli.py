@@ -242,7 +242,9 @@ def cmd_run_dag(args: argparse.Namespace) -> int:
     with EmbeddedAirflow() as airflow:
         log = airflow.home / f"{args.dag_id}.log"
         print(f"running {args.dag_id} (Airflow log: {log})", file=sys.stderr)
-        status = airflow.dags_test(args.dag_id, conf, log=log)
+        status = airflow.dags_test(
+            args.dag_id, conf, log=log, progress=lambda line: print(line, file=sys.stderr)
+        )
     print(f"{args.dag_id}: {'success' if status == 0 else 'FAILED'}", file=sys.stderr)
     printer = {
         dag_ids.UPSTREAM_DRIVERS: report.print_report,

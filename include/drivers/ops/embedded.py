@@ -15,7 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,6 +35,28 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class RunTimeout(DriversError):
     pass
+
+
+FINAL_TASK_STATES = ("success", "failed", "upstream_failed", "skipped", "removed")
+
+
+class _TaskWatcher:
+    """Says each task instance once, when it reaches a final state."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.seen: set[tuple[str, int]] = set()
+
+    def poll(self, task_instances: list[dict]) -> None:
+        done = [t for t in task_instances if t.get("state") in FINAL_TASK_STATES]
+        for t in sorted(done, key=lambda t: t.get("end_date") or ""):
+            key = (t["task_id"], t.get("map_index", -1))
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            name = t["task_id"] + (f"[{key[1]}]" if key[1] >= 0 else "")
+            took = f" in {t['duration']:.0f} s" if t.get("duration") else ""
+            self.say(f"  {name}: {t['state']}{took}")
 
 
 class EmbeddedAirflow:
@@ -147,6 +171,7 @@ class EmbeddedAirflow:
         log: Path | None = None,
         timeout: float | None = None,
         use_executor: bool = True,
+        progress: Callable[[str], None] | None = None,
     ) -> int:
         """Run one DAG run to its end; the exit status says whether it succeeded.
         ``use_executor=False`` runs its tasks one at a time inside `dags test` (what
@@ -157,7 +182,8 @@ class EmbeddedAirflow:
         the run has ended. So the run's state is also watched through the API server;
         once it is final and the process has had ``EXIT_GRACE`` seconds to exit, the
         process group is killed and the state decides. After ``timeout`` seconds the run
-        is killed and :class:`RunTimeout` raised."""
+        is killed and :class:`RunTimeout` raised. ``progress`` gets one line per task
+        (or mapped task instance: a builder shard) as it finishes."""
         args = ["dags", "test", dag_id, *(["--use-executor"] if use_executor else [])]
         if conf:
             args += ["--conf", json.dumps(conf)]
@@ -172,6 +198,7 @@ class EmbeddedAirflow:
         )
         deadline = None if timeout is None else time.monotonic() + timeout
         ended: float | None = None
+        watcher = _TaskWatcher(progress) if progress else None
         try:
             while (status := process.poll()) is None:
                 now = time.monotonic()
@@ -182,7 +209,10 @@ class EmbeddedAirflow:
                         f"{dag_id}: `airflow dags test` did not finish in {timeout:.0f} s "
                         f"and was killed; see {log or 'its output'}"
                     )
-                state = self._newest_run_state(dag_id, started)
+                run = self._newest_run(dag_id, started)
+                state = run and run["state"]
+                if watcher and run:
+                    watcher.poll(self._task_instances(dag_id, run["dag_run_id"]))
                 if state in ("success", "failed"):
                     ended = ended or now
                     if now - ended > EXIT_GRACE:
@@ -193,25 +223,31 @@ class EmbeddedAirflow:
                             out.write(note.encode())
                         return 0 if state == "success" else 1
                 time.sleep(POLL_S)
+            if watcher and (run := self._newest_run(dag_id, started)):
+                watcher.poll(self._task_instances(dag_id, run["dag_run_id"]))
             return status
         finally:
             if out:
                 out.close()
 
-    def _newest_run_state(self, dag_id: str, since: datetime) -> str | None:
-        url = (
-            f"http://127.0.0.1:{self.port}/api/v2/dags/{dag_id}/dagRuns"
-            "?order_by=-start_date&limit=1"
-        )
+    def _get(self, path: str) -> dict:
+        """One API answer ({} when the api-server did not answer: the next poll asks again)."""
         try:
-            with _OPENER.open(url, timeout=5) as response:
-                runs = json.load(response).get("dag_runs") or []
+            with _OPENER.open(f"http://127.0.0.1:{self.port}/api/v2/{path}", timeout=5) as r:
+                return json.load(r)
         except (OSError, ValueError):
-            return None
+            return {}
+
+    def _newest_run(self, dag_id: str, since: datetime) -> dict | None:
+        runs = self._get(f"dags/{dag_id}/dagRuns?order_by=-start_date&limit=1").get("dag_runs")
         if not runs or not runs[0].get("start_date"):
             return None
         start = datetime.fromisoformat(runs[0]["start_date"].replace("Z", "+00:00"))
-        return runs[0]["state"] if start >= since else None
+        return runs[0] if start >= since else None
+
+    def _task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        path = f"dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id)}/taskInstances?limit=1000"
+        return self._get(path).get("task_instances") or []
 
     def __enter__(self) -> EmbeddedAirflow:
         self.prepare()
