@@ -89,7 +89,7 @@ def opened_tree(source: Path) -> Iterator[Tree]:
     (extracted safely into a temporary folder, deleted afterwards)."""
     source = Path(source)
     if source.is_dir():
-        yield Tree(source, str(source))
+        yield Tree(source.resolve(), str(source))  # resolved: "." has no name for build.json
         return
     if not source.is_file():
         raise TreeRefused(f"{source} does not exist: give a falcosecurity-libs folder or .tar.gz")

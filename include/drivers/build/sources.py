@@ -33,8 +33,20 @@ BUILD_FILE = "build.json"
 # What build.json may say about the sources besides the kinds (drivers sources prepare
 # writes them all; the test fixture's toy sources none).
 SPEC_INFO = ("driver_version", "driver_name", "generation", "tree")
-# Build outputs and editor droppings never belong in published sources.
-_SKIPPED_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".order", ".symvers", ".swp", "~")
+# Build outputs (kbuild's, and the probe's LLVM IR) and editor droppings never belong in
+# published sources.
+_SKIPPED_SUFFIXES = (
+    ".o",
+    ".ko",
+    ".mod",
+    ".mod.c",
+    ".cmd",
+    ".order",
+    ".symvers",
+    ".ll",
+    ".swp",
+    "~",
+)
 
 
 class SourcesChanged(ValueError):
