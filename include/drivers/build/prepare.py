@@ -18,7 +18,9 @@ names and whether ``driver/configure/`` exists:
   ``driver/configure/<FEATURE>/`` (module) and ``driver/bpf/configure/<FEATURE>/`` (probe):
   each gets the folder's ``Makefile`` and ``build.sh`` and a ``Makefile.inc`` generated
   from ``Makefile.inc.in`` with ``@CONFIGURE_MODULE@`` = ``<FEATURE>``, which the driver's
-  Makefile includes at build time to set ``HAS_<FEATURE>``. The probe is staged as
+  Makefile includes at build time to set ``HAS_<FEATURE>`` (without them 8.1.0's probe
+  does not compile on 6.1 or 6.12: "no member named '__parent' in 'struct kernfs_node'",
+  "'struct percpu_counter[4]' is not a structure"). The probe is staged as
   ``driver/bpf/CMakeLists.txt`` does: the driver's headers (``driver_config.h`` included)
   copied into ``driver/bpf/``.
 
