@@ -44,7 +44,7 @@ from drivers.store.emulator import EmbeddedGCS, free_port
 from drivers.store.storage import ObjectStore, client_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = REPO / "include/drivers/driver_sources"
+SOURCES = REPO / "tests/fixtures/example-driver-sources"  # the toy module and probe
 KERNELS = [
     f"6.1.0-{abi}-{flavour}" for abi in (47, 56) for flavour in ("amd64", "cloud-amd64", "rt-amd64")
 ]

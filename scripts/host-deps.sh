@@ -21,6 +21,8 @@
 #   chromium             the coverage page's browser test and benchmark: Debian's headless
 #   chromium-driver      chromium, driven by selenium through Debian's chromedriver
 #   unzip                the support-package test checks our zip with Info-ZIP's unzip -t
+#   cmake                the preparation test compares drivers sources prepare with what
+#                        CMake's configure_file writes from the same real trees
 # Bundles are made with apt-get download and dpkg-deb, which every Debian system has.
 #
 # Other scripts install their own packages through it: host-deps.sh [--with-recommends]
@@ -34,7 +36,7 @@ if [ "${1:-}" = "--with-recommends" ]; then
 fi
 PACKAGES="${*:-make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo
     qemu-system-x86 busybox-static gcc libc6-dev docker-compose postgresql chromium
-    chromium-driver unzip}"
+    chromium-driver unzip cmake}"
 
 # shellcheck disable=SC2086  # the package list is split on purpose
 installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from drivers.build.bundles import make_debian_bundle
-from drivers.build.sources import package_sources, shipped_sources_dir
+from drivers.build.sources import package_sources
 from drivers.domain import layout
 from drivers.store.emulator import EmbeddedGCS
 from drivers.store.storage import ObjectStore, client_from_environment
+from example_sources import EXAMPLE_SOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -65,6 +66,6 @@ def publish_bundle(stores: dict[str, ObjectStore], kernel: str) -> None:
 
 
 def publish_sources(stores: dict[str, ObjectStore], version: str, tmp: Path) -> None:
-    """The shipped example sources of ``version``."""
-    path = package_sources(shipped_sources_dir() / version, tmp / "sources")
+    """The example sources (the test fixture) of ``version``."""
+    path = package_sources(EXAMPLE_SOURCES / version, tmp / "sources")
     stores["sources"].upload_new_file(layout.source_object(version), path)

@@ -36,13 +36,13 @@ from drivers.domain.names import DriverKey
 from drivers.domain.verify import elf_sections, read_vermagic, verify_driver
 from drivers.ops.cli import main
 from drivers.store.storage import ObjectStore
+from example_sources import EXAMPLE_SOURCES
 from tarballs import tgz
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-47-cloud-amd64"
 OTHER_KERNEL = "6.1.0-47-amd64"  # a real release whose bundle we fake from KERNEL's
 VERSIONS = ("2.3.0", "2.4.0-rc1")
-SOURCES_DIR = REPO / "include/drivers/driver_sources"
 CACHE = REPO / ".cache/builder-tests"
 
 
@@ -95,7 +95,7 @@ class Env:
         self.tmp_path = tmp_path
         self.runs = 0
         for version in VERSIONS:
-            self.add_sources(SOURCES_DIR / version)
+            self.add_sources(EXAMPLE_SOURCES / version)
 
     def add_sources(self, version_dir: Path) -> None:
         out = self.tmp_path / "sources-out"
@@ -317,7 +317,7 @@ def test_bad_bundles_fail_their_kernels_as_infra_while_the_shard_goes_on(env, re
 
 def test_a_module_that_does_not_compile_fails_with_its_log(env, real_bundle, tmp_path):
     broken = tmp_path / "9.9.9"
-    shutil.copytree(SOURCES_DIR / "2.3.0", broken)
+    shutil.copytree(EXAMPLE_SOURCES / "2.3.0", broken)
     source = broken / "module/collector.c"
     source.write_text(source.read_text() + "\nstatic int oops = undeclared_thing;\n")
     env.add_sources(broken)

@@ -20,10 +20,11 @@ from drivers.build.bundles import (
     build_debian_bundle,
     make_debian_bundle,
 )
-from drivers.build.sources import read_build_spec, shipped_sources_dir
+from drivers.build.sources import read_build_spec
 from drivers.domain.layout import bundle_object
 from drivers.ops.cli import main
 from drivers.store.storage import ObjectStore, UploadResult
+from example_sources import EXAMPLE_SOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 VERSIONS = ("2.3.0", "2.4.0-rc1")
@@ -96,7 +97,7 @@ def make_driver(build_dir: Path, sources: Path, kind: str, *extra: str) -> Path:
 
 
 def fresh_sources(version: str, dest: Path) -> Path:
-    return Path(shutil.copytree(shipped_sources_dir() / version, dest / version))
+    return Path(shutil.copytree(EXAMPLE_SOURCES / version, dest / version))
 
 
 # --- contents -------------------------------------------------------------------------------

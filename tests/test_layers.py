@@ -70,7 +70,7 @@ def test_a_deliberate_crossing_breaks_its_contract(
     shutil.copytree(
         REPO / "include" / "drivers",
         tmp_path / "include" / "drivers",
-        ignore=shutil.ignore_patterns("__pycache__", "driver_sources"),
+        ignore=shutil.ignore_patterns("__pycache__"),
     )
     source = tmp_path / "include" / "drivers" / module
     source.write_text(source.read_text() + f"\n{line}  # the crossing under test\n")

@@ -1,33 +1,26 @@
-"""Publishing prepared driver sources: deterministic archives, never changing a published
-version, only driver-version folder names. (Compiling them: tests/test_bundles.py.)"""
+"""Packing prepared driver sources: deterministic archives of a prepared folder and the
+build spec they carry. (Preparing the real sources and publishing them:
+tests/test_prepare.py; compiling the example ones: tests/test_bundles.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tarfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from drivers.build.sources import (
-    package_sources,
-    read_build_spec,
-    shipped_sources_dir,
-    version_dirs,
-)
+from drivers.build.sources import package_sources, read_build_spec
 from drivers.domain.layout import source_object
-from drivers.ops.cli import main
-from drivers.store.storage import ObjectStore
-
-SHIPPED = ("2.3.0", "2.4.0-rc1")
+from example_sources import EXAMPLE_SOURCES, EXAMPLE_VERSIONS
 
 
 @pytest.fixture
 def sources(tmp_path: Path) -> Path:
-    """A copy of the shipped sources folder, free to change."""
-    return Path(shutil.copytree(shipped_sources_dir(), tmp_path / "sources"))
+    """A copy of the example sources folder, free to change."""
+    return Path(shutil.copytree(EXAMPLE_SOURCES, tmp_path / "sources"))
 
 
 def names(archive: Path) -> list[str]:
@@ -35,10 +28,10 @@ def names(archive: Path) -> list[str]:
         return tar.getnames()
 
 
-def test_shipped_sources_hold_both_versions_with_a_build_spec() -> None:
-    assert [d.name for d in version_dirs(shipped_sources_dir())] == list(SHIPPED)
-    for version in SHIPPED:
-        spec = read_build_spec(shipped_sources_dir() / version)
+def test_example_sources_hold_both_versions_with_a_build_spec() -> None:
+    assert sorted(p.name for p in EXAMPLE_SOURCES.iterdir() if p.is_dir()) == list(EXAMPLE_VERSIONS)
+    for version in EXAMPLE_VERSIONS:
+        spec = read_build_spec(EXAMPLE_SOURCES / version)
         assert spec == {
             "mod": {"dir": "module", "output": "collector.ko"},
             "bpf": {"dir": "bpf", "output": "probe.o"},
@@ -46,7 +39,7 @@ def test_shipped_sources_hold_both_versions_with_a_build_spec() -> None:
 
 
 def test_package_holds_the_version_folder_contents_at_its_root(tmp_path: Path) -> None:
-    archive = package_sources(shipped_sources_dir() / "2.3.0", tmp_path)
+    archive = package_sources(EXAMPLE_SOURCES / "2.3.0", tmp_path)
     assert archive == tmp_path / source_object("2.3.0")
     assert names(archive) == [
         "bpf",
@@ -62,7 +55,7 @@ def test_package_holds_the_version_folder_contents_at_its_root(tmp_path: Path) -
 def test_same_sources_give_the_same_bytes_whatever_times_and_modes(
     sources: Path, tmp_path: Path
 ) -> None:
-    first = package_sources(shipped_sources_dir() / "2.4.0-rc1", tmp_path / "a").read_bytes()
+    first = package_sources(EXAMPLE_SOURCES / "2.4.0-rc1", tmp_path / "a").read_bytes()
     changed = sources / "2.4.0-rc1"
     for path in changed.rglob("*"):
         os.utime(path, (1_000_000_000, 1_000_000_000))
@@ -76,57 +69,46 @@ def test_same_sources_give_the_same_bytes_whatever_times_and_modes(
     assert package_sources(changed, tmp_path / "c").read_bytes() != first
 
 
-def test_publish_writes_one_archive_per_version(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_a_build_spec_may_say_what_the_sources_are(sources: Path) -> None:
+    spec = {
+        "driver_version": "2.3.0",
+        "driver_name": "collector",
+        "generation": "2.x",
+        "tree": "falcosecurity-libs-2.3.0",
+        "mod": {"dir": "module/sub", "output": "collector.ko"},
+        "bpf": {"dir": "bpf", "output": "probe.o"},
+    }
+    (sources / "2.3.0" / "module" / "sub").mkdir()
+    (sources / "2.3.0" / "build.json").write_text(json.dumps(spec))
+    assert read_build_spec(sources / "2.3.0") == spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({"driver_version": "2.3.0"}, 'expected an object such as {"mod"'),
+        ({"mod": {"dir": "module", "output": "collector.ko"}, "tree": ""}, "tree: expected a"),
+        ({"mod": {"dir": "module", "output": "collector.ko"}, "compiler": "gcc"}, "unknown key"),
+        ({"mod": {"dir": "/etc", "output": "collector.ko"}}, "'/etc' is not a folder inside"),
+        ({"mod": {"dir": "../2.4.0-rc1/module", "output": "x.ko"}}, "is not a folder inside"),
+        ({"mod": {"dir": "module"}}, 'mod: expected {"dir": "<folder>", "output"'),
+    ],
+)  # fmt: skip
+def test_a_bad_build_spec_is_refused_naming_the_problem(
+    sources: Path, spec: dict, problem: str
 ) -> None:
-    assert main(["sources", "publish", "--out", str(tmp_path)]) == 0
-    written = capsys.readouterr().out.split()
-    assert written == [str(tmp_path / source_object(v)) for v in SHIPPED]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.3.0.tgz", "2.4.0-rc1.tgz"]
+    (sources / "2.3.0" / "build.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError) as refused:
+        read_build_spec(sources / "2.3.0")
+    assert str(refused.value).startswith(f"{sources / '2.3.0' / 'build.json'}: ")
+    assert problem in str(refused.value)
 
 
-def test_changed_sources_of_a_published_version_are_refused(
-    sources: Path,
-    store: Callable[..., ObjectStore],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    bucket = store()
-    argv = ["sources", "publish", "--dir", str(sources), "--upload", f"gs://{bucket.bucket_name}"]
-    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
-    published = bucket.download(source_object("2.3.0"))
-    assert published == (tmp_path / "first" / "2.3.0.tgz").read_bytes()
-
-    assert main([*argv, "--out", str(tmp_path / "again")]) == 0  # identical: fine
-    assert "IDENTICAL" in capsys.readouterr().err
-
-    with open(sources / "2.3.0" / "module" / "collector.c", "a") as f:
-        f.write("/* a late fix */\n")
-    assert main([*argv, "--out", str(tmp_path / "changed")]) == 2
-    error = capsys.readouterr().err.splitlines()[-1]
-    assert error.startswith("drivers sources: error: driver version(s) 2.3.0 are already published")
-    assert bucket.download(source_object("2.3.0")) == published
-
-
-@pytest.mark.parametrize("folder", ["latest", "2.3", "v2.3.0", "2.3.0-beta"])
-def test_folders_not_named_after_a_driver_version_are_refused(
-    sources: Path, folder: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (sources / folder).mkdir()
-    out = tmp_path / "out"
-    assert main(["sources", "publish", "--dir", str(sources), "--out", str(out)]) == 2
-    assert f"{sources / folder}" in capsys.readouterr().err
-    assert not out.exists()  # nothing is written when one folder is wrong
-
-
-def test_a_version_without_build_spec_is_refused(
-    sources: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_version_without_build_spec_is_refused(sources: Path, tmp_path: Path) -> None:
     (sources / "2.4.0-rc1" / "build.json").unlink()
-    out = tmp_path / "out"
-    assert main(["sources", "publish", "--dir", str(sources), "--out", str(out)]) == 2
-    assert "2.4.0-rc1/build.json is missing" in capsys.readouterr().err
-    assert not out.exists()
+    with pytest.raises(ValueError, match="2.4.0-rc1/build.json is missing"):
+        package_sources(sources / "2.4.0-rc1", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_links_are_not_published(sources: Path, tmp_path: Path) -> None:

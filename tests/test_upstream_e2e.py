@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from drivers.build import boot_images
-from drivers.build.sources import package_sources, shipped_sources_dir
+from drivers.build.sources import package_sources
 from drivers.domain import layout
 from drivers.domain.config import load_config
 from drivers.ops import cli
 from drivers.ops.embedded import EmbeddedAirflow
 from drivers.store import ledger, runtime_config
+from example_sources import EXAMPLE_SOURCES
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env, publish_bundle, publish_sources
 from webhook import webhook
 
@@ -197,7 +198,7 @@ def test_second_run_builds_nothing(env, first_run):
 
 def test_a_backfill_builds_only_its_kernel_range(env, first_run, tmp_path):
     airflow, stores, _ = env
-    shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", tmp_path / "2.6.0")
+    shutil.copytree(EXAMPLE_SOURCES / "2.4.0-rc1", tmp_path / "2.6.0")
     path = package_sources(tmp_path / "2.6.0", tmp_path / "out")
     stores["sources"].upload_new_file(layout.source_object("2.6.0"), path)
     runtime_config.add_line(stores["work"], "driver-versions", "2.6.0", load_config())
@@ -217,7 +218,7 @@ def test_a_backfill_builds_only_its_kernel_range(env, first_run, tmp_path):
 def test_compile_failures_fail_the_run_then_are_quarantined(env, first_run, tmp_path, capsys):
     airflow, stores, messages = env
     broken = tmp_path / "9.9.9-rc1"
-    shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", broken)
+    shutil.copytree(EXAMPLE_SOURCES / "2.4.0-rc1", broken)
     for f in (broken / "module").glob("*.c"):
         f.write_text(BROKEN)
     path = package_sources(broken, tmp_path / "out")
@@ -260,7 +261,7 @@ def test_a_corrupt_bundle_fails_the_run_but_other_shards_publish(env, first_run,
     airflow, stores, messages = env
     corrupt = layout.bundle_object("6.1.0-50-cloud-amd64")
     stores["bundles"].upload_new(corrupt, b"\x1f\x8b this is not a bundle")
-    shutil.copytree(shipped_sources_dir() / "2.4.0-rc1", tmp_path / "2.5.0")
+    shutil.copytree(EXAMPLE_SOURCES / "2.4.0-rc1", tmp_path / "2.5.0")
     path = package_sources(tmp_path / "2.5.0", tmp_path / "out")
     stores["sources"].upload_new_file(layout.source_object("2.5.0"), path)
     runtime_config.add_line(stores["work"], "driver-versions", "2.5.0", load_config())

@@ -24,12 +24,13 @@ from drivers.domain.verify import (
     read_vermagic,
     verify_driver,
 )
+from example_sources import EXAMPLE_SOURCES
 
 KERNEL = "6.1.0-47-amd64"
 VERMAGIC = f"{KERNEL} SMP preempt mod_unload modversions "
 MOD = DriverKey(KERNEL, "2.3.0", "mod")
 BPF = DriverKey(KERNEL, "2.3.0", "bpf")
-PROBE = Path(__file__).resolve().parents[1] / "include/drivers/driver_sources/2.3.0/bpf/probe.c"
+PROBE = EXAMPLE_SOURCES / "2.3.0" / "bpf" / "probe.c"
 
 
 def compile_c(tmp_path: Path, compiler: list[str], source: str | Path) -> bytes:

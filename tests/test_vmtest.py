@@ -24,12 +24,12 @@ from drivers.build.bundle import open_bundle
 from drivers.build.bundles import make_debian_bundle
 from drivers.build.compile import build_driver
 from drivers.build.safetar import safe_extract
-from drivers.build.sources import shipped_sources_dir
 from drivers.domain import layout
 from drivers.domain.errors import RunInputError
 from drivers.domain.layout import report_prefix
 from drivers.domain.names import DriverKey
 from drivers.store.storage import Stores, read_json, write_json
+from example_sources import EXAMPLE_SOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
@@ -54,7 +54,7 @@ def build_driver_for(
     if not root.exists():
         safe_extract(bundle, root)
     key = DriverKey(kernel, "2.3.0", kind)
-    sources = sources or shipped_sources_dir() / "2.3.0"
+    sources = sources or EXAMPLE_SOURCES / "2.3.0"
     built = build_driver(key, sources, open_bundle(root, kernel), tmp)
     assert built.data, built.message
     return built.data
@@ -287,7 +287,7 @@ def needs_crc8(tmp_path_factory) -> bytes:
     """The example module, changed to call crc8(): modpost gives it depends=crc8."""
     tmp = tmp_path_factory.mktemp("crc8")
     sources = tmp / "2.3.0"
-    shutil.copytree(shipped_sources_dir() / "2.3.0", sources)
+    shutil.copytree(EXAMPLE_SOURCES / "2.3.0", sources)
     module = sources / "module" / "collector.c"
     module.write_text(module.read_text() + USES_CRC8)
     data = build_driver_for(KERNEL, tmp, "mod", sources)

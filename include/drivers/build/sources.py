@@ -1,14 +1,16 @@
-"""Prepared driver sources: one deterministic ``<driver_version>.tgz`` per driver version.
+"""Prepared driver sources: one deterministic ``<driver_version>.tgz`` per driver version,
+at the sources bucket's root, with a ``build.json`` at the archive's root that says where
+each kind's sources are and what their build leaves there::
 
-A sources folder holds one sub-folder per driver version (named exactly as the version,
-checked by :func:`drivers.domain.names.check_driver_version`), each with a ``build.json`` that
-says where each kind's sources are and what it produces (see driver_sources/README.md)::
+    {"driver_version": "2.3.0", "driver_name": "collector", "generation": "2.x",
+     "tree": "falcosecurity-libs-2.3.0",
+     "mod": {"dir": "driver", "output": "collector.ko"},
+     "bpf": {"dir": "driver/bpf", "output": "probe.o"}}
 
-    {"mod": {"dir": "module", "output": "collector.ko"},
-     "bpf": {"dir": "bpf", "output": "probe.o"}}
-
-The archive holds the version folder's contents at its root. Publishing never overwrites:
-a published version's sources are final, so other bytes under the same name are an error.
+``drivers sources prepare`` makes one from a falcosecurity-libs tree
+(:mod:`drivers.build.prepare`); :func:`package_sources` packs a folder that is already
+prepared (the test fixture's toy sources). Publishing never overwrites: a published
+version's sources are final, so other bytes under the same name are an error.
 """
 
 from __future__ import annotations
@@ -18,51 +20,43 @@ import json
 import os
 import stat
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from drivers.build.bundles import Member, file_mode, write_tgz
+from drivers.build.bundles import Member, file_mode, sha256_file, write_tgz
+from drivers.build.prepare import opened_tree, prepare_tree
 from drivers.domain.layout import source_object
 from drivers.domain.names import KINDS, check_driver_version
 
 BUILD_FILE = "build.json"
-# Build outputs and editor droppings never belong in published sources.
-_SKIPPED_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".order", ".symvers", ".swp", "~")
+# What build.json may say about the sources besides the kinds (drivers sources prepare
+# writes them all; the test fixture's toy sources none).
+SPEC_INFO = ("driver_version", "driver_name", "generation", "tree")
+# Build outputs (kbuild's, and the probe's LLVM IR) and editor droppings never belong in
+# published sources.
+_SKIPPED_SUFFIXES = (
+    ".o",
+    ".ko",
+    ".mod",
+    ".mod.c",
+    ".cmd",
+    ".order",
+    ".symvers",
+    ".ll",
+    ".swp",
+    "~",
+)
 
 
 class SourcesChanged(ValueError):
     """A driver version is already published with other sources."""
 
 
-def shipped_sources_dir() -> Path:
-    """The example driver sources that ship with this package."""
-    return Path(__file__).parents[1] / "driver_sources"
-
-
-def version_dirs(root: Path) -> list[Path]:
-    """The driver version folders under ``root``, sorted; a folder whose name is not a
-    driver version is an error (files such as README.md are ignored)."""
-    if not root.is_dir():
-        raise ValueError(f"driver sources folder {root} does not exist")
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    bad = []
-    for d in dirs:
-        try:
-            check_driver_version(d.name)
-        except ValueError as e:
-            bad.append(f"{d}: {e}")
-    if bad:
-        raise ValueError(
-            "folders in a driver sources folder must be named after a driver version:\n  "
-            + "\n  ".join(bad)
-        )
-    if not dirs:
-        raise ValueError(f"{root} holds no driver version folder (e.g. {root}/2.3.0/)")
-    return dirs
-
-
-def read_build_spec(version_dir: Path) -> dict[str, dict[str, str]]:
-    """``build.json`` of a version folder, checked: for each kind a ``dir`` that exists
-    and the ``output`` file name the build leaves in it."""
+def read_build_spec(version_dir: Path) -> dict[str, Any]:
+    """``build.json`` of a prepared folder, checked: for each kind a ``dir`` inside it that
+    exists and the ``output`` file name the build leaves there; optionally what the
+    sources are (:data:`SPEC_INFO`, each a string)."""
     path = version_dir / BUILD_FILE
     try:
         spec = json.loads(path.read_text())
@@ -71,18 +65,26 @@ def read_build_spec(version_dir: Path) -> dict[str, dict[str, str]]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON: {e}") from None
     problems = []
-    if not isinstance(spec, dict) or not spec:
+    if not isinstance(spec, dict) or not set(spec) & set(KINDS):
         problems.append('expected an object such as {"mod": {...}, "bpf": {...}}')
         spec = {}
-    for kind, entry in spec.items():
-        if kind not in KINDS:
-            problems.append(f"unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
+    for key, entry in spec.items():
+        if key in SPEC_INFO:
+            if not isinstance(entry, str) or not entry:
+                problems.append(f"{key}: expected a non-empty string")
+        elif key not in KINDS:
+            known = ", ".join((*KINDS, *SPEC_INFO))
+            problems.append(f"unknown key {key!r} (keys: {known})")
         elif not isinstance(entry, dict) or not all(
             isinstance(entry.get(k), str) and entry[k] for k in ("dir", "output")
         ):
-            problems.append(f'{kind}: expected {{"dir": "<folder>", "output": "<file name>"}}')
-        elif not (version_dir / entry["dir"]).is_dir() or ".." in Path(entry["dir"]).parts:
-            problems.append(f"{kind}: folder {entry['dir']!r} does not exist in {version_dir}")
+            problems.append(f'{key}: expected {{"dir": "<folder>", "output": "<file name>"}}')
+        elif (
+            Path(entry["dir"]).is_absolute()
+            or ".." in Path(entry["dir"]).parts
+            or not (version_dir / entry["dir"]).is_dir()
+        ):
+            problems.append(f"{key}: {entry['dir']!r} is not a folder inside {version_dir}")
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
     return spec
@@ -118,39 +120,55 @@ def package_sources(version_dir: Path, out_dir: Path) -> Path:
     return write_tgz(source_members(version_dir), Path(out_dir) / source_object(version))
 
 
+def prepare_sources(source: Path, driver_version: str, out_dir: Path) -> Path:
+    """Write ``<out_dir>/<driver_version>.tgz`` from a falcosecurity-libs tree (a folder,
+    or a .tar.gz whose single top folder is the tree): the tree as it is, with the files
+    :func:`~drivers.build.prepare.prepare_tree` generates added or replaced and its
+    ``build.json``. The same tree gives the same bytes, from a folder or a tarball."""
+    check_driver_version(driver_version)
+    with opened_tree(Path(source)) as tree:
+        prepared = prepare_tree(tree, driver_version)
+        spec = json.dumps(prepared.spec, indent=2) + "\n"
+        members = {m.name: m for m in source_members(tree.root)}
+        for m in [*prepared.files, Member(BUILD_FILE, "file", mode=0o644, data=spec.encode())]:
+            members[m.name] = m  # a generated file replaces the tree's (e.g. a leftover)
+        return write_tgz(members.values(), Path(out_dir) / source_object(driver_version))
+
+
 def cmd_sources(args: argparse.Namespace) -> int:
-    """``drivers sources publish``: package every version folder, optionally upload."""
-    if args.action != "publish":
-        raise ValueError(f"unknown sources action {args.action!r}: use publish")
-    root = Path(args.dir) if args.dir else shipped_sources_dir()
-    dirs = version_dirs(root)
-    for d in dirs:  # every problem before anything is written
-        read_build_spec(d)
-
-    store = None
-    if args.upload:
-        from drivers.store import storage
-
-        bucket, prefix = storage.parse_gs_uri(args.upload)
-        if prefix:
-            raise ValueError(f"--upload {args.upload}: sources live at the bucket root")
-        store = storage.ObjectStore(storage.client_from_environment(), bucket)
-
-    changed = []
-    for d in dirs:
-        path = package_sources(d, Path(args.out))
-        line = f"{d.name}: {path} ({path.stat().st_size} bytes)"
-        if store is not None:
-            result = store.upload_new_file(source_object(d.name), path)
-            line += f", gs://{store.bucket_name}/{source_object(d.name)} {result.value.upper()}"
-            if result.value == "different":
-                changed.append(d.name)
-        print(line, file=sys.stderr)
-        print(str(path))
-    if changed:
-        raise SourcesChanged(
-            f"driver version(s) {', '.join(changed)} are already published with other "
-            f"sources in gs://{store.bucket_name}; published sources never change: "
-            "give changed sources a new driver version (left the published ones untouched)"
+    """``drivers sources prepare TREE --driver-version V (--out DIR | --upload gs://B)``."""
+    version = check_driver_version(args.driver_version)
+    if not args.upload:
+        path = prepare_sources(args.tree, version, args.out)
+        print(
+            f"{args.tree}: driver version {version} prepared, {_described(path)}", file=sys.stderr
         )
+        print(path)
+        return 0
+
+    from drivers.store import storage  # google-cloud-storage only when a bucket is used
+
+    bucket, prefix = storage.parse_gs_uri(args.upload)
+    if prefix:
+        raise ValueError(f"--upload {args.upload}: sources live at the bucket root (gs://BUCKET)")
+    store = storage.ObjectStore(storage.client_from_environment(), bucket)
+    name = source_object(version)
+    with tempfile.TemporaryDirectory(prefix="drivers-sources-") as scratch:
+        path = prepare_sources(args.tree, version, Path(scratch))
+        result = store.upload_new_file(name, path)
+        described = _described(path)
+    uri = f"gs://{bucket}/{name}"
+    if result is storage.UploadResult.DIFFERENT:
+        raise SourcesChanged(
+            f"{uri} is already published with other sources than {args.tree} prepares "
+            f"({described}); published sources never change: give changed sources a new "
+            "driver version (the published object is untouched)"
+        )
+    what = "uploaded" if result is storage.UploadResult.CREATED else "unchanged (already there)"
+    print(f"{args.tree}: driver version {version} prepared, {described}: {what}", file=sys.stderr)
+    print(uri)
     return 0
+
+
+def _described(path: Path) -> str:
+    return f"{path.name} {path.stat().st_size} bytes, sha256 {sha256_file(path)}"

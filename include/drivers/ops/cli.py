@@ -356,12 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (kvm where it works)")
     p.set_defaults(func=_lazy("drivers.build.vmtest", "cmd_vm_test"))
 
-    p = sub.add_parser("sources", help="prepared driver sources: publish")
-    p.add_argument("action", choices=["publish"])
-    p.add_argument("--dir", default=None, help="one folder per driver version (default: shipped)")
-    p.add_argument("--out", default=".cache/sources", help="folder for <driver_version>.tgz")
-    p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
-    p.set_defaults(func=_lazy("drivers.build.sources", "cmd_sources"))
+    p = sub.add_parser("sources", help="prepared driver sources: prepare")
+    sources_sub = p.add_subparsers(dest="action", required=True)
+    s = sources_sub.add_parser(
+        "prepare", help="a falcosecurity-libs tree as <driver_version>.tgz, ready to build"
+    )
+    s.add_argument("tree", type=Path, help="the tree: a folder, or a .tar.gz of one top folder")
+    s.add_argument("--driver-version", required=True, help="the version it is published as")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="write DIR/<driver_version>.tgz")
+    where.add_argument(
+        "--upload",
+        metavar="gs://BUCKET",
+        help="put it at the sources bucket root, never overwriting",
+    )
+    s.set_defaults(func=_lazy("drivers.build.sources", "cmd_sources"))
 
     p = sub.add_parser("build-shard", help="build one shard (what a builder image runs)")
     p.add_argument("--shard", required=True, help="gs://WORK/staging/<run>/shards/<b>-<i>.json")
