@@ -96,7 +96,8 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
         measured = sum(c["measured_s"] for c in calibration)
         print(
             f"  cost model: {len(calibration)} shard(s) estimated {estimated:.0f} s, "
-            f"measured {measured:.0f} s (x{measured / estimated:.2f}; calibrate [costs])",
+            f"measured {measured:.0f} s (x{measured / estimated:.2f}; recalibrate [costs]: "
+            "drivers costs)",
             file=out,
         )
     steps = doc.get("steps", {})
