@@ -59,7 +59,7 @@ class Calibration:
 
     def to_json(self) -> dict[str, Any]:
         def m(median: Median | None) -> dict[str, float | int] | None:
-            return None if median is None else {"s": median.seconds, "n": median.records}
+            return None if median is None else {"s": round(median.seconds, 1), "n": median.records}
 
         return {
             "runs": self.runs,

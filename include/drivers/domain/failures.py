@@ -90,18 +90,22 @@ def suggest_blocklist(
     in version, kind, series order."""
     suggestions = []
     for version in sorted(coverage):
-        entries = coverage[version]
+        # A series glob covers only kernels of its series: each group is checked there.
+        by_series: dict[str, dict[str, Mapping[str, Any]]] = {}
         groups: dict[tuple[str, str, str, str], list[str]] = {}
-        for kernel, kinds in entries.items():
+        for kernel, kinds in coverage[version].items():
+            where = series(kernel)
+            if where is None:
+                continue
+            by_series.setdefault(where, {})[kernel] = kinds
             for kind, entry in kinds.items():
                 cause = _cause(kernel, entry)
-                where = series(kernel)
-                if cause is not None and where is not None:
+                if cause is not None:
                     groups.setdefault((kind, where, *cause), []).append(kernel)
         for (kind, where, failure, error), kernels in sorted(groups.items()):
             if len(kernels) >= min_kernels:
                 failing = tuple(sorted(kernels, key=lambda k: parse_kernel(k).key))
-                rule = _rule(where, version, kind, failing, entries)
+                rule = _rule(where, version, kind, failing, by_series[where])
                 suggestions.append(Suggestion(rule, version, kind, failure, error, failing))
     return suggestions
 
@@ -118,8 +122,8 @@ def _cause(kernel: str, entry: Mapping[str, Any]) -> tuple[str, str] | None:
 
 
 def _rule(where: str, version: str, kind: str, failing: tuple[str, ...], entries: Entries) -> str:
-    """The series glob, unless it would cover something else of this version and kind:
-    then exactly the failing kernels."""
+    """The series glob, unless it would cover something else of this version and kind
+    among the series' ``entries``: then exactly the failing kernels."""
     glob = f"{where}.* {version} {kind}"
     if covers(glob, version, kind, entries) == set(failing):
         return glob

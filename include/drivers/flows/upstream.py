@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 # The shrink guard's reference: the nightly's and the backfill's (both list the whole
 # bundle bucket), so either's success moves it.
 STATE_OBJECT = layout.run_state_object(UPSTREAM_DRIVERS)
+SUGGESTIONS_KEPT = 50  # blocklist suggestions in record_ledger's summary (an XCom)
 
 
 class ShrinkGuardError(RuntimeError):
@@ -534,7 +535,8 @@ def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
     and refresh the coverage index (:mod:`drivers.store.ledger`): the planner's decisions that
     changed, every build attempt, what the VM tests refused, what was published. The
     summary carries the blocklist lines that would cover repeated identical failures
-    (:mod:`drivers.domain.failures`; how many kernels each covers, not which: XCom)."""
+    (:mod:`drivers.domain.failures`; the first SUGGESTIONS_KEPT, each with how many
+    kernels it covers, not which: the summary is an XCom)."""
     from drivers.build.vmtest import REFUSED
 
     staging, reports = layout.staging_prefix(run_id), report_prefix(run_id)
@@ -596,7 +598,10 @@ def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
         "records": len(records),
         "statuses": dict(statuses),
         "indexed": {v: sum(map(len, c.entries.values())) for v, c in indexed.items()},
-        "blocklist_suggestions": [s.to_json() | {"kernels": len(s.kernels)} for s in suggestions],
+        "blocklist_suggestions": [
+            s.to_json() | {"kernels": len(s.kernels)} for s in suggestions[:SUGGESTIONS_KEPT]
+        ],
+        "blocklist_suggestions_total": len(suggestions),
     }
 
 

@@ -122,9 +122,12 @@ def _print_suggestions(recorded: dict, out) -> None:
     if not suggestions:
         return
     print("  blocklist suggestions (repeated identical failures; nothing applies them):", file=out)
-    for s in suggestions:
+    for s in suggestions[:10]:
         print(f"    {s['rule']}  ({s['kernels']} kernels: {s['failure']}: {s['error']})", file=out)
         print(f"      apply: drivers config add blocklist '{s['rule']}'", file=out)
+    more = recorded.get("blocklist_suggestions_total", len(suggestions)) - min(10, len(suggestions))
+    if more:
+        print(f"    ... and {more} more", file=out)
 
 
 def _print_vm_tests(work: storage.ObjectStore, prefix: str, vm: dict | None, out) -> None:
