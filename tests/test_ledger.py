@@ -49,11 +49,12 @@ def world(gcs, tmp_path):
         yield Stores(client_from_environment()), load_config()
 
 
-def fake_run(stores, config, run_id, failing=(), params=None, logs=None):
-    """pre_build, then what the builders, unify, the push, record_ledger and report do:
-    every planned task is built and published unless its (kernel, kind) is in
-    ``failing``; a failure with a compile log in ``logs`` (by (kernel, kind)) is
-    reported with it and its first error, as build-shard reports one."""
+def fake_run(stores, config, run_id, failing=(), params=None, logs=None, reported=False):
+    """pre_build, then what the builders, the push and record_ledger do: every planned
+    task is built and published unless its (kernel, kind) is in ``failing``; a failure
+    with a compile log in ``logs`` (by (kernel, kind)) is reported with it and its first
+    error, as build-shard reports one. ``reported``: also unify (which keeps the logs)
+    and report (the run's verdict in report.json), as the DAG does."""
     run = upstream.RunParams.from_params(params or {}, config)
     pre = upstream.pre_build(stores, config, run_id, run)
     tasks = [
@@ -100,12 +101,13 @@ def fake_run(stores, config, run_id, failing=(), params=None, logs=None):
     stores.work.put(
         f"{layout.staging_prefix(run_id)}results/0.jsonl", "\n".join(lines).encode() + b"\n"
     )
-    unified = upstream.unify(stores, run_id, pre["shards"])  # keeps the failure logs
+    unified = upstream.unify(stores, run_id, pre["shards"]) if reported else None
     write_json(stores.work, f"{report_prefix(run_id)}push.json", {"created": created})
     recorded = upstream.record_ledger(stores, run_id)
     upstream.cleanup_staging(stores, run_id)
-    steps = {"pre_build": pre, "unify": unified, "record_ledger": recorded}
-    upstream.report(stores, run_id, run, steps, failed_tasks=[])  # the run's report.json
+    if reported:
+        steps = {"pre_build": pre, "unify": unified, "record_ledger": recorded}
+        upstream.report(stores, run_id, run, steps, failed_tasks=[])
     return pre, recorded
 
 
@@ -417,7 +419,7 @@ def test_a_real_compile_failure_is_counted_held_explained_and_suggested_for_the_
     stores.bundles.upload_new(layout.bundle_object(NEW_CLOUD), b"bundle of the cloud flavour")
     failing = {(NEW, "mod"), (NEW_CLOUD, "mod")}
     logs = {(kernel, "mod"): log_for(kernel) for kernel in (NEW, NEW_CLOUD)}
-    fake_run(stores, config, "run1", failing, logs=logs)
+    fake_run(stores, config, "run1", failing, logs=logs, reported=True)
     records = ledger.decode(stores.work.download(ledger.run_object("run1")))
     failures = {r["kernel"]: r for r in records if r["status"] == "failed"}
     assert set(failures) == {NEW, NEW_CLOUD}
@@ -429,14 +431,14 @@ def test_a_real_compile_failure_is_counted_held_explained_and_suggested_for_the_
     report = read_json(stores.work, f"{report_prefix('run1')}report.json")
     assert report["status"] == "failed"
     assert "2 compile failure(s) > max_failures=0" in report["reasons"]
-    tolerant = fake_run(stores, config, "run2", failing, {"max_failures": 2}, logs)
+    tolerant = fake_run(stores, config, "run2", failing, {"max_failures": 2}, logs, True)
     assert tolerant[0]["summary"]["to_build"] == 2  # failed once so far: retried
     report = read_json(stores.work, f"{report_prefix('run2')}report.json")
     assert report["status"] == "success" and report["warnings"] == [
         "2 failure(s) tolerated (max_failures=2)"
     ]
     # quarantine_after (2) failures with the same inputs: held, and `drivers why` says so
-    pre, recorded = fake_run(stores, config, "run3")
+    pre, recorded = fake_run(stores, config, "run3", reported=True)
     assert pre["summary"]["quarantined"] == 2 and pre["summary"]["to_build"] == 0
     answer = why.explain(stores, config, NEW_CLOUD, kinds=("mod",)).answers[0]
     assert answer.status == "quarantined"
