@@ -114,7 +114,8 @@ def fill(stores: Stores, names: list[str]) -> dict[str, int]:
                         "published": at.isoformat(timespec="seconds"),
                     }
                 records.append(ledger.record(key, status, run_id, **fields))
-        counts |= ledger.apply_run(work, run_id, records)
+        written = ledger.apply_run(work, run_id, records)
+        counts |= {v: sum(map(len, c.entries.values())) for v, c in written.items()}
     ledger.write_kernels(work, {k: t.isoformat(timespec="seconds") for k, t in arrived.items()})
     return counts
 

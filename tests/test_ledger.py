@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from drivers.build.compile import toolchain_versions
+from compile_logs import FIRST_ERROR, KERNEL, log_for
+from drivers.build.compile import first_error, toolchain_versions
 from drivers.domain import layout
 from drivers.domain.config import load_config
 from drivers.domain.decision import quarantined
@@ -23,7 +24,7 @@ from drivers.ops import cli, why
 from drivers.ops.withdraw import WithdrawError, withdraw
 from drivers.store import ledger
 from drivers.store.runtime_config import RuntimeConfigError
-from drivers.store.storage import Stores, client_from_environment, write_json
+from drivers.store.storage import Stores, client_from_environment, read_json, write_json
 from pipeline_env import DEBIAN_BUILDERS, pipeline_env
 
 CONFIG = (
@@ -35,7 +36,8 @@ quarantine_after = 2
 """
     + DEBIAN_BUILDERS
 )
-OLD, NEW, ANCIENT = "6.1.0-56-amd64", "6.12.115+deb12-amd64", "2.6.32-754.el6.x86_64"
+OLD, NEW, ANCIENT = "6.1.0-56-amd64", KERNEL, "2.6.32-754.el6.x86_64"
+NEW_CLOUD = "6.12.115+deb12-cloud-amd64"
 
 
 @pytest.fixture
@@ -47,9 +49,12 @@ def world(gcs, tmp_path):
         yield Stores(client_from_environment()), load_config()
 
 
-def fake_run(stores, config, run_id, failing=(), params=None):
+def fake_run(stores, config, run_id, failing=(), params=None, logs=None, reported=False):
     """pre_build, then what the builders, the push and record_ledger do: every planned
-    task is built and published unless its (kernel, kind) is in ``failing``."""
+    task is built and published unless its (kernel, kind) is in ``failing``; a failure
+    with a compile log in ``logs`` (by (kernel, kind)) is reported with it and its first
+    error, as build-shard reports one. ``reported``: also unify (which keeps the logs)
+    and report (the run's verdict in report.json), as the DAG does."""
     run = upstream.RunParams.from_params(params or {}, config)
     pre = upstream.pre_build(stores, config, run_id, run)
     tasks = [
@@ -58,11 +63,21 @@ def fake_run(stores, config, run_id, failing=(), params=None):
         for shard in uris
         for task in json.loads(stores.work.download(shard.split("/", 3)[3]))["tasks"]
     ]
-    lines, created = [], []
+    lines = []  # every shard reports (unify counts a shard without its record as lost)
+    for uri in (uri for uris in pre["shards"].values() for uri in uris):
+        builder, index = layout.shard_from_object(uri)
+        lines.append(json.dumps({"type": "shard", "builder": builder, "index": index}))
+    created = []
     for kernel, version, kind in tasks:
         key = DriverKey(kernel, version, kind)
         builder = config.route(parse_kernel(kernel), kind)
         failed = (kernel, kind) in failing
+        message, log_object = "error: this does not compile" if failed else "", None
+        log = (logs or {}).get((kernel, kind)) if failed else None
+        if log is not None:
+            message = first_error(log.encode(), "make exit status 2")
+            log_object = layout.staged_log_object(run_id, kernel, version, kind)
+            stores.work.put(log_object, log.encode())
         record = {
             "type": "task",
             "time": ledger.now(),
@@ -72,7 +87,8 @@ def fake_run(stores, config, run_id, failing=(), params=None):
             "builder": builder,
             "status": "failed" if failed else "built",
             "failure": "compile" if failed else None,
-            "message": "error: this does not compile" if failed else "",
+            "message": message,
+            "log": log_object,
             "sha256": None if failed else "ab" * 32,
             "env": ledger.builder_environment(config, builder, toolchain_versions),
             "sources": stores.sources.info(layout.source_object(version)).md5,
@@ -85,9 +101,13 @@ def fake_run(stores, config, run_id, failing=(), params=None):
     stores.work.put(
         f"{layout.staging_prefix(run_id)}results/0.jsonl", "\n".join(lines).encode() + b"\n"
     )
+    unified = upstream.unify(stores, run_id, pre["shards"]) if reported else None
     write_json(stores.work, f"{report_prefix(run_id)}push.json", {"created": created})
     recorded = upstream.record_ledger(stores, run_id)
     upstream.cleanup_staging(stores, run_id)
+    if reported:
+        steps = {"pre_build": pre, "unify": unified, "record_ledger": recorded}
+        upstream.report(stores, run_id, run, steps, failed_tasks=[])
     return pre, recorded
 
 
@@ -385,3 +405,60 @@ def test_a_withdrawn_driver_stays_held_run_after_run_until_its_inputs_change(wor
     assert (answer.status, answer.decision) == ("pending", "build")
     assert "was held (withdrawn " in answer.details[0]
     assert planned(stores, config, key) == "build"
+
+
+def test_a_real_compile_failure_is_counted_held_explained_and_suggested_for_the_blocklist(
+    world, capsys
+):
+    """2.3.0's module on two 6.12 kernels, failing with its real log: each failure is
+    recorded with its log and first error, fails a run with max_failures below it, is
+    quarantined after quarantine_after runs with the same inputs, and `drivers why`
+    says so; `drivers report` suggests one blocklist line that, applied, blocks exactly
+    those two."""
+    stores, config = world
+    stores.bundles.upload_new(layout.bundle_object(NEW_CLOUD), b"bundle of the cloud flavour")
+    failing = {(NEW, "mod"), (NEW_CLOUD, "mod")}
+    logs = {(kernel, "mod"): log_for(kernel) for kernel in (NEW, NEW_CLOUD)}
+    fake_run(stores, config, "run1", failing, logs=logs, reported=True)
+    records = ledger.decode(stores.work.download(ledger.run_object("run1")))
+    failures = {r["kernel"]: r for r in records if r["status"] == "failed"}
+    assert set(failures) == {NEW, NEW_CLOUD}
+    for kernel, r in failures.items():
+        assert r["reason"] == f"compile: {FIRST_ERROR}"  # the first error, in source order
+        log = r["log"].removeprefix(f"gs://{stores.work.bucket_name}/")
+        assert log.startswith(report_prefix("run1"))  # kept after staging is gone
+        assert stores.work.download(log).decode() == log_for(kernel)
+    report = read_json(stores.work, f"{report_prefix('run1')}report.json")
+    assert report["status"] == "failed"
+    assert "2 compile failure(s) > max_failures=0" in report["reasons"]
+    tolerant = fake_run(stores, config, "run2", failing, {"max_failures": 2}, logs, True)
+    assert tolerant[0]["summary"]["to_build"] == 2  # failed once so far: retried
+    report = read_json(stores.work, f"{report_prefix('run2')}report.json")
+    assert report["status"] == "success" and report["warnings"] == [
+        "2 failure(s) tolerated (max_failures=2)"
+    ]
+    # quarantine_after (2) failures with the same inputs: held, and `drivers why` says so
+    pre, recorded = fake_run(stores, config, "run3", reported=True)
+    assert pre["summary"]["quarantined"] == 2 and pre["summary"]["to_build"] == 0
+    answer = why.explain(stores, config, NEW_CLOUD, kinds=("mod",)).answers[0]
+    assert answer.status == "quarantined"
+    assert "2 failures in a row (compile) with the same builder" in answer.summary
+    assert f"last: compile: {FIRST_ERROR}" in answer.summary
+    assert answer.log == f"gs://{stores.work.bucket_name}/{report_prefix('run2')}" + (
+        f"logs/{NEW_CLOUD}/2.3.0/mod.log"
+    )
+    # one suggested line for both, in the report's JSON and in `drivers report`
+    [suggestion] = recorded["blocklist_suggestions"]
+    assert (suggestion["rule"], suggestion["kernels"]) == ("6.12.* 2.3.0 mod", 2)
+    assert cli.main(["report", "run3"]) == 0
+    screen = capsys.readouterr().out
+    assert "blocklist suggestions (repeated identical failures; nothing applies them)" in screen
+    assert "6.12.* 2.3.0 mod  (2 kernels: compile: main.c: error: implicit declaration" in screen
+    assert "apply: drivers config add blocklist '6.12.* 2.3.0 mod'" in screen
+    # applied as the report says: exactly those two are blocked, and nothing is suggested
+    assert cli.main(["config", "add", "blocklist", suggestion["rule"]]) == 0
+    pre, recorded = fake_run(stores, config, "run4")
+    assert pre["summary"]["blocked"] == 2 and recorded["blocklist_suggestions"] == []
+    for kernel in (NEW, NEW_CLOUD):
+        answer = why.explain(stores, config, kernel, kinds=("mod",)).answers[0]
+        assert answer.status == "blocked" and "config/blocklist:1: 6.12.*" in answer.summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from drivers.domain.verify import read_vermagic, verify_driver, vermagic_matches
 LOG_LIMIT = 64 * 1024  # a failed task's log keeps the tail of the compile output
 BUILD_TIMEOUT_S = 900  # per make run; a hung compile must not hold a builder forever
 WORKDIR_IN_LOGS = "$WORKDIR"
+# A compiler diagnostic: "path:line[:column]: [fatal ]error: ..."
+_LOCATED_ERROR = re.compile(r"(?P<path>[^\s:]+):(?P<line>\d+):(?:(?P<col>\d+):)? (?:fatal )?error:")
 
 
 @dataclasses.dataclass
@@ -157,7 +160,7 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
         log = _log_tail(log_path, scratch)
         why = f"timed out after {BUILD_TIMEOUT_S} s" if status is None else f"exit status {status}"
         return Built(
-            failure="compile", message=_first_error(log, f"make {why}"), log=log, make_s=make_s
+            failure="compile", message=first_error(log, f"make {why}"), log=log, make_s=make_s
         )
     output = src / spec["output"]
     if not output.is_file():
@@ -168,12 +171,24 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
     return _finish_probe(key, output, log_path, scratch, make_s)
 
 
-def _first_error(log: bytes, fallback: str) -> str:
-    """The compiler's first error line (what a reader wants in a one-line reason)."""
+def first_error(log: bytes, fallback: str) -> str:
+    """The compiler's first error, as a one-line reason. First in source order (file,
+    then line and column), not in the log's: make -j interleaves the compilers, so which
+    error the log shows first varies from build to build, and the reason names the
+    failure in the ledger, where identical failures are grouped (drivers.domain.failures).
+    Without a located compiler error, the log's first error line."""
+    located, other = [], []
     for line in log.decode(errors="replace").splitlines():
         if "error:" in line or "Error:" in line or "ERROR:" in line:
-            return line.strip().removeprefix(WORKDIR_IN_LOGS + "/")[:300]
-    return fallback
+            text = line.strip().removeprefix(WORKDIR_IN_LOGS + "/")[:300]
+            where = _LOCATED_ERROR.match(text)
+            if where is None:
+                other.append(text)
+            else:
+                located.append((where["path"], int(where["line"]), int(where["col"] or 0), text))
+    if located:
+        return min(located)[3]
+    return other[0] if other else fallback
 
 
 def _failed(failure: str, msg: str, log_path: Path, scratch: Path, make_s: float) -> Built:

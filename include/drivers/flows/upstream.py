@@ -18,6 +18,7 @@ from drivers.domain import layout
 from drivers.domain.config import VM_TEST_MODES, Config
 from drivers.domain.dag_ids import UPSTREAM_DRIVERS
 from drivers.domain.errors import RunInputError
+from drivers.domain.failures import suggest_blocklist
 from drivers.domain.kernels import Kernel
 from drivers.domain.layout import report_prefix
 from drivers.domain.names import (
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 # The shrink guard's reference: the nightly's and the backfill's (both list the whole
 # bundle bucket), so either's success moves it.
 STATE_OBJECT = layout.run_state_object(UPSTREAM_DRIVERS)
+SUGGESTIONS_KEPT = 50  # blocklist suggestions in record_ledger's summary (an XCom)
 
 
 class ShrinkGuardError(RuntimeError):
@@ -531,7 +533,10 @@ def report(
 def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
     """Append the run's decisions and attempts to the build ledger (one object per run)
     and refresh the coverage index (:mod:`drivers.store.ledger`): the planner's decisions that
-    changed, every build attempt, what the VM tests refused, what was published."""
+    changed, every build attempt, what the VM tests refused, what was published. The
+    summary carries the blocklist lines that would cover repeated identical failures
+    (:mod:`drivers.domain.failures`; the first SUGGESTIONS_KEPT, each with how many
+    kernels it covers, not which: the summary is an XCom)."""
     from drivers.build.vmtest import REFUSED
 
     staging, reports = layout.staging_prefix(run_id), report_prefix(run_id)
@@ -585,7 +590,19 @@ def record_ledger(stores: Stores, run_id: str) -> dict[str, Any]:
             in_cache[entry.key.driver_version][entry.key.kernel, entry.key.kind] = entry.unavailable
     indexed = ledger.apply_run(stores.work, run_id, records, in_cache, arrived)
     statuses = Counter(r["status"] for r in records)
-    return {"ledger": uri, "records": len(records), "statuses": dict(statuses), "indexed": indexed}
+    # Repeated identical failures (this run's and earlier ones'), and the blocklist line
+    # that would cover each group: in the report, for an operator to apply or not.
+    suggestions = suggest_blocklist({v: c.entries for v, c in indexed.items()})
+    return {
+        "ledger": uri,
+        "records": len(records),
+        "statuses": dict(statuses),
+        "indexed": {v: sum(map(len, c.entries.values())) for v, c in indexed.items()},
+        "blocklist_suggestions": [
+            s.to_json() | {"kernels": len(s.kernels)} for s in suggestions[:SUGGESTIONS_KEPT]
+        ],
+        "blocklist_suggestions_total": len(suggestions),
+    }
 
 
 def _attempt_record(r: dict[str, Any], run_id: str, reports: str) -> dict[str, Any]:

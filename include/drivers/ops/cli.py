@@ -429,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_withdraw_parser(sub)  # drivers withdraw KERNEL ...
 
+    from drivers.ops.costs import add_parser as add_costs_parser
+
+    add_costs_parser(sub)  # drivers costs: [costs] calibrated from the build records
+
     return parser
 
 

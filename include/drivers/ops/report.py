@@ -89,13 +89,15 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
                 f"{failure.get('failure')} {failure.get('message', '')}",
                 file=out,
             )
+    _print_suggestions((doc.get("steps", {}).get("record_ledger") or {}), out)
     calibration = [c for c in (build or {}).get("calibration", []) if c.get("measured_s")]
     if calibration:
         estimated = sum(c["estimated_s"] or 0 for c in calibration)
         measured = sum(c["measured_s"] for c in calibration)
         print(
             f"  cost model: {len(calibration)} shard(s) estimated {estimated:.0f} s, "
-            f"measured {measured:.0f} s (x{measured / estimated:.2f}; calibrate [costs])",
+            f"measured {measured:.0f} s (x{measured / estimated:.2f}; recalibrate [costs]: "
+            "drivers costs)",
             file=out,
         )
     steps = doc.get("steps", {})
@@ -111,6 +113,21 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=s
     print(f"  packages: gs://{buckets.support}/index.html", file=out)
     print(f"  report:   gs://{buckets.work}/{prefix}report.json", file=out)
     return 0 if doc["status"] == "success" else 1
+
+
+def _print_suggestions(recorded: dict, out) -> None:
+    """The blocklist lines that would cover repeated identical failures (record_ledger
+    finds them: drivers.domain.failures), and how to apply one; never applied here."""
+    suggestions = recorded.get("blocklist_suggestions") or []
+    if not suggestions:
+        return
+    print("  blocklist suggestions (repeated identical failures; nothing applies them):", file=out)
+    for s in suggestions[:10]:
+        print(f"    {s['rule']}  ({s['kernels']} kernels: {s['failure']}: {s['error']})", file=out)
+        print(f"      apply: drivers config add blocklist '{s['rule']}'", file=out)
+    more = recorded.get("blocklist_suggestions_total", len(suggestions)) - min(10, len(suggestions))
+    if more:
+        print(f"    ... and {more} more", file=out)
 
 
 def _print_vm_tests(work: storage.ObjectStore, prefix: str, vm: dict | None, out) -> None:

@@ -242,15 +242,15 @@ def apply_run(
     records: list[dict[str, Any]],
     in_cache: dict[str, dict[tuple[str, str], bool]] | None = None,
     arrived: dict[str, str] | None = None,
-) -> dict[str, int]:
+) -> dict[str, Coverage]:
     """Fold a run's records into each driver version's index, once per run, and mark
     what the cache holds (``in_cache``: version -> {(kernel, kind): is an .unavail
     marker}) that the index does not know as published or unavailable (drivers from
-    before the ledger, or from the CPaaS flow)."""
+    before the ledger, or from the CPaaS flow). Returns each version's index as written."""
     by_version: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_version.setdefault(r["driver_version"], []).append(r)
-    counts = {}
+    written = {}
     for version in sorted(set(by_version) | set(in_cache or {})):
 
         def change(coverage: Coverage, version: str = version) -> None:
@@ -271,9 +271,8 @@ def apply_run(
                     )
                     coverage.apply(found)
 
-        coverage = update_coverage(work, version, change)
-        counts[version] = sum(len(kinds) for kinds in coverage.entries.values())
-    return counts
+        written[version] = update_coverage(work, version, change)
+    return written
 
 
 def write_kernels(work: ObjectStore, arrived: dict[str, str]) -> None:
