@@ -98,6 +98,7 @@ CMAKE_FLAGS = (
     "-DCMAKE_EXE_LINKER_FLAGS=-static",
     "-DCMAKE_LINK_SEARCH_START_STATIC=ON",
     "-DCMAKE_LINK_SEARCH_END_STATIC=ON",
+    "-DUSE_SHARED_LIBELF=OFF",  # 8.x takes libelf.so unless told (2.x takes libelf.a)
 )
 
 
