@@ -15,7 +15,10 @@
 #   skopeo               the cpaas mirror pod's image copy, run here on OCI archives
 #   qemu-system-x86      vm-test: each driver's own kernel booted under software emulation
 #   busybox-static       vm-test: the guest's whole userland (insmod, rmmod, sh)
-#   gcc libc6-dev        vm-test: its eBPF loader, linked statically against libbpf
+#   gcc libc6-dev cmake  vm-test: its consumer, libscap's scap-open, built from each driver
+#   libelf-dev           version's sources and linked statically (libelf, zlib; uthash for
+#   zlib1g-dev patch     8.x's libscap); patch applies consumer_patches/ to its build copy
+#   uthash-dev
 #   docker-compose       the tests validate docker-compose.yaml with Compose itself
 #   postgresql           the metadata database of the run through the real scheduler
 #   chromium             the coverage page's browser test and benchmark: Debian's headless
@@ -35,8 +38,8 @@ if [ "${1:-}" = "--with-recommends" ]; then
     shift
 fi
 PACKAGES="${*:-make gcc-12 libelf1 libssl3 zlib1g pahole kmod clang llvm libbpf-dev skopeo
-    qemu-system-x86 busybox-static gcc libc6-dev docker-compose postgresql chromium
-    chromium-driver unzip cmake}"
+    qemu-system-x86 busybox-static gcc libc6-dev cmake libelf-dev zlib1g-dev patch uthash-dev
+    docker-compose postgresql chromium chromium-driver unzip}"
 
 # shellcheck disable=SC2086  # the package list is split on purpose
 installed=$(dpkg-query -W -f='${db:Status-Status} ${Package}\n' $PACKAGES 2>/dev/null |

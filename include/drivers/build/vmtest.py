@@ -1,24 +1,30 @@
 """Load-test drivers in their own kernel, booted under QEMU.
 
 A driver that compiles can still be refused where it matters: symbol versions, vermagic,
-missing dependencies, the eBPF verifier of that kernel. ``vm_test`` boots a kernel
-(software emulation, ``-accel tcg``: KVM is not usable everywhere) with a tiny initramfs
-(static busybox, the drivers, the project's static libbpf loader, a script) and tests
-each of that kernel's drivers in turn:
+missing dependencies, the eBPF verifier of that kernel, or it loads and captures nothing.
+``vm_test`` boots a kernel (software emulation, ``-accel tcg``: KVM is not usable
+everywhere) with a tiny initramfs (static busybox, the drivers, each driver version's
+consumer, a script) and tests each of that kernel's drivers in turn, while the guest
+keeps busy with file and process work in the background:
 
-- a module is inserted, a little activity is made, the events it counted are read back
-  (its ``sched_switches`` parameter), and it is removed;
-- a probe is loaded by :file:`vmtest_loader.c` (the kernel's verifier decides), every
-  program attached where its section says, the events read back from its array maps,
-  and detached.
+- a module is inserted (the modules it depends on first), the consumer captures events
+  through it (``scap-open --kmod``), and it is removed;
+- a probe is opened by the consumer (``scap-open --bpf PATH``: the kernel's verifier
+  decides, then it attaches and captures events through it).
 
-Only the markers the guest prints on its serial console decide; QEMU's exit status says
-nothing, and the whole boot is under a timeout. Results per driver: ``loaded``;
-``load_failed`` (with the kernel's own messages); ``verifier_rejected`` (with the
-verifier's log); ``no_boot_image`` (no bootable kernel for that release: never a pass);
-``boot_failed`` (the guest never reached or finished its script: infrastructure,
-retryable); ``not_tested`` (the stage's time budget was spent, the tests are off, or a
-module it needs is not kept beside the boot image).
+The consumer is libscap's ``scap-open`` built from the same prepared sources as the
+driver (:mod:`drivers.build.consumer`); it must capture the ``events`` asked for. Only the
+markers the guest prints on its serial console decide (the consumer's output is carried
+in them); QEMU's exit status says nothing, and the whole boot is under a timeout.
+Results per driver: ``loaded`` (the events were captured through it); ``load_failed``
+(with the kernel's own messages or the consumer's); ``verifier_rejected`` (with the
+verifier's log); ``too_few_events`` (it loads, the consumer attached, but fewer events
+than asked for came through it); ``consumer_cannot_attach`` (it loads, but the consumer
+could not capture through it: its output says why); ``no_boot_image`` (no bootable
+kernel for that release: never a pass); ``boot_failed`` (the guest never reached or
+finished its script: infrastructure, retryable); ``not_tested`` (the stage's time budget
+was spent, the tests are off, its version has no consumer, or a module it needs is not
+kept beside the boot image).
 
 ``test_kernels`` runs many kernels, a few VMs at a time, within a time budget: what the
 ``integration_tests`` stage of upstream_drivers does
@@ -28,20 +34,20 @@ module it needs is not kept beside the boot image).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from drivers.build.boot_images import debian_boot_image, fetch_boot_image
+from drivers.build.consumer import Consumer, ConsumerError, captured_events, consumer_for
 from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.errors import DriversError
 from drivers.domain.exit_codes import EX_TEMPFAIL
@@ -52,21 +58,39 @@ from drivers.store.storage import ObjectStore
 MARK = "VMTEST:"
 BUSYBOX = Path("/usr/bin/busybox")  # Debian's busybox-static
 QEMU = "qemu-system-x86_64"
-LOADER_SOURCE = Path(__file__).with_name("vmtest_loader.c")
 BOOT_TIMEOUT_S = 60.0  # boot and power-off; each driver adds DRIVER_TIMEOUT_S
-DRIVER_TIMEOUT_S = 20.0
+CAPTURE_TIMEOUT_S = 15  # the guest stops a consumer after this (SIGINT: it prints its stats)
+DRIVER_TIMEOUT_S = CAPTURE_TIMEOUT_S + 10.0
+DEFAULT_EVENTS = 1000  # the config's [vm_tests] events
 DEFAULT_MODULE_NAME = "collector"
-EVENTS_PARAMETER = "sched_switches"  # what the collector module counts (its contract)
+OUTPUT_LINES = 60  # of the consumer's output, kept in the serial log (a verifier log is long)
 STATUSES = (
     "loaded",
     "load_failed",
     "verifier_rejected",
+    "too_few_events",
+    "consumer_cannot_attach",
     "no_boot_image",
     "boot_failed",
     "not_tested",
 )
 PASSED, RETRYABLE = "loaded", "boot_failed"
-REFUSED = ("load_failed", "verifier_rejected")  # the driver's fault: held back (enforce)
+# Not shown to capture events in its kernel: held back (enforce).
+REFUSED = ("load_failed", "verifier_rejected", "too_few_events", "consumer_cannot_attach")
+# What the consumer says when it cannot open a probe file: the probe's fault, not its own.
+PROBE_FILE_ERRORS = (
+    "can't open BPF probe",
+    "invalid ELF version",
+    "can't read ELF",
+    "BPF probe is compiled for",
+    "BPF probe license",
+    "missing api_version section",
+    "missing schema_version section",
+    "missing SHT_SYMTAB section",
+)
+# A kernel with "perf/core: Prevent VMA split of buffer mappings" refusing libscap's
+# mirrored perf-buffer mapping (drivers.build.consumer explains; its patches fix it).
+SPLIT_REFUSED = re.compile(r"mmap \(3\)[^\n]*(Cannot allocate memory|Invalid argument)")
 
 # The guest's /init: functions, then one block per driver (see init_script).
 INIT_HEAD = f"""#!/bin/busybox sh
@@ -75,25 +99,31 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo {MARK}BOOTED $(uname -r)
-test_module() {{  # index, module name, the modules it depends on
+# Activity for the drivers to see: file and process work, all the time.
+(while :; do ls -R /sys/module >/dev/null 2>&1; cat /proc/self/status >/dev/null; done) &
+capture() {{  # the consumer's command: its exit status and output as markers
+  timeout -s INT {CAPTURE_TIMEOUT_S} "$@" >/tmp/out 2>&1
+  echo {MARK}CONSUMER_EXIT $?
+  grep -v '^ *$' /tmp/out | tail -n {OUTPUT_LINES} | sed 's/^/{MARK}OUT /'
+}}
+test_module() {{  # index, module name, the modules it depends on, the consumer's command
   dmesg -c >/dev/null
   for m in $3; do
     modprobe $m 2>/tmp/err || {{ echo "{MARK}LOAD_FAILED modprobe $m: $(cat /tmp/err)"; return; }}
   done
   if insmod /drivers/$1.ko 2>/tmp/err; then
     echo {MARK}LOADED
-    for i in 1 2 3 4 5 6 7 8; do ls / >/dev/null; sleep 0.05; done
-    echo {MARK}EVENTS $(cat /sys/module/$2/parameters/{EVENTS_PARAMETER} 2>/dev/null)
-    if rmmod $2 2>/tmp/err; then echo {MARK}UNLOADED; else
+    name=$2
+    shift 3
+    capture "$@"
+    if rmmod $name 2>/tmp/err; then echo {MARK}UNLOADED; else
       echo "{MARK}UNLOAD_FAILED $(cat /tmp/err)"; fi
   else
     echo "{MARK}LOAD_FAILED $(cat /tmp/err)"
     dmesg | tail -n 5 | sed 's/^/{MARK}KMSG /'
   fi
-}}
-test_probe() {{  # index
-  /bin/vmtest-loader /drivers/$1.o 2>/dev/null
 }}
 """
 INIT_TAIL = f"""echo {MARK}DONE
@@ -156,15 +186,28 @@ def module_depends(elf: bytes) -> list[str]:
         return []
 
 
-def init_script(drivers: Sequence[tuple[str, bytes]]) -> str:
-    """/init for drivers given as (kind, uncompressed bytes), numbered from 1."""
+GUEST_CONSUMER = "/bin/scap-open-{}"  # one per driver version in the boot
+
+
+def consumer_command(consumer: Consumer, kind: str, index: int, events: int) -> list[str]:
+    """The guest's command that captures ``events`` through driver ``index``."""
+    recipe = consumer.recipe
+    opens = list(recipe.kmod) if kind == "mod" else [recipe.bpf, f"/drivers/{index}.o"]
+    return [GUEST_CONSUMER.format(consumer.driver_version), *opens, recipe.num_events, str(events)]
+
+
+GuestDriver = tuple[str, bytes, list[str]]  # kind, uncompressed bytes, consumer's command
+
+
+def init_script(drivers: Sequence[GuestDriver]) -> str:
+    """/init for drivers numbered from 1."""
     body = []
-    for i, (kind, elf) in enumerate(drivers, 1):
+    for i, (kind, elf, command) in enumerate(drivers, 1):
         if kind == "mod":
-            test = f'test_module {i} {module_name(elf)} "{" ".join(module_depends(elf))}"'
+            test = f'test_module {i} {module_name(elf)} "{" ".join(module_depends(elf))}" '
         else:
-            test = f"test_probe {i}"
-        body.append(f"echo {MARK}BEGIN {i}\n{test}\necho {MARK}END {i}\n")
+            test = "capture "
+        body.append(f"echo {MARK}BEGIN {i}\n{test}{' '.join(command)}\necho {MARK}END {i}\n")
     return INIT_HEAD + "".join(body) + INIT_TAIL
 
 
@@ -194,14 +237,13 @@ def module_tree(kernel: str, modules: Path) -> list[Entry]:
 
 
 def initramfs(
-    drivers: Sequence[tuple[str, bytes]],
-    loader: Path | None = None,
+    drivers: Sequence[GuestDriver],
+    consumers: Sequence[Consumer] = (),
     modules: Sequence[Entry] = (),
     busybox: Path = BUSYBOX,
 ) -> bytes:
-    """A gzip'd newc cpio: busybox, /init, the loader (when there are probes), the
-    kernel's modules (:func:`module_tree`) and the drivers, given as (kind,
-    uncompressed bytes), as /drivers/<n>.ko or .o."""
+    """A gzip'd newc cpio: busybox, /init, the consumers, the kernel's modules
+    (:func:`module_tree`) and the drivers, as /drivers/<n>.ko or .o."""
     entries = [
         ("bin", b"", 0o040755),
         ("dev", b"", 0o040755),
@@ -212,45 +254,15 @@ def initramfs(
         ("bin/busybox", busybox.read_bytes(), 0o100755),
         ("init", init_script(drivers).encode(), 0o100755),
     ]
-    if loader is not None:
-        entries.append(("bin/vmtest-loader", loader.read_bytes(), 0o100755))
+    for consumer in consumers:
+        guest = GUEST_CONSUMER.format(consumer.driver_version).lstrip("/")
+        entries.append((guest, consumer.path.read_bytes(), 0o100755))
     entries += modules
-    for i, (kind, elf) in enumerate(drivers, 1):
+    for i, (kind, elf, _) in enumerate(drivers, 1):
         entries.append((f"drivers/{i}.{'ko' if kind == 'mod' else 'o'}", elf, 0o100644))
     archive = b"".join(_newc(n, d, m, i + 1) for i, (n, d, m) in enumerate(entries))
     archive += _newc("TRAILER!!!", b"", 0, 0)
     return gzip_bytes(archive, 1)
-
-
-def tools_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "collector-drivers"
-
-
-def loader_binary(out_dir: Path | None = None) -> Path:
-    """The static eBPF loader, compiled from :file:`vmtest_loader.c` against libbpf once
-    per source version (production images build it the same way)."""
-    source = LOADER_SOURCE.read_bytes()
-    out_dir = out_dir or tools_dir()
-    binary = out_dir / f"vmtest-loader-{hashlib.sha256(source).hexdigest()[:12]}"
-    if binary.is_file():
-        return binary
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = binary.with_suffix(f".{os.getpid()}.part")
-    command = ["gcc", "-O2", "-static", "-o", str(partial), str(LOADER_SOURCE)]
-    try:
-        built = subprocess.run(
-            [*command, "-lbpf", "-lelf", "-lz"], capture_output=True, text=True, check=False
-        )
-    except FileNotFoundError:
-        raise VmTestError("gcc is not installed: apt-get install gcc libbpf-dev") from None
-    if built.returncode != 0:
-        raise VmTestError(
-            f"cannot build the eBPF loader: {built.stderr.strip()[-500:]} "
-            "(apt-get install gcc libbpf-dev libelf-dev zlib1g-dev)"
-        )
-    partial.replace(binary)
-    return binary
 
 
 # --- the test ----------------------------------------------------------------------------
@@ -291,57 +303,80 @@ def read_markers(serial: str) -> tuple[Markers, dict[int, Markers], list[str]]:
     return boot, blocks, other
 
 
-def _count(markers: Markers, name: str) -> int | None:
-    value = (markers.get(name) or [""])[0]
-    return int(value) if value.isdigit() else None
+def _capture(result: VmResult, m: Markers, consumer: Consumer, events: int) -> bool:
+    """Judge the consumer's capture through the driver; True when it captured enough."""
+    output = m.get("OUT", [])
+    exit_status = (m.get("CONSUMER_EXIT") or ["?"])[0]
+    result.events = captured_events(consumer, "\n".join(output))
+    tail = [f"consumer exit status {exit_status}", *output[-20:]]
+    if result.events is None:  # it never got to capturing: it says why
+        result.status = "consumer_cannot_attach"
+        result.messages = ["the consumer could not capture through it", *tail]
+        if SPLIT_REFUSED.search("\n".join(output)):
+            result.messages.insert(
+                1,
+                "this kernel refuses the consumer's mirrored mapping of its perf buffers "
+                '("perf/core: Prevent VMA split of buffer mappings", CVE-2025-38563): the '
+                f"consumer of {consumer.driver_version} needs the one-mapping patch "
+                "(drivers/build/consumer_patches)",
+            )
+        return False
+    if result.events < events:
+        result.status = "too_few_events"
+        result.messages = [
+            f"captured {result.events} of the {events} events asked for within "
+            f"{CAPTURE_TIMEOUT_S} s",
+            *tail,
+        ]
+        return False
+    return True
 
 
-def _judge_module(result: VmResult, m: Markers) -> None:
+def _judge_module(result: VmResult, m: Markers, consumer: Consumer, events: int) -> None:
     if "LOAD_FAILED" in m:
         result.status, result.messages = "load_failed", m["LOAD_FAILED"] + m.get("KMSG", [])
         return
-    result.events = _count(m, "EVENTS")
-    if "LOADED" in m and result.events and "UNLOADED" in m:
+    if not _capture(result, m, consumer, events):
+        return
+    if "UNLOADED" in m:
         result.status = "loaded"
         return
     result.status = "load_failed"
-    result.messages = [
-        "loaded but counted no events" if not result.events else "could not be unloaded",
-        *m.get("UNLOAD_FAILED", []),
-    ]
+    result.messages = ["captured its events but could not be unloaded", *m.get("UNLOAD_FAILED", [])]
 
 
-def _judge_probe(result: VmResult, m: Markers) -> None:
-    log = m.get("BPF_VERIFIER", [])
-    if "BPF_OPEN_FAILED" in m:
-        result.status = "load_failed"
-        result.messages = [f"not a loadable eBPF object: {m['BPF_OPEN_FAILED'][0]}", *log]
-        return
-    if "BPF_REJECTED" in m:
+def _judge_probe(result: VmResult, m: Markers, consumer: Consumer, events: int) -> None:
+    output = m.get("OUT", [])
+    if "-- BEGIN PROG LOAD LOG --" in output:
+        log = output[output.index("-- BEGIN PROG LOAD LOG --") + 1 :]
+        log = (
+            log[: log.index("-- END PROG LOAD LOG --")] if "-- END PROG LOAD LOG --" in log else log
+        )
         # The verifier's own reason is the line before its "processed N insns" summary.
         ends = [i for i, line in enumerate(log) if line.startswith("processed ")]
-        reason = log[ends[0] - 1] if ends and ends[0] > 0 else m["BPF_REJECTED"][0]
+        reason = log[ends[0] - 1] if ends and ends[0] > 0 else (log or ["(no log)"])[-1]
         result.status = "verifier_rejected"
-        result.messages = [f"verifier: {reason}", *log, f"refused: {m['BPF_REJECTED'][0]}"]
+        result.messages = [f"verifier: {reason}", *log[-30:]]
         return
-    if "BPF_ATTACH_FAILED" in m:
+    refused = next((line for line in output if line.startswith(PROBE_FILE_ERRORS)), None)
+    if refused is not None:
         result.status = "load_failed"
-        result.messages = [f"loaded but could not attach: {m['BPF_ATTACH_FAILED'][0]}", *log]
+        result.messages = [f"not a loadable probe: {refused}", *output[-10:]]
         return
-    result.events = _count(m, "BPF_EVENTS")
-    if "BPF_ATTACHED" in m and result.events and "BPF_DETACHED" in m:
+    if _capture(result, m, consumer, events):
         result.status = "loaded"
-        return
-    result.status = "load_failed"
-    result.messages = [
-        "attached but counted no events" if not result.events else "could not be detached"
-    ]
 
 
 def judge(
-    keys: Sequence[DriverKey], serial: str, seconds: float, timed_out: bool = False
+    keys: Sequence[DriverKey],
+    serial: str,
+    seconds: float,
+    consumers: Mapping[str, Consumer],
+    events: int = DEFAULT_EVENTS,
+    timed_out: bool = False,
 ) -> list[VmResult]:
-    """The result of each driver (tested in this order) from the guest's serial log."""
+    """The result of each driver (tested in this order, each through the consumer of its
+    driver version, asked for ``events``) from the guest's serial log."""
     boot, blocks, console = read_markers(serial)
     results = [VmResult.of(key, "boot_failed") for key in keys]
     for r in results:
@@ -366,22 +401,28 @@ def judge(
             result.status = "load_failed"
             result.messages = [f"the kernel {died} while testing this driver", *console[-5:]]
         elif key.kind == "mod":
-            _judge_module(result, m)
+            _judge_module(result, m, consumers[key.driver_version], events)
         else:
-            _judge_probe(result, m)
+            _judge_probe(result, m, consumers[key.driver_version], events)
     return results
+
+
+Consumers = Mapping[str, Consumer | str]  # driver version -> its consumer, or why it has none
 
 
 def vm_test(
     kernel: str,
     drivers: Sequence[tuple[DriverKey, bytes]],
     boot_image: Path | None,
+    consumers: Consumers,
+    events: int = DEFAULT_EVENTS,
     timeout: float | None = None,
     memory_mb: int = 512,
     accel: str = "tcg",
 ) -> list[VmResult]:
     """Boot ``boot_image`` (the kernel ``kernel``) once and test each driver, given as
-    (key, gzip'd object as published), in it. One result per driver, in order."""
+    (key, gzip'd object as published), in it: the consumer of its driver version must
+    capture ``events`` through it. One result per driver, in order."""
     keys = [key for key, _ in drivers]
     strangers = [k for k in keys if k.kernel != kernel]
     if strangers:
@@ -402,10 +443,15 @@ def vm_test(
     stored = {_norm(module_name(p.read_bytes())) for p in modules.rglob("*.ko")}
     results: dict[int, VmResult] = {}
     for i, (kind, elf) in enumerate(elves):
+        consumer = consumers.get(keys[i].driver_version, "no consumer was looked for")
         missing = (
             [d for d in module_depends(elf) if _norm(d) not in stored] if kind == "mod" else []
         )
-        if missing:
+        if not isinstance(consumer, Consumer):
+            results[i] = VmResult.of(
+                keys[i], "not_tested", f"no consumer for {keys[i].driver_version}: {consumer}"
+            )
+        elif missing:
             results[i] = VmResult.of(
                 keys[i],
                 "not_tested",
@@ -415,17 +461,29 @@ def vm_test(
             )
     booted = [i for i in range(len(keys)) if i not in results]
     if booted:
+        ready = {v: c for v, c in consumers.items() if isinstance(c, Consumer)}
+        guest = [
+            (
+                elves[i][0],
+                elves[i][1],
+                consumer_command(ready[keys[i].driver_version], elves[i][0], n, events),
+            )
+            for n, i in enumerate(booted, 1)
+        ]
+        used = sorted({keys[i].driver_version for i in booted})
+        archive = initramfs(
+            guest, [ready[v] for v in used], module_tree(kernel, modules) if stored else []
+        )
         boot = _boot(
             kernel,
             [keys[i] for i in booted],
-            [elves[i] for i in booted],
+            archive,
             boot_image,
-            module_tree(kernel, modules) if stored else [],
             timeout or BOOT_TIMEOUT_S + DRIVER_TIMEOUT_S * len(booted),
             memory_mb,
             accel,
         )
-        results.update(zip(booted, boot, strict=True))
+        results.update(zip(booted, judge_boot(boot, ready, events), strict=True))
     return [results[i] for i in range(len(keys))]
 
 
@@ -440,20 +498,32 @@ def _norm(module: str) -> str:
     return module.replace("-", "_")
 
 
+@dataclass
+class Boot:
+    """What one boot left: the serial log, how long it took, whether it was cut short."""
+
+    keys: list[DriverKey]
+    serial: str
+    seconds: float
+    timed_out: bool
+
+
+def judge_boot(boot: Boot, consumers: Mapping[str, Consumer], events: int) -> list[VmResult]:
+    return judge(boot.keys, boot.serial, boot.seconds, consumers, events, boot.timed_out)
+
+
 def _boot(
     kernel: str,
     keys: list[DriverKey],
-    elves: list[tuple[str, bytes]],
+    archive: bytes,
     boot_image: Path,
-    modules: list[Entry],
     timeout: float,
     memory_mb: int,
     accel: str,
-) -> list[VmResult]:
-    loader = loader_binary() if "bpf" in {k.kind for k in keys} else None
+) -> Boot:
     with tempfile.TemporaryDirectory(prefix="vm-test-") as tmp:
         initrd = Path(tmp) / "initrd.gz"
-        initrd.write_bytes(initramfs(elves, loader, modules))
+        initrd.write_bytes(archive)
         serial = Path(tmp) / "serial.log"
         command = [
             QEMU,
@@ -481,13 +551,15 @@ def _boot(
             timed_out = True  # judged by the markers: what never ended did not pass
         seconds = round(time.monotonic() - started, 2)
         text = serial.read_text(errors="replace") if serial.exists() else ""
-    return judge(keys, text, seconds, timed_out)
+    return Boot(keys, text, seconds, timed_out)
 
 
 def test_kernels(
     kernels: dict[str, list[DriverKey]],
     fetch_image: Callable[[str, Path], Path | None],
     load_drivers: Callable[[str], list[tuple[DriverKey, bytes]]],
+    consumer: Callable[[str], Consumer],
+    events: int = DEFAULT_EVENTS,
     parallel: int = 2,
     budget_s: float = float("inf"),
     accel: str = "tcg",
@@ -497,8 +569,21 @@ def test_kernels(
     whose turn comes after ``budget_s`` is not tested; a boot that failed is retried
     once (infrastructure). ``fetch_image(kernel, folder)`` puts the boot image in a
     scratch folder (None: there is none), removed after that kernel; ``load_drivers``
-    reads a kernel's drivers only when its turn comes, so memory stays bounded."""
+    reads a kernel's drivers only when its turn comes, so memory stays bounded;
+    ``consumer(driver_version)`` gives a version's consumer (once per version; a
+    :class:`ConsumerError` leaves its drivers untested, saying why)."""
     deadline = time.monotonic() + budget_s
+    consumers: dict[str, Consumer | str] = {}
+    lock = threading.Lock()  # one build per version, however many VMs wait for it
+
+    def consumers_of(keys: list[DriverKey]) -> dict[str, Consumer | str]:
+        with lock:
+            for version in sorted({k.driver_version for k in keys} - set(consumers)):
+                try:
+                    consumers[version] = consumer(version)
+                except ConsumerError as e:
+                    consumers[version] = str(e)
+            return {k.driver_version: consumers[k.driver_version] for k in keys}
 
     def one(kernel: str) -> list[VmResult]:
         keys = kernels[kernel]
@@ -508,10 +593,12 @@ def test_kernels(
         with tempfile.TemporaryDirectory(prefix="vm-image-") as scratch:
             image = fetch_image(kernel, Path(scratch))
             drivers = load_drivers(kernel) if image is not None else [(k, b"") for k in keys]
-            results = vm_test(kernel, drivers, image, memory_mb=memory_mb, accel=accel)
+            ready = consumers_of(keys) if image is not None else {}
+            options = {"events": events, "memory_mb": memory_mb, "accel": accel}
+            results = vm_test(kernel, drivers, image, ready, **options)
             again = [d for d, r in zip(drivers, results, strict=True) if r.status == RETRYABLE]
             if again and time.monotonic() < deadline:
-                retried = iter(vm_test(kernel, again, image, memory_mb=memory_mb, accel=accel))
+                retried = iter(vm_test(kernel, again, image, ready, **options))
                 results = [next(retried) if r.status == RETRYABLE else r for r in results]
         return results
 
@@ -523,9 +610,15 @@ def test_kernels(
 
 
 def cmd_vm_test(args: argparse.Namespace) -> int:
-    """``drivers vm-test DRIVER.gz... --driver-version V [--boot-image VMLINUZ]``: one
-    JSON result per driver on stdout; exit 0 when all loaded, 75 when the VM did not
-    boot (retry), 1 when a driver failed or has no boot image."""
+    """``drivers vm-test DRIVER.gz... --driver-version V [--boot-image VMLINUZ]
+    [--sources gs://BUCKET]``: the consumer of V comes from (or is built from and cached
+    beside) V's prepared sources in the sources bucket; one JSON result per driver on
+    stdout, with the events captured through it; exit 0 when all loaded, 75 when the VM
+    did not boot (retry), 1 when a driver failed or has no boot image."""
+    from drivers.domain.config import load_config
+    from drivers.domain.layout import Buckets
+    from drivers.store.storage import client_from_environment, parse_gs_uri
+
     keys = []
     for path in map(Path, args.drivers):
         entry = parse_object_name(f"{args.driver_version}/{path.name}")
@@ -541,14 +634,23 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     drivers = [(key, Path(p).read_bytes()) for key, p in zip(keys, args.drivers, strict=True)]
     image = args.boot_image
     if image is None and args.boot_images:
-        from drivers.store.storage import client_from_environment, parse_gs_uri
-
         store = ObjectStore(client_from_environment(), parse_gs_uri(args.boot_images)[0])
         image = fetch_boot_image(store, kernel, cache / "kernel-images")
     elif image is None:  # Debian's package, with the modules these drivers need
         needs = {d for key, data in drivers if key.kind == "mod" for d in _depends_of(data)}
         image = debian_boot_image(kernel, cache / "debs", cache / "kernel-images", sorted(needs))
-    results = vm_test(kernel, drivers, image, timeout=args.timeout, accel=args.accel)
+    bucket = parse_gs_uri(args.sources)[0] if args.sources else Buckets.from_env().sources
+    sources = ObjectStore(client_from_environment(), bucket)
+    consumers: dict[str, Consumer | str] = {}
+    if image is not None:
+        try:
+            consumers[args.driver_version] = consumer_for(sources, args.driver_version)
+        except ConsumerError as e:
+            consumers[args.driver_version] = str(e)
+    events = load_config().vm_tests["events"]
+    results = vm_test(
+        kernel, drivers, image, consumers, events, timeout=args.timeout, accel=args.accel
+    )
     for result in results:
         print(json.dumps(result.to_json()))
     statuses = {r.status for r in results}
@@ -561,7 +663,6 @@ __all__ = [
     "VmResult",
     "initramfs",
     "judge",
-    "loader_binary",
     "read_markers",
     "test_kernels",
     "vm_test",

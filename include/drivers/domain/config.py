@@ -66,6 +66,8 @@ VM_TEST_DEFAULTS: dict[str, Any] = {
     "parallel": 2,  # VMs at a time, per worker (local) or per vm-test pod
     "budget_s": 1800,  # the trigger form's default time budget for the stage
     "memory_mb": 512,
+    # Events the consumer (scap-open) must capture through each driver for it to pass.
+    "events": 1000,
     # Production (runtime "kubernetes"): the vm-test pod's image (QEMU, busybox-static,
     # the loader, this package), its resources, and whether nodes expose a /dev/kvm
     # that works (then QEMU uses -accel kvm; else software emulation, -accel tcg).
@@ -308,7 +310,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         raise ConfigError(f"shrink_tolerance must be a fraction in [0, 1), not {tolerance!r}")
 
     vm_tests = VM_TEST_DEFAULTS | data.get("vm_tests", {})
-    for name in ("parallel", "memory_mb"):
+    for name in ("parallel", "memory_mb", "events"):
         if (
             isinstance(vm_tests[name], bool)
             or not isinstance(vm_tests[name], int)

@@ -108,6 +108,16 @@ def source_object(driver_version: str) -> str:
     return f"{driver_version}.tgz"
 
 
+CONSUMERS_PREFIX = "consumers/"
+
+
+def consumer_object(driver_version: str, recipe: str, arch: str) -> str:
+    """Beside them, the consumer the VM tests capture with (drivers.build.consumer),
+    built from them by one recipe: under a prefix, so that a listing of the sources
+    bucket's ``<V>.tgz`` (drivers.store.ledger.source_hashes) never takes it for sources."""
+    return f"{CONSUMERS_PREFIX}{driver_version}/scap-open-{recipe}-{arch}"
+
+
 # Run-scoped staging in the work bucket: builders write here; verify, the VM tests and
 # push read from here; push promotes into the cache; the prefix is removed at run end.
 def staging_prefix(run_id: str) -> str:

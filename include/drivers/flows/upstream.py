@@ -346,11 +346,14 @@ def integration_tests(
     stores: Stores, run_id: str, params: RunParams, vm: dict[str, Any]
 ) -> dict[str, Any]:
     """Boot each kernel that got new drivers in this run and load them there
-    (:mod:`drivers.build.vmtest`; ``vm`` is the config's [vm_tests]). Writes what push may
+    (:mod:`drivers.build.vmtest`; ``vm`` is the config's [vm_tests]), each captured
+    through by the consumer of its driver version, built from (and cached beside) that
+    version's prepared sources in the sources bucket. Writes what push may
     publish: with ``vm_tests=enforce`` a driver the kernel refused (or that could not be
     tested because the VM never booted) is held back; a kernel without a boot image, or
     whose turn came after the time budget, is published marked untested. ``warn``
     publishes everything and reports; ``off`` tests nothing."""
+    from drivers.build.consumer import consumer_for
     from drivers.build.vmtest import REFUSED, RETRYABLE, VmResult, fetch_boot_image, test_kernels
 
     staging, prefix = layout.staging_prefix(run_id), layout.staged_drivers_prefix(run_id)
@@ -378,6 +381,8 @@ def integration_tests(
             kernels,
             lambda kernel, folder: fetch_boot_image(stores.kernel_images, kernel, folder),
             load_drivers,
+            lambda version: consumer_for(stores.sources, version),
+            events=vm["events"],
             parallel=vm["parallel"],
             budget_s=params.vm_tests_budget_s,
             accel="kvm" if vm["kvm"] else "tcg",

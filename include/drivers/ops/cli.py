@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--driver-version", default="0.0.0", help="recorded in the result")
     p.add_argument("--boot-image", type=Path, help="kernel image (default: Debian's, via apt)")
     p.add_argument("--boot-images", metavar="gs://BUCKET", help="take it from this bucket")
+    p.add_argument(
+        "--sources",
+        metavar="gs://BUCKET",
+        help="the sources bucket: V's prepared sources give its consumer, scap-open "
+        "(default: the sources bucket of the environment)",
+    )
     p.add_argument("--cache", default=".cache", help="where Debian packages are kept")
     p.add_argument("--timeout", type=float, help="seconds for the whole VM (default: by count)")
     p.add_argument("--accel", default="tcg", help="QEMU accelerator (kvm where it works)")

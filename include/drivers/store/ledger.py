@@ -302,8 +302,13 @@ def builder_environment(
 
 
 def source_hashes(sources: ObjectStore) -> dict[str, str | None]:
-    """Each driver sources archive's md5, from one listing of the sources bucket."""
-    return {info.name: info.md5 for info in sources.list() if info.name.endswith(".tgz")}
+    """Each driver sources archive's md5, from one listing of the sources bucket (its
+    top level: the consumers built from them live under a prefix)."""
+    return {
+        info.name: info.md5
+        for info in sources.list()
+        if info.name.endswith(".tgz") and "/" not in info.name
+    }
 
 
 @dataclass
