@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import real_sources
 from drivers.build.bundles import make_debian_bundle
 from drivers.build.sources import package_sources
 from drivers.domain import layout
@@ -68,4 +69,10 @@ def publish_bundle(stores: dict[str, ObjectStore], kernel: str) -> None:
 def publish_sources(stores: dict[str, ObjectStore], version: str, tmp: Path) -> None:
     """The example sources (the test fixture) of ``version``."""
     path = package_sources(EXAMPLE_SOURCES / version, tmp / "sources")
+    stores["sources"].upload_new_file(layout.source_object(version), path)
+
+
+def publish_real_sources(stores: dict[str, ObjectStore], version: str, tmp: Path) -> None:
+    """The collector's real sources of ``version``, prepared (``drivers sources prepare``)."""
+    path = real_sources.prepared(version, tmp / "real-sources")
     stores["sources"].upload_new_file(layout.source_object(version), path)
