@@ -1,9 +1,12 @@
 """Building one driver against an extracted bundle: kbuild, then strip, then the checks.
 
-Both kinds build with kbuild, ``make -C <BUNDLE_BUILD_DIR> M=<dir> modules``, in a fresh
-copy of the folder the sources' ``build.json`` names for the kind, which also names the
-output (driver_sources/README.md); the module is then stripped of debug info and its
-vermagic checked, the probe stripped of DWARF (its BTF stays). A compile failure is data
+Both kinds build with kbuild, ``make -C <BUNDLE_BUILD_DIR> M=<dir> modules``, where
+``<dir>`` is the folder the sources' ``build.json`` names for the kind inside a fresh copy
+of the *whole* prepared tree: the real probe includes the driver's headers and
+``../driver_config.h`` from the module's folder, and an 8.x build runs the configure probes
+under ``<dir>/configure/``. ``build.json`` also names the output
+(driver_sources/README.md). The module is then stripped of debug info and its vermagic
+checked, the probe stripped of DWARF (its BTF stays). A compile failure is data
 (:class:`Built` with a failure class and the log's tail); a missing tool is not
 (:class:`ToolMissing`: the builder image is incomplete).
 """
@@ -26,7 +29,11 @@ from drivers.domain.names import DriverKey
 from drivers.domain.verify import read_vermagic, verify_driver, vermagic_matches
 
 LOG_LIMIT = 64 * 1024  # a failed task's log keeps the tail of the compile output
-BUILD_TIMEOUT_S = 900  # per make run; a hung compile must not hold a builder forever
+# Per make run; a hung compile must not hold a builder forever. Measured on a busy 2-core
+# machine: the 2.3.0 module 17 s, its probe 23 s, the 8.1.0 module 96 s (its ~25 feature
+# probes are kbuild runs of their own). A builder pod has 1 CPU, which can double that:
+# 900 s leaves the slowest real build a factor of ~5 before it is called hung.
+BUILD_TIMEOUT_S = 900
 WORKDIR_IN_LOGS = "$WORKDIR"
 
 
@@ -137,7 +144,7 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
     folder and which output file) against an extracted bundle. ``scratch`` holds both
     and is mapped out of the object's paths."""
     try:
-        spec = read_build_spec(sources).get(key.kind)
+        spec = read_build_spec(sources, key.driver_version).get(key.kind)
     except ValueError as e:
         return Built(failure="sources_missing", message=f"sources of {key.driver_version}: {e}")
     if spec is None:
@@ -145,10 +152,13 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
             failure="sources_missing",
             message=f"sources of {key.driver_version}: build.json has no {key.kind!r} entry",
         )
-    src = scratch / "build" / key.driver_version / key.kind
-    if src.exists():
-        shutil.rmtree(src)
-    shutil.copytree(sources / spec["dir"], src, symlinks=True)  # kbuild writes next to them
+    # One copy of the whole tree per kind, so the two builds never see each other's
+    # objects; kbuild writes next to the sources.
+    tree = scratch / "build" / key.driver_version / key.kind
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(sources, tree, symlinks=True)
+    src = tree / spec["dir"]
     log_path = scratch / "build" / f"{key.driver_version}-{key.kind}.log"
     log_path.write_bytes(f"# {key.kernel} {key.driver_version} {key.kind}\n".encode())
 
@@ -157,7 +167,7 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
         log = _log_tail(log_path, scratch)
         why = f"timed out after {BUILD_TIMEOUT_S} s" if status is None else f"exit status {status}"
         return Built(
-            failure="compile", message=_first_error(log, f"make {why}"), log=log, make_s=make_s
+            failure="compile", message=first_error(log, f"make {why}"), log=log, make_s=make_s
         )
     output = src / spec["output"]
     if not output.is_file():
@@ -168,11 +178,38 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
     return _finish_probe(key, output, log_path, scratch, make_s)
 
 
-def _first_error(log: bytes, fallback: str) -> str:
-    """The compiler's first error line (what a reader wants in a one-line reason)."""
+# 8.x drivers detect kernel features with configure probes at build time: the module's
+# and the probe's Makefile include a Makefile.inc per feature, which prints, prefixed so,
+# each failed probe's whole make output into the main log. A feature the kernel lacks is
+# expected, so those errors are never the driver's.
+CONFIGURE_PREFIXES = ("[configure-kmod]", "[configure-bpf]")
+# How a probe's make output begins and ends: build.sh runs a top-level `make -C <probe>`
+# (env -i: make level 0, so "make:", where kbuild's nested makes print "make[N]:").
+_PROBE_STARTS = "make: Entering directory"
+_PROBE_ENDS = ("make: *** ", "make: Leaving directory")
+
+
+def first_error(log: bytes, fallback: str) -> str:
+    """The compiler's first error line (what a reader wants in a one-line reason),
+    leaving out what the configure probes printed.
+
+    Where the kernel's Kbuild.include defines ``newline`` a probe's output spans many
+    lines, only the first prefixed (6.1's has none: it is one line); so the lines after
+    a prefixed start of a probe's output belong to it until its make ends."""
+    in_probe = False
     for line in log.decode(errors="replace").splitlines():
+        text = line.strip()
+        if text.startswith(CONFIGURE_PREFIXES):
+            output = text.partition("] ")[2]
+            in_probe = output.startswith(_PROBE_STARTS) and not any(
+                end in output for end in _PROBE_ENDS
+            )
+            continue
+        if in_probe:
+            in_probe = not text.startswith(_PROBE_ENDS)
+            continue
         if "error:" in line or "Error:" in line or "ERROR:" in line:
-            return line.strip().removeprefix(WORKDIR_IN_LOGS + "/")[:300]
+            return text.removeprefix(WORKDIR_IN_LOGS + "/")[:300]
     return fallback
 
 

@@ -60,9 +60,18 @@ def version_dirs(root: Path) -> list[Path]:
     return dirs
 
 
-def read_build_spec(version_dir: Path) -> dict[str, dict[str, str]]:
+# Top-level keys of build.json that describe the prepared tree rather than a kind
+# (the prepared sources of `drivers sources prepare`); every other key is a kind.
+SPEC_INFO_KEYS = ("driver_version", "driver_name", "generation", "tree")
+
+
+def read_build_spec(
+    version_dir: Path, driver_version: str | None = None
+) -> dict[str, dict[str, str]]:
     """``build.json`` of a version folder, checked: for each kind a ``dir`` that exists
-    and the ``output`` file name the build leaves in it."""
+    and the ``output`` file name the build leaves in it. With ``driver_version``, sources
+    whose ``build.json`` names another driver version are refused. Returns the kinds'
+    entries only."""
     path = version_dir / BUILD_FILE
     try:
         spec = json.loads(path.read_text())
@@ -74,7 +83,13 @@ def read_build_spec(version_dir: Path) -> dict[str, dict[str, str]]:
     if not isinstance(spec, dict) or not spec:
         problems.append('expected an object such as {"mod": {...}, "bpf": {...}}')
         spec = {}
-    for kind, entry in spec.items():
+    named = spec.get("driver_version")
+    if driver_version is not None and named is not None and named != driver_version:
+        problems.append(
+            f"these are the sources of driver version {named!r}, not {driver_version!r}"
+        )
+    kinds = {k: v for k, v in spec.items() if k not in SPEC_INFO_KEYS}
+    for kind, entry in kinds.items():
         if kind not in KINDS:
             problems.append(f"unknown kind {kind!r} (kinds: {', '.join(KINDS)})")
         elif not isinstance(entry, dict) or not all(
@@ -83,9 +98,11 @@ def read_build_spec(version_dir: Path) -> dict[str, dict[str, str]]:
             problems.append(f'{kind}: expected {{"dir": "<folder>", "output": "<file name>"}}')
         elif not (version_dir / entry["dir"]).is_dir() or ".." in Path(entry["dir"]).parts:
             problems.append(f"{kind}: folder {entry['dir']!r} does not exist in {version_dir}")
+    if not kinds and not problems:
+        problems.append("it names no kind to build (mod, bpf)")
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
-    return spec
+    return kinds
 
 
 def source_members(version_dir: Path) -> list[Member]:
@@ -114,7 +131,7 @@ def package_sources(version_dir: Path, out_dir: Path) -> Path:
     the same bytes, whatever their times, owners or the umask."""
     version_dir = Path(version_dir)
     version = check_driver_version(version_dir.name)
-    read_build_spec(version_dir)
+    read_build_spec(version_dir, version)
     return write_tgz(source_members(version_dir), Path(out_dir) / source_object(version))
 
 
