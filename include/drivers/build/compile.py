@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,9 +167,10 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
     if status != 0:
         log = _log_tail(log_path, scratch)
         why = f"timed out after {BUILD_TIMEOUT_S} s" if status is None else f"exit status {status}"
-        return Built(
-            failure="compile", message=first_error(log, f"make {why}"), log=log, make_s=make_s
-        )
+        # Paths in the message as in the sources (driver/main.c), the same on every kernel.
+        inside = f"{WORKDIR_IN_LOGS}/{tree.relative_to(scratch).as_posix()}/"
+        message = first_error(log, f"make {why}", inside)
+        return Built(failure="compile", message=message, log=log, make_s=make_s)
     output = src / spec["output"]
     if not output.is_file():
         msg = f"make succeeded but left no {spec['dir']}/{spec['output']} (build.json's output)"
@@ -189,14 +191,19 @@ _PROBE_STARTS = "make: Entering directory"
 _PROBE_ENDS = ("make: *** ", "make: Leaving directory")
 
 
-def first_error(log: bytes, fallback: str) -> str:
-    """The compiler's first error line (what a reader wants in a one-line reason),
-    leaving out what the configure probes printed.
+def first_error(log: bytes, fallback: str, tree: str = WORKDIR_IN_LOGS + "/") -> str:
+    """The compiler's first error line (what a reader wants in a one-line reason), else
+    the first other error line (modpost, make), leaving out what the configure probes
+    printed. Compiler diagnostics come first because the driver's Makefiles run shell
+    tests whose noise says "error" too (8.1.0's probe Makefile: "expr: syntax error"
+    on every Debian kernel). ``tree`` (the copy of the sources, as the log names it) is
+    cut from the line's paths: the message reads the same on every kernel.
 
     Where the kernel's Kbuild.include defines ``newline`` a probe's output spans many
     lines, only the first prefixed (6.1's has none: it is one line); so the lines after
     a prefixed start of a probe's output belong to it until its make ends."""
     in_probe = False
+    other = None
     for line in log.decode(errors="replace").splitlines():
         text = line.strip()
         if text.startswith(CONFIGURE_PREFIXES):
@@ -208,9 +215,19 @@ def first_error(log: bytes, fallback: str) -> str:
         if in_probe:
             in_probe = not text.startswith(_PROBE_ENDS)
             continue
-        if "error:" in line or "Error:" in line or "ERROR:" in line:
-            return text.removeprefix(WORKDIR_IN_LOGS + "/")[:300]
-    return fallback
+        if _COMPILER_ERROR.search(text):
+            return _shown(text, tree)
+        if other is None and ("error:" in text or "Error:" in text or "ERROR:" in text):
+            other = text
+    return _shown(other, tree) if other is not None else fallback
+
+
+# gcc's and clang's "<file>:<line>:<column>: error:" (or "fatal error:")
+_COMPILER_ERROR = re.compile(r":\d+(:\d+)?: (fatal )?error: ")
+
+
+def _shown(line: str, tree: str) -> str:
+    return line.replace(tree, "").removeprefix(WORKDIR_IN_LOGS + "/")[:300]
 
 
 def _failed(failure: str, msg: str, log_path: Path, scratch: Path, make_s: float) -> Built:

@@ -44,8 +44,9 @@ def cache_file_name(key: DriverKey, unavailable: bool = False) -> str:
 
 
 def log_file_name(key: DriverKey) -> str:
-    """A failed driver's log beside the drivers: ``<cache name>.log``."""
-    return cache_file_name(key) + ".log"
+    """A failed driver's log beside the drivers: ``collector-<kernel>.ko.log``,
+    ``collector-ebpf-<kernel>.o.log``."""
+    return cache_file_name(key).removesuffix(".gz") + ".log"
 
 
 def fetch_input(source: str, what: str, dest: Path) -> Path:
