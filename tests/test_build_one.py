@@ -318,3 +318,19 @@ def test_a_compiler_error_wins_over_the_makefiles_shell_noise():
     log = b"expr: syntax error: unexpected argument '1'\n" + DRIVER_ERROR.encode() + b"\n"
     assert first_error(log, "fallback", "$W/") == DRIVER_ERROR.removeprefix("$W/")
     assert first_error(log[: log.index(b"\n")], "fallback").startswith("expr: syntax error")
+
+
+def test_gs_inputs_are_read_as_build_shard_reads_them(store, example_tgz, tmp_path, capsys):
+    sources = store()
+    sources.upload_new_file("2.3.0.tgz", example_tgz["2.3.0"])
+    kernel = "4.9.0-19-amd64"  # no eBPF: the marker, and no bundle is fetched
+    common = ["--driver-version", "2.3.0", "--kinds", "bpf", "--out", str(tmp_path / "out")]
+    bundle = f"gs://{sources.bucket_name}/{layout.bundle_object(kernel)}"
+
+    ok = main(build(kernel, *common, "--sources", f"gs://{sources.bucket_name}/2.3.0.tgz")
+              + ["--bundle", bundle])  # fmt: skip
+    assert ok == 0 and json_lines(capsys.readouterr().out)[0]["status"] == "unavailable"
+
+    missing = f"gs://{sources.bucket_name}/2.4.0.tgz"
+    assert main(build(kernel, *common, "--sources", missing, "--bundle", bundle)) == 2
+    assert f"object {missing} does not exist" in capsys.readouterr().err
