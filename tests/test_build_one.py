@@ -237,6 +237,7 @@ def test_a_kernel_without_ebpf_gets_the_unavail_marker_and_exits_0(example_tgz, 
         ({"--sources": "2.4.0-rc1"}, "the sources of 2.4.0-rc1, not of 2.3.0"),
         ({"--sources": "named"}, "driver version '2.2.0', not '2.3.0'"),
         ({"--sources": "gs://"}, "not a gs:// URI"),
+        ({"--sources": "mod only"}, "build.json has no bpf entry (it builds mod)"),
     ],
 )
 def test_bad_input_exits_2_naming_the_culprit(change, words, example_tgz, tmp_path, capsys):
@@ -244,7 +245,12 @@ def test_bad_input_exits_2_naming_the_culprit(change, words, example_tgz, tmp_pa
     shutil.copytree(EXAMPLE_SOURCES / "2.3.0", named)
     spec = json.loads((named / "build.json").read_text()) | {"driver_version": "2.2.0"}
     (named / "build.json").write_text(json.dumps(spec))
+    mod_only = tmp_path / "mod-only" / "2.3.0"
+    shutil.copytree(EXAMPLE_SOURCES / "2.3.0", mod_only)
+    spec = json.loads((mod_only / "build.json").read_text())
+    (mod_only / "build.json").write_text(json.dumps({"mod": spec["mod"]}))
     choices = {
+        "mod only": str(write_tgz(source_members(mod_only), tmp_path / "mod-only.tgz")),
         "other": str(tiny_bundle(tmp_path / "other.tgz", "6.1.0-47-amd64")),
         "2.4.0-rc1": str(example_tgz["2.4.0-rc1"]),
         "named": str(write_tgz(source_members(named), tmp_path / "sources.tgz")),

@@ -69,8 +69,11 @@ def fetch_input(source: str, what: str, dest: Path) -> Path:
         raise BadInput(f"--{what} {source}: {e}") from None
 
 
-def extract_sources(archive: Path, name: str, driver_version: str, dest: Path) -> Path:
-    """The prepared sources, extracted and checked to be ``driver_version``'s."""
+def extract_sources(
+    archive: Path, name: str, driver_version: str, kinds: tuple[str, ...], dest: Path
+) -> Path:
+    """The prepared sources, extracted and checked to be ``driver_version``'s, with a
+    ``build.json`` entry for each of ``kinds``."""
     stem = name.rsplit("/", 1)[-1].removesuffix(".tgz")
     if stem != name.rsplit("/", 1)[-1] and _is_driver_version(stem) and stem != driver_version:
         raise BadInput(f"--sources {name}: the sources of {stem}, not of {driver_version}")
@@ -80,9 +83,15 @@ def extract_sources(archive: Path, name: str, driver_version: str, dest: Path) -
         raise BadInput(f"--sources {name}: {e}") from None
     root = sources_root(dest)
     try:
-        read_build_spec(root, driver_version)
+        spec = read_build_spec(root, driver_version)
     except ValueError as e:
         raise BadInput(f"--sources {name}: {e}") from None
+    missing = [kind for kind in kinds if kind not in spec]
+    if missing:
+        raise BadInput(
+            f"--sources {name}: build.json has no {' or '.join(missing)} entry "
+            f"(it builds {', '.join(spec)}): pass --kinds {','.join(spec)}"
+        )
     return root
 
 
@@ -122,6 +131,7 @@ def build_kernel(
             fetch_input(sources, "sources", scratch / "sources.tgz"),
             sources,
             driver_version,
+            kinds,
             scratch / "sources",
         )
         to_build = []
