@@ -14,8 +14,17 @@ bundles made with drivers.build.bundles.make_debian_bundle):
 Then one real ``drivers build-shard`` over every kernel x both example versions x both
 kinds, for its fetch/extract/build split.
 
+``--real KERNEL=VERSION,...`` (issue 14): the real collector drivers instead. Per
+kernel and kind, ``compile.build_driver`` on the prepared sources (``--sources
+VERSION=TGZ``, what ``drivers sources prepare`` writes: a fresh copy of the whole tree,
+make, strip, checks, gzip: what a shard does per driver once the bundle is extracted)
+vs the bare ``make -C <BUNDLE_BUILD_DIR> M=<fresh copy>/<kind dir> -jN modules`` of the
+same prepared tree on the same extracted bundle (the copy not timed), alternating.
+
 Usage: .venv/bin/python bench/bench_builder.py [--runs 5] [--bundles DIR] [--kernels K,...]
        [--no-sync] [--extract-only] [--json OUT]
+       .venv/bin/python bench/bench_builder.py --real 6.1.0-56-amd64=2.3.0,... \
+       --sources 2.3.0=.cache/sources/2.3.0.tgz [--runs 3]
 Results and how to read them: bench/results_builder.md.
 """
 
@@ -37,7 +46,8 @@ from drivers.build.bundle import open_bundle
 from drivers.build.bundles import make_debian_bundle
 from drivers.build.compile import build_driver, toolchain_versions
 from drivers.build.safetar import safe_extract
-from drivers.build.sources import package_sources
+from drivers.build.shard_run import sources_root
+from drivers.build.sources import package_sources, read_build_spec
 from drivers.domain import layout
 from drivers.domain.names import DriverKey
 from drivers.store.emulator import EmbeddedGCS, free_port
@@ -131,6 +141,86 @@ def bench_kernel(
     return out
 
 
+def bench_real(
+    kernel: str, version: str, bundle: Path, sources: Path, scratch: Path, runs: int
+) -> dict:
+    """build_driver vs bare make of the same prepared tree, per kind, alternating."""
+    fresh(scratch)
+    safe_extract(bundle, scratch / "bundle")
+    info = open_bundle(scratch / "bundle", kernel)
+    safe_extract(sources, scratch / "sources")
+    tree = sources_root(scratch / "sources")
+    spec = read_build_spec(tree, version)
+    jobs = f"-j{len(os.sched_getaffinity(0))}"  # what the builder passes
+    out: dict = {"kernel": kernel, "driver_version": version}
+    med = statistics.median
+    for kind in ("mod", "bpf"):
+        ours, bare, make_inside = [], [], []
+        key = DriverKey(kernel, version, kind)
+        for run in range(runs):
+            for which in ("ours", "bare") if run % 2 == 0 else ("bare", "ours"):
+                if which == "ours":
+                    seconds, built = timed(build_driver, key, tree, info, scratch)
+                    assert built.data is not None, f"{key}: {built.message}"
+                    ours.append(seconds)
+                    make_inside.append(built.make_s)
+                    shutil.rmtree(scratch / "build")
+                else:
+                    copy = scratch / "bare"
+                    shutil.rmtree(copy, ignore_errors=True)
+                    shutil.copytree(tree, copy, symlinks=True)
+                    cmd = ["make", "-C", str(info.build_dir), f"M={copy / spec[kind]['dir']}",
+                           jobs, "modules"]  # fmt: skip
+                    bare.append(timed(subprocess.run, cmd, check=True, capture_output=True)[0])
+        out[kind] = {
+            "build_s": med(ours),
+            "make_inside_s": med(make_inside),
+            "bare_make_s": med(bare),
+            "ratio": med(ours) / med(bare),
+            "runs": {"build": ours, "bare": bare},
+        }
+        print(
+            f"{kernel:22} {version} {kind}: build_driver {med(ours):.2f}s "
+            f"(make {med(make_inside):.2f}s) vs bare make {med(bare):.2f}s "
+            f"= {med(ours) / med(bare):.3f}x  {os.getloadavg()[0]:.1f} load",
+            flush=True,
+        )
+    shutil.rmtree(scratch)
+    return out
+
+
+def main_real(args: argparse.Namespace) -> None:
+    pairs = [item.split("=", 1) for item in args.real.split(",")]
+    sources = dict(item.split("=", 1) for item in args.sources)
+    print(f"{describe()}, {tools_line()}")
+    bundles = {}
+    for kernel, _version in pairs:
+        bundles[kernel] = args.bundles / layout.bundle_object(kernel)
+        if not bundles[kernel].exists():
+            make_debian_bundle(kernel, args.bundles, REPO / ".cache/debs")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-builder-", dir=REPO / ".cache") as tmp:
+        for kernel, version in pairs:
+            results.append(
+                bench_real(
+                    kernel,
+                    version,
+                    bundles[kernel],
+                    Path(sources[version]),
+                    Path(tmp) / "s",
+                    args.runs,
+                )  # fmt: skip
+            )
+    ratios = {k: statistics.median(r[k]["ratio"] for r in results) for k in ("mod", "bpf")}
+    summary = {"machine": f"{describe()}, {tools_line()}", "runs": args.runs,
+               "kernels": results, "median_ratio": ratios}  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=1))
+    print(f"median ratio over {len(results)} kernels: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in ratios.items()))  # fmt: skip
+    print(f"written {args.json}")
+
+
 def tools_line() -> str:
     tools = toolchain_versions()
     return f"{tools['gcc']}, {tools['clang']}, {tools['make']}"
@@ -141,10 +231,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--bundles", type=Path, default=REPO / ".cache/bundles")
     parser.add_argument("--kernels", default=",".join(KERNELS))
-    parser.add_argument("--json", type=Path, default=REPO / "bench/out/builder.json")
+    parser.add_argument("--json", type=Path, help="default: bench/out/builder[-real].json")
     parser.add_argument("--no-sync", action="store_true", help="no os.sync() before extracting")
     parser.add_argument("--extract-only", action="store_true", help="fetch and extraction only")
+    parser.add_argument("--real", help="KERNEL=VERSION,...: the real drivers (issue 14)")
+    parser.add_argument("--sources", action="append", default=[], help="VERSION=TGZ (--real)")
     args = parser.parse_args()
+    args.json = args.json or REPO / f"bench/out/builder{'-real' if args.real else ''}.json"
+    if args.real:
+        return main_real(args)
     global SYNC
     SYNC = not args.no_sync
     kernels = args.kernels.split(",")

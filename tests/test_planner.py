@@ -8,7 +8,7 @@ from drivers.domain.config import load_config
 from drivers.domain.decision import Known, decide
 from drivers.domain.kernels import parse_kernel
 from drivers.domain.names import KINDS, CacheIndex, DriverKey
-from drivers.domain.planner import KernelGroup, balance, makespan, plan
+from drivers.domain.planner import KernelGroup, balance, makespan, max_shard_s, plan
 from scenarios import BLOCKLISTS, SUPPORTED_2022, fully_built_cache, real_kernels
 
 
@@ -57,7 +57,10 @@ def test_every_task_is_in_exactly_one_shard_and_kernels_are_never_split(kernels,
             owner[s.builder, g.kernel.release] = s.index
             for t in g.tasks:
                 assert config.route(g.kernel, t.kind) == s.builder
-    assert len(p.shards) <= 90
+    # 2 versions of the whole list are ~5.4 h a slot: more shards than the 90 slots,
+    # each within half the pod deadline (they wait in the pool).
+    assert 90 < len(p.shards) <= 1024
+    assert max(s.cost for s in p.shards) <= max_shard_s(config) + 1000
 
 
 def test_done_drivers_and_unavail_markers_are_not_rebuilt(kernels, config):
@@ -233,3 +236,18 @@ def test_a_quarantine_holds_only_with_the_inputs_of_its_failures(config):
     release = Blocklist(parse_rules(["5.10.0-20-amd64 2.3.0 bpf"], "quarantine-release"))
     assert planned(release=release).to_build == 2
     assert planned(quarantine_after=3).to_build == 2
+
+
+def test_no_shard_is_planned_longer_than_half_the_pod_deadline(kernels, config):
+    # The whole real list on 4 slots: ~80 h of estimated builds, which 4 shards would
+    # hold for 20 h each, against a 4 h pod deadline (cut, retried, cut again).
+    p = plan(kernels, SUPPORTED_2022, KINDS, set(), config, slots=4)
+    limit = max_shard_s(config)
+    assert limit == config.kubernetes["active_deadline_seconds"] / 2
+    biggest_group = max(g.cost for gs in p.groups.values() for g in gs)
+    assert len(p.shards) > 4 and max(s.cost for s in p.shards) <= limit + biggest_group
+    # Without a deadline to respect, the same plan is 4 shards, one per slot at most.
+    lax = dataclasses.replace(
+        config, kubernetes=config.kubernetes | {"active_deadline_seconds": 10**9}
+    )
+    assert len(plan(kernels, SUPPORTED_2022, KINDS, set(), lax, slots=4).shards) <= 4

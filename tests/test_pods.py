@@ -54,7 +54,7 @@ def test_builder_pod_runs_the_entrypoint_with_the_shard(rendered):
         "requests": {"cpu": "2", "memory": "4Gi"},
     }
     assert pod["spec"]["serviceAccountName"] == "drivers-builder"
-    assert pod["spec"]["activeDeadlineSeconds"] == 14400
+    assert pod["spec"]["activeDeadlineSeconds"] == 21600
     assert pod["spec"]["nodeSelector"] == {"cloud.google.com/gke-nodepool": "builders"}
     assert pod["metadata"]["namespace"] == "collector-drivers"
     assert pod["metadata"]["labels"]["builder"] == "fc36"

@@ -6,6 +6,7 @@ a published version. Nothing is compiled here (tests/test_builder.py builds)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -73,14 +74,16 @@ def define(header: str, name: str) -> str:
 
 @pytest.mark.parametrize("version", GENERATIONS)
 def test_build_spec_says_what_each_kind_builds(version: str, unpacked: ByVersion) -> None:
-    spec = read_build_spec(unpacked[version])
-    assert spec == {
+    kinds = {
+        "mod": {"dir": "driver", "output": "collector.ko"},
+        "bpf": {"dir": "driver/bpf", "output": "probe.o"},
+    }
+    assert read_build_spec(unpacked[version], version) == kinds
+    assert json.loads((unpacked[version] / "build.json").read_text()) == kinds | {
         "driver_version": version,
         "driver_name": "collector",
         "generation": GENERATIONS[version],
         "tree": tarball(version).name.removeprefix("stackrox-").removesuffix(".tar.gz"),
-        "mod": {"dir": "driver", "output": "collector.ko"},
-        "bpf": {"dir": "driver/bpf", "output": "probe.o"},
     }
 
 

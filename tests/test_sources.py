@@ -80,7 +80,9 @@ def test_a_build_spec_may_say_what_the_sources_are(sources: Path) -> None:
     }
     (sources / "2.3.0" / "module" / "sub").mkdir()
     (sources / "2.3.0" / "build.json").write_text(json.dumps(spec))
-    assert read_build_spec(sources / "2.3.0") == spec
+    assert read_build_spec(sources / "2.3.0") == {k: spec[k] for k in ("mod", "bpf")}
+    with pytest.raises(ValueError, match="sources of driver version '2.3.0', not '2.2.0'"):
+        read_build_spec(sources / "2.3.0", "2.2.0")
 
 
 @pytest.mark.parametrize(

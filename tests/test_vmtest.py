@@ -8,15 +8,14 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
 
 import pytest
 
+import real_sources
 from drivers.build import consumer as consumer_mod
 from drivers.build import vmtest
 from drivers.build.boot_images import (
@@ -46,7 +45,6 @@ from example_sources import EXAMPLE_SOURCES
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache"
-REAL_SOURCES = REPO.parent / "shared" / "data" / "driver-sources"
 KERNEL = "6.1.0-56-amd64"  # Debian publishes linux-image-6.1.0-56-amd64
 OTHER = "6.1.0-56-cloud-amd64"  # same release, another flavour: other symbol versions
 EVENTS = 1000
@@ -79,41 +77,18 @@ def build_example_driver(
     return built.data
 
 
-def prepare_by_hand(tarball: Path, out: Path) -> Path:
-    """TEMPORARY, until `drivers sources prepare` lands on main: the 2.3.0 tree prepared the
-    way the contract says (Makefile and driver_config.h substituted, libsinsp left out of
-    the top CMakeLists, build.json), in place."""
-    with tarfile.open(tarball) as tar:
-        tar.extractall(out, filter="data")
-    tree = out / "falcosecurity-libs-2.3.0"
-    driver = tree / "driver"
-    api = (driver / "API_VERSION").read_text().strip().split(".")
-    schema = (driver / "SCHEMA_VERSION").read_text().strip().split(".")
-    values = {"DRIVER_VERSION": "2.3.0", "DRIVER_NAME": "collector"}
-    values |= {"DRIVER_DEVICE_NAME": "collector", "GIT_COMMIT": ""}
-    for part, a, s in zip(("MAJOR", "MINOR", "PATCH"), api, schema, strict=True):
-        values[f"PPM_API_CURRENT_VERSION_{part}"] = a
-        values[f"PPM_SCHEMA_CURRENT_VERSION_{part}"] = s
-    config = (driver / "driver_config.h.in").read_text()
-    (driver / "driver_config.h").write_text(re.sub(r"\$\{(\w+)\}", lambda m: values[m[1]], config))
-    makefile = (driver / "Makefile.in").read_text()
-    (driver / "Makefile").write_text(
-        makefile.replace("@DRIVER_NAME@", "collector").replace("@KBUILD_FLAGS@", "")
-    )
-    top = tree / "CMakeLists.txt"
-    top.write_text(top.read_text().replace("include(libsinsp)\n", ""))
-    spec = {"driver_version": "2.3.0", "driver_name": "collector", "generation": "2.x"}
-    spec |= {"tree": tree.name, "mod": {"dir": "driver", "output": "collector.ko"}}
-    spec |= {"bpf": {"dir": "driver/bpf", "output": "probe.o"}}
-    (tree / "build.json").write_text(json.dumps(spec))
-    return tree
+@pytest.fixture(scope="module")
+def prepared_tgz(tmp_path_factory) -> Path:
+    """2.3.0's real sources as `drivers sources prepare` makes them."""
+    return real_sources.prepared("2.3.0", tmp_path_factory.mktemp("src"))
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    return prepare_by_hand(
-        REAL_SOURCES / "stackrox-falcosecurity-libs-2.3.0.tar.gz", tmp_path_factory.mktemp("src")
-    )
+def prepared(prepared_tgz, tmp_path_factory) -> Path:
+    """The prepared tree, extracted as a builder extracts it."""
+    tree = tmp_path_factory.mktemp("tree")
+    safe_extract(prepared_tgz, tree)
+    return tree
 
 
 REAL_KINDS = (("mod", "driver", "collector.ko"), ("bpf", "driver/bpf", "probe.o"))
@@ -142,17 +117,13 @@ def real(prepared, tmp_path_factory) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def sources_bucket(gcs, prepared, tmp_path_factory) -> ObjectStore:
+def sources_bucket(gcs, prepared_tgz) -> ObjectStore:
     """A sources bucket holding the prepared 2.3.0 sources, as `drivers sources prepare
     --upload` leaves them."""
     bucket = "test-sources-vmtest"
     gcs.create_buckets([bucket])
     store = ObjectStore(client_from_environment(), bucket)
-    archive = tmp_path_factory.mktemp("tgz") / "2.3.0.tgz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(prepared.iterdir()):
-            tar.add(path, arcname=path.name)
-    store.upload_new_file(layout.source_object("2.3.0"), archive)
+    store.upload_new_file(layout.source_object("2.3.0"), prepared_tgz)
     return store
 
 
@@ -170,16 +141,6 @@ def boot_image() -> Path:
 
 
 MOD, BPF = DriverKey(KERNEL, "2.3.0", "mod"), DriverKey(KERNEL, "2.3.0", "bpf")
-
-
-@needs_qemu
-def test_the_real_module_and_probe_capture_events_through_the_real_consumer_in_one_boot(
-    boot_image, real, consumer
-):
-    drivers = [(MOD, real["mod"]), (BPF, real["bpf"])]
-    results = vmtest.vm_test(KERNEL, drivers, boot_image, {"2.3.0": consumer}, EVENTS)
-    assert [(r.kind, r.status) for r in results] == [("mod", "loaded"), ("bpf", "loaded")], results
-    assert all(r.events is not None and r.events >= EVENTS for r in results), results
 
 
 def test_the_consumer_is_static_and_cached_beside_its_sources(
@@ -533,6 +494,7 @@ VM = {"parallel": 2, "kvm": False, "memory_mb": 512, "events": EVENTS}
 
 @needs_qemu
 def test_enforce_publishes_only_what_captured_in_its_kernel_or_is_marked_untested(stage):
+    """The real module and probe, both captured through the real consumer in one boot."""
     from drivers.flows import upstream
 
     stores, run = stage

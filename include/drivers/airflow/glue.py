@@ -240,7 +240,11 @@ def run_params(config: Config, *, backfill: bool = False) -> dict[str, Param]:
 
 
 def run_local_shard(shard_uri: str) -> None:
-    """The local runtime: the builder entrypoint as a subprocess of the worker."""
+    """The local runtime: the builder entrypoint as a subprocess of the worker.
+
+    No timeout here (nor an execution_timeout on the task): a shard's length grows with
+    its kernels, and each make inside it is already bounded (compile.BUILD_TIMEOUT_S),
+    so a hung compile fails its driver and the shard goes on."""
     command = [sys.executable, "-m", "drivers", *builder_arguments(shard_uri)]
     status = subprocess.run(command, check=False).returncode
     if status == EX_DATAERR:

@@ -1,9 +1,12 @@
 """Building one driver against an extracted bundle: kbuild, then strip, then the checks.
 
-Both kinds build with kbuild, ``make -C <BUNDLE_BUILD_DIR> M=<dir> modules``, in a fresh
-copy of the folder the sources' ``build.json`` names for the kind, which also names the
-output (driver_sources/README.md); the module is then stripped of debug info and its
-vermagic checked, the probe stripped of DWARF (its BTF stays). A compile failure is data
+Both kinds build with kbuild, ``make -C <BUNDLE_BUILD_DIR> M=<dir> modules``, where
+``<dir>`` is the folder the sources' ``build.json`` names for the kind inside a fresh copy
+of the *whole* prepared tree: the real probe includes the driver's headers and
+``../driver_config.h`` from the module's folder, and an 8.x build runs the configure probes
+under ``<dir>/configure/``. ``build.json`` also names the output (see
+:mod:`drivers.build.prepare`). The module is then stripped of debug info and its vermagic
+checked, the probe stripped of DWARF (its BTF stays). A compile failure is data
 (:class:`Built` with a failure class and the log's tail); a missing tool is not
 (:class:`ToolMissing`: the builder image is incomplete).
 """
@@ -27,7 +30,11 @@ from drivers.domain.names import DriverKey
 from drivers.domain.verify import read_vermagic, verify_driver, vermagic_matches
 
 LOG_LIMIT = 64 * 1024  # a failed task's log keeps the tail of the compile output
-BUILD_TIMEOUT_S = 900  # per make run; a hung compile must not hold a builder forever
+# Per make run; a hung compile must not hold a builder forever. Measured on a busy 2-core
+# machine: the 2.3.0 module 17 s, its probe 23 s, the 8.1.0 module 96 s (its ~25 feature
+# probes are kbuild runs of their own). A builder pod has 1 CPU, which can double that:
+# 900 s leaves the slowest real build a factor of ~5 before it is called hung.
+BUILD_TIMEOUT_S = 900
 WORKDIR_IN_LOGS = "$WORKDIR"
 # A compiler diagnostic: "path:line[:column]: [fatal ]error: ..."
 _LOCATED_ERROR = re.compile(r"(?P<path>[^\s:]+):(?P<line>\d+):(?:(?P<col>\d+):)? (?:fatal )?error:")
@@ -44,19 +51,24 @@ class Built:
     make_s: float = 0.0  # the bare make, for the benchmark's overhead ratio
 
 
+# zlib's default. Level 9 saved 1-4 % on the real drivers for 10x the time: the 8.1.0
+# probe (4.4 MB stripped) 564 KB in 2.0 s against 588 KB in 0.22 s (module 1.1 MB:
+# 77 KB in 0.27 s vs 79 KB in 0.03 s), 7 % of a probe build, paid on every build.
+GZIP_LEVEL = 6
+
+
 def gzip_driver(data: bytes) -> bytes:
-    """A driver object as published: deterministic gzip (a rebuild gives the same bytes)
-    at level 9, the smallest: a driver is built once and downloaded by every agent."""
-    return gzip_bytes(data, 9)
+    """A driver object as published: deterministic gzip (a rebuild gives the same bytes)."""
+    return gzip_bytes(data, GZIP_LEVEL)
 
 
 def make_command(build_dir: Path, src: Path, scratch: Path) -> list[str]:
-    """kbuild for an external folder (what driver_sources/README.md says builds both
-    kinds). KCFLAGS maps the scratch folder out of the module's debug info and __FILE__,
-    so its bytes (build-id included) do not depend on where the shard ran; the probe
-    Makefile maps its own paths. A set KBUILD_BUILD_TIMESTAMP is kbuild's switch for
-    reproducible builds: without it, pahole < 1.27 encodes a module's BTF with threads
-    (-j) and the order of its types varies from build to build (6.12 headers)."""
+    """kbuild for an external folder (both kinds). KCFLAGS maps the scratch folder out of
+    the module's debug info and __FILE__, so its bytes (build-id included) do not depend on
+    where the shard ran; the probe Makefile maps its own paths. A set
+    KBUILD_BUILD_TIMESTAMP is kbuild's switch for reproducible builds: without it,
+    pahole < 1.27 encodes a module's BTF with threads (-j) and the order of its types
+    varies from build to build (6.12 headers)."""
     return [
         "make",
         "-C",
@@ -140,7 +152,7 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
     folder and which output file) against an extracted bundle. ``scratch`` holds both
     and is mapped out of the object's paths."""
     try:
-        spec = read_build_spec(sources).get(key.kind)
+        spec = read_build_spec(sources, key.driver_version).get(key.kind)
     except ValueError as e:
         return Built(failure="sources_missing", message=f"sources of {key.driver_version}: {e}")
     if spec is None:
@@ -148,10 +160,13 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
             failure="sources_missing",
             message=f"sources of {key.driver_version}: build.json has no {key.kind!r} entry",
         )
-    src = scratch / "build" / key.driver_version / key.kind
-    if src.exists():
-        shutil.rmtree(src)
-    shutil.copytree(sources / spec["dir"], src, symlinks=True)  # kbuild writes next to them
+    # One copy of the whole tree per kind, so the two builds never see each other's
+    # objects; kbuild writes next to the sources.
+    tree = scratch / "build" / key.driver_version / key.kind
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(sources, tree, symlinks=True)
+    src = tree / spec["dir"]
     log_path = scratch / "build" / f"{key.driver_version}-{key.kind}.log"
     log_path.write_bytes(f"# {key.kernel} {key.driver_version} {key.kind}\n".encode())
 
@@ -159,9 +174,10 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
     if status != 0:
         log = _log_tail(log_path, scratch)
         why = f"timed out after {BUILD_TIMEOUT_S} s" if status is None else f"exit status {status}"
-        return Built(
-            failure="compile", message=first_error(log, f"make {why}"), log=log, make_s=make_s
-        )
+        # Paths in the message as in the sources (driver/main.c), the same on every kernel.
+        inside = f"{WORKDIR_IN_LOGS}/{tree.relative_to(scratch).as_posix()}/"
+        message = first_error(log, f"make {why}", inside)
+        return Built(failure="compile", message=message, log=log, make_s=make_s)
     output = src / spec["output"]
     if not output.is_file():
         msg = f"make succeeded but left no {spec['dir']}/{spec['output']} (build.json's output)"
@@ -171,24 +187,59 @@ def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -
     return _finish_probe(key, output, log_path, scratch, make_s)
 
 
-def first_error(log: bytes, fallback: str) -> str:
-    """The compiler's first error, as a one-line reason. First in source order (file,
-    then line and column), not in the log's: make -j interleaves the compilers, so which
-    error the log shows first varies from build to build, and the reason names the
-    failure in the ledger, where identical failures are grouped (drivers.domain.failures).
-    Without a located compiler error, the log's first error line."""
-    located, other = [], []
+# 8.x drivers detect kernel features with configure probes at build time: the module's
+# and the probe's Makefile include a Makefile.inc per feature, which prints, prefixed so,
+# each failed probe's whole make output into the main log. A feature the kernel lacks is
+# expected, so those errors are never the driver's.
+CONFIGURE_PREFIXES = ("[configure-kmod]", "[configure-bpf]")
+# How a probe's make output begins and ends: build.sh runs a top-level `make -C <probe>`
+# (env -i: make level 0, so "make:", where kbuild's nested makes print "make[N]:").
+_PROBE_STARTS = "make: Entering directory"
+_PROBE_ENDS = ("make: *** ", "make: Leaving directory")
+
+
+def first_error(log: bytes, fallback: str, tree: str = WORKDIR_IN_LOGS + "/") -> str:
+    """The compiler's first error, as a one-line reason, else the first other error line
+    (modpost, make), leaving out what the configure probes printed.
+
+    - Compiler diagnostics come first because the driver's Makefiles run shell tests
+      whose noise says "error" too (8.1.0's probe Makefile: "expr: syntax error" on
+      every Debian kernel).
+    - First in source order (file, then line and column), not in the log's: make -j
+      interleaves the compilers, so which error the log shows first varies from build to
+      build, and the reason names the failure in the ledger, where identical failures
+      are grouped (drivers.domain.failures).
+    - ``tree`` (the copy of the sources, as the log names it) is cut from the paths: the
+      message reads the same on every kernel.
+
+    Where the kernel's Kbuild.include defines ``newline`` a probe's output spans many
+    lines, only the first prefixed (6.1's has none: it is one line); so the lines after
+    a prefixed start of a probe's output belong to it until its make ends."""
+    in_probe = False
+    located, other = [], None
     for line in log.decode(errors="replace").splitlines():
-        if "error:" in line or "Error:" in line or "ERROR:" in line:
-            text = line.strip().removeprefix(WORKDIR_IN_LOGS + "/")[:300]
-            where = _LOCATED_ERROR.match(text)
-            if where is None:
-                other.append(text)
-            else:
-                located.append((where["path"], int(where["line"]), int(where["col"] or 0), text))
+        text = line.strip()
+        if text.startswith(CONFIGURE_PREFIXES):
+            output = text.partition("] ")[2]
+            in_probe = output.startswith(_PROBE_STARTS) and not any(
+                end in output for end in _PROBE_ENDS
+            )
+            continue
+        if in_probe:
+            in_probe = not text.startswith(_PROBE_ENDS)
+            continue
+        shown = _shown(text, tree)
+        if where := _LOCATED_ERROR.search(shown):
+            located.append((where["path"], int(where["line"]), int(where["col"] or 0), shown))
+        elif other is None and ("error:" in text or "Error:" in text or "ERROR:" in text):
+            other = shown
     if located:
         return min(located)[3]
-    return other[0] if other else fallback
+    return other if other is not None else fallback
+
+
+def _shown(line: str, tree: str) -> str:
+    return line.replace(tree, "").removeprefix(WORKDIR_IN_LOGS + "/")[:300]
 
 
 def _failed(failure: str, msg: str, log_path: Path, scratch: Path, make_s: float) -> Built:

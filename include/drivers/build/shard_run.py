@@ -189,7 +189,7 @@ class Inputs:
             self._extract(archive, dest)
         except UnsafeArchive as e:
             raise InputUnavailable("sources_missing", f"gs://{self.shard.sources}/{e}") from None
-        return _sources_root(dest)
+        return sources_root(dest)
 
     def _fetch(self, store: Any, name: str, path: Path) -> bool:
         """Download; False when the object does not exist."""
@@ -211,7 +211,7 @@ class Inputs:
                 archive.unlink(missing_ok=True)
 
 
-def _sources_root(dest: Path) -> Path:
+def sources_root(dest: Path) -> Path:
     """Where ``build.json`` is: at the archive root (drivers.build.sources), or in its only
     folder (a tarball of the version folder itself)."""
     if (dest / "build.json").exists():
@@ -526,7 +526,7 @@ def build_shard(
     err = err if err is not None else sys.stderr
     started, started_s = _now(), time.perf_counter()
     run: ShardRun | None = None
-    with _scratch(workdir) as scratch:
+    with scratch_dir(workdir) as scratch:
         try:
             run = ShardRun(shard, store, scratch, err=err)
             status, error = run.run()
@@ -547,7 +547,7 @@ def build_shard(
 
 
 @contextlib.contextmanager
-def _scratch(workdir: Path | None) -> Iterator[Path]:
+def scratch_dir(workdir: Path | None) -> Iterator[Path]:
     """A fresh folder for the attempt, inside ``workdir`` when given; always removed."""
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from drivers.build.bundles import Member, file_mode, sha256_file, write_tgz
 from drivers.build.prepare import opened_tree, prepare_tree
@@ -53,10 +52,14 @@ class SourcesChanged(ValueError):
     """A driver version is already published with other sources."""
 
 
-def read_build_spec(version_dir: Path) -> dict[str, Any]:
+def read_build_spec(
+    version_dir: Path, driver_version: str | None = None
+) -> dict[str, dict[str, str]]:
     """``build.json`` of a prepared folder, checked: for each kind a ``dir`` inside it that
     exists and the ``output`` file name the build leaves there; optionally what the
-    sources are (:data:`SPEC_INFO`, each a string)."""
+    sources are (:data:`SPEC_INFO`, each a string). With ``driver_version``, sources whose
+    ``build.json`` names another driver version are refused. Returns the kinds' entries
+    only."""
     path = version_dir / BUILD_FILE
     try:
         spec = json.loads(path.read_text())
@@ -85,9 +88,14 @@ def read_build_spec(version_dir: Path) -> dict[str, Any]:
             or not (version_dir / entry["dir"]).is_dir()
         ):
             problems.append(f"{key}: {entry['dir']!r} is not a folder inside {version_dir}")
+    named = spec.get("driver_version")
+    if driver_version is not None and named is not None and named != driver_version:
+        problems.append(
+            f"these are the sources of driver version {named!r}, not {driver_version!r}"
+        )
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
-    return spec
+    return {kind: entry for kind, entry in spec.items() if kind in KINDS}
 
 
 def source_members(version_dir: Path) -> list[Member]:
@@ -116,7 +124,7 @@ def package_sources(version_dir: Path, out_dir: Path) -> Path:
     the same bytes, whatever their times, owners or the umask."""
     version_dir = Path(version_dir)
     version = check_driver_version(version_dir.name)
-    read_build_spec(version_dir)
+    read_build_spec(version_dir, version)
     return write_tgz(source_members(version_dir), Path(out_dir) / source_object(version))
 
 

@@ -31,7 +31,7 @@ POD_DEFAULTS: dict[str, Any] = {
     "connection": "kubernetes_default",
     "namespace": "collector-drivers",
     "service_account": "drivers-builder",
-    "active_deadline_seconds": 4 * 3600,
+    "active_deadline_seconds": 6 * 3600,  # shards are planned to half of it (planner)
     "resources": {"cpu": "1", "memory": "2Gi"},
     "node_selector": {},
 }

@@ -13,6 +13,7 @@ each, finish close to the lower bound ``total cost / slots + one start-up``.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -222,8 +223,17 @@ def plan(
         for g in by_kernel.values():
             g.cost = fetch + sum(task_cost[t.kind] for t in g.tasks)
         result.groups[name] = list(by_kernel.values())
-    result.shards = balance(result.groups, slots, config.costs.shard_startup)
+    result.shards = balance(result.groups, slots, config.costs.shard_startup, max_shard_s(config))
     return result
+
+
+def max_shard_s(config: Config) -> float:
+    """The estimated cost no shard may exceed: half the builder pod's deadline
+    (``active_deadline_seconds``). A shard the deadline cuts is retried and cut again, so
+    a large backfill on few slots must become more shards (queued in the pool), not
+    longer ones; half, because the costs are estimates and a busy node is slower (the
+    8.1.0 module took 22 s on a quiet 2-core machine and 96 s on a busy one)."""
+    return config.kubernetes["active_deadline_seconds"] / 2
 
 
 def makespan(costs: Iterable[float], slots: int, startup: float) -> float:
@@ -266,12 +276,19 @@ def shard_counts(loads: dict[str, float], sizes: dict[str, int], total: int) -> 
     return counts
 
 
-def balance(groups: dict[str, list[KernelGroup]], slots: int, startup: float) -> list[Shard]:
+def balance(
+    groups: dict[str, list[KernelGroup]],
+    slots: int,
+    startup: float,
+    max_shard_s: float | None = None,
+) -> list[Shard]:
     """Choose each builder's shard count and fill its shards.
 
     Start from counts proportional to each builder's load over ``min(slots, 1024)``
     shards, then move single shards toward the builder holding the longest shard while
-    that shortens the makespan.
+    that shortens the makespan. With ``max_shard_s``, each builder gets at least enough
+    shards for its load to fit in shards of that cost (more shards than slots, if need
+    be: they wait in the pool), up to 1024 in all.
     """
     groups = {b: gs for b, gs in groups.items() if gs}
     if not groups:
@@ -280,6 +297,13 @@ def balance(groups: dict[str, list[KernelGroup]], slots: int, startup: float) ->
     sizes = {b: len(gs) for b, gs in groups.items()}
     total = min(slots, MAX_SHARDS, sum(sizes.values()))
     counts = shard_counts(loads, sizes, total)
+    least = dict.fromkeys(groups, 1)
+    if max_shard_s:
+        least = {b: min(sizes[b], math.ceil(loads[b] / max_shard_s)) for b in groups}
+        while sum(least.values()) > MAX_SHARDS:  # 1024 shards at most: the biggest give
+            biggest = max(least, key=lambda b: least[b])
+            least[biggest] -= 1
+        counts = {b: max(n, least[b]) for b, n in counts.items()}
     filled = {b: fill(b, groups[b], n) for b, n in counts.items()}
 
     def longest(b: str) -> float:
@@ -293,7 +317,7 @@ def balance(groups: dict[str, list[KernelGroup]], slots: int, startup: float) ->
         worst = max(filled, key=longest)
         if counts[worst] >= sizes[worst]:
             break
-        donors = [b for b in filled if b != worst and counts[b] > 1]
+        donors = [b for b in filled if b != worst and counts[b] > least[b]]
         if sum(counts.values()) < min(slots, MAX_SHARDS):
             donors = [None, *donors]  # a free slot: grow without taking from anyone
         improved = False

@@ -384,6 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lazy("drivers.build.shard_run", "cmd_build_shard"))
 
     p = sub.add_parser(
+        "build", help="build one kernel's drivers on this machine (as a shard would)"
+    )
+    p.add_argument("kernel", metavar="KERNEL", help="e.g. 6.1.0-56-amd64")
+    p.add_argument("--driver-version", required=True, help="e.g. 2.3.0")
+    p.add_argument("--kinds", default="mod,bpf", help="mod,bpf (default both)")
+    p.add_argument(
+        "--sources", required=True, help="prepared sources: <V>.tgz or gs://BUCKET/V.tgz"
+    )
+    p.add_argument("--bundle", required=True, help="bundle-<kernel>.tgz or gs://BUCKET/OBJECT")
+    p.add_argument("--out", required=True, help="folder for the drivers (cache names) and logs")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    p.set_defaults(func=_lazy("drivers.build.one_kernel", "cmd_build"))
+
+    p = sub.add_parser(
         "integration-tests", help="upstream_drivers' VM load tests of a run's staged drivers"
     )
     p.add_argument("--run-id", required=True)
