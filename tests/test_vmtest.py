@@ -91,29 +91,16 @@ def prepared(prepared_tgz, tmp_path_factory) -> Path:
     return tree
 
 
-REAL_KINDS = (("mod", "driver", "collector.ko"), ("bpf", "driver/bpf", "probe.o"))
-
-
-def build_real_by_hand(kernel: str, prepared: Path, tmp: Path) -> dict[str, bytes]:
-    """The real module and probe of a prepared tree for ``kernel``, gzip'd as published.
-    TEMPORARY: bare kbuild in a copy of the whole prepared tree, until build_driver keeps
-    the tree whole (the probe includes ../driver_config.h)."""
-    root = bundle_root(kernel, tmp)
-    kbuild = root / (root / "BUNDLE_BUILD_DIR").read_text().strip()
-    tree = tmp / f"tree-{kernel}"
-    shutil.copytree(prepared, tree)
-    built = {}
-    for kind, folder, output in REAL_KINDS:
-        command = ["make", "-C", str(kbuild), f"M={tree / folder}", f"KERNELDIR={kbuild}"]
-        subprocess.run([*command, "-j2", "modules"], check=True, capture_output=True)
-        built[kind] = gzip.compress((tree / folder / output).read_bytes())
-    return built
-
-
 @pytest.fixture(scope="module")
 def real(prepared, tmp_path_factory) -> dict[str, bytes]:
-    """The real 2.3.0 module and probe for KERNEL (see build_real_by_hand)."""
-    return build_real_by_hand(KERNEL, prepared, tmp_path_factory.mktemp("real"))
+    """The real 2.3.0 module and probe for KERNEL, gzip'd as published, built by the
+    builder."""
+    tmp = tmp_path_factory.mktemp("real")
+    bundle = open_bundle(bundle_root(KERNEL, tmp), KERNEL)
+    built = {kind: build_driver(DriverKey(KERNEL, "2.3.0", kind), prepared, bundle, tmp)
+             for kind in ("mod", "bpf")}  # fmt: skip
+    assert all(b.data for b in built.values()), {k: b.message for k, b in built.items()}
+    return {kind: b.data for kind, b in built.items()}
 
 
 @pytest.fixture(scope="module")
