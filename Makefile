@@ -19,6 +19,10 @@ DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 \
 DRIVER_SOURCES ?= $(CURDIR)/../shared/data/driver-sources
 DEMO_SOURCES ?= stackrox-falcosecurity-libs-2.3.0.tar.gz=2.3.0 \
                 falcosecurity-libs-8.1.0+driver.tar.gz=8.1.0
+# 2.3.0 fails to compile on the 6.12 kernels (2 kernels x 2 kinds): the run reports those
+# failures with their logs and the blocklist line that would cover them, and passes with a
+# warning up to this many (the nightly's default is 0: any new failure fails the run).
+DEMO_MAX_FAILURES ?= 4
 
 .PHONY: setup run run-cpaas ui test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest \
         bench-scheduler gcs-up gcs-down
@@ -50,7 +54,7 @@ run: gcs-up
 	    --boot-images gs://collector-kernel-images >/dev/null
 	for s in $(DEMO_SOURCES); do $(BIN)/drivers sources prepare "$(DRIVER_SOURCES)/$${s%=*}" \
 	    --driver-version "$${s##*=}" --upload gs://collector-sources >/dev/null || exit 1; done
-	$(BIN)/drivers run-dag upstream_drivers
+	$(BIN)/drivers run-dag upstream_drivers --conf '{"max_failures": $(DEMO_MAX_FAILURES)}'
 
 # After `make run`: two downstream drivers images made from the drivers it built plus
 # downstream extras (s390x, ppc64le) and a compile failure, then the fixed image; each

@@ -220,23 +220,26 @@ def local_cache() -> Path:
 
 def consumer_for(sources: ObjectStore, driver_version: str, cache: Path | None = None) -> Consumer:
     """The consumer of ``driver_version``: from the local cache, else from the sources
-    bucket, else built from that version's prepared sources there and stored beside them."""
-    cache = cache or local_cache()
+    bucket, else built from that version's prepared sources there and stored beside them.
+    The local cache is keyed by the sources' md5 too: it serves every bucket of this
+    machine, and another bucket's sources of the same version are other sources."""
+    source = layout.source_object(driver_version)
+    try:
+        md5 = sources.info(source).md5
+    except ObjectNotFound:
+        raise ConsumerError(
+            f"gs://{sources.bucket_name}/{source} does not exist: prepare the sources of "
+            f"{driver_version} (drivers sources prepare)"
+        ) from None
     name = layout.consumer_object(driver_version, recipe_id(driver_version), ARCH)
-    binary, spec_file = cache / name, cache / name.replace("/scap-open-", "/build-")
-    spec_file = spec_file.with_suffix(".json")
+    binary = (cache or local_cache()) / (md5 or "no-md5").replace("/", "_") / name
+    spec_file = binary.with_name(binary.name.replace("scap-open-", "build-") + ".json")
     if binary.is_file() and spec_file.is_file():
         return Consumer(driver_version, json.loads(spec_file.read_text())["generation"], binary)
     binary.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="consumer-", dir=binary.parent) as tmp:
         archive, tree = Path(tmp) / "sources.tgz", Path(tmp) / "tree"
-        try:
-            sources.download_to(layout.source_object(driver_version), archive)
-        except ObjectNotFound:
-            raise ConsumerError(
-                f"gs://{sources.bucket_name}/{layout.source_object(driver_version)} does not "
-                f"exist: prepare the sources of {driver_version} (drivers sources prepare)"
-            ) from None
+        sources.download_to(source, archive)
         safe_extract(archive, tree)
         spec = read_prepared(tree)
         try:
