@@ -19,7 +19,8 @@ kernel and kind, ``compile.build_driver`` on the prepared sources (``--sources
 VERSION=TGZ``, what ``drivers sources prepare`` writes: a fresh copy of the whole tree,
 make, strip, checks, gzip: what a shard does per driver once the bundle is extracted)
 vs the bare ``make -C <BUNDLE_BUILD_DIR> M=<fresh copy>/<kind dir> -jN modules`` of the
-same prepared tree on the same extracted bundle (the copy not timed), alternating.
+same prepared tree on the same extracted bundle (the copy not timed; the builder's -j and
+LC_ALL=C), alternating; use an even ``--runs`` so each goes first as often.
 
 Usage: .venv/bin/python bench/bench_builder.py [--runs 5] [--bundles DIR] [--kernels K,...]
        [--no-sync] [--extract-only] [--json OUT]
@@ -152,6 +153,7 @@ def bench_real(
     tree = sources_root(scratch / "sources")
     spec = read_build_spec(tree, version)
     jobs = f"-j{len(os.sched_getaffinity(0))}"  # what the builder passes
+    env = dict(os.environ, LC_ALL="C")
     out: dict = {"kernel": kernel, "driver_version": version}
     med = statistics.median
     for kind in ("mod", "bpf"):
@@ -171,7 +173,10 @@ def bench_real(
                     shutil.copytree(tree, copy, symlinks=True)
                     cmd = ["make", "-C", str(info.build_dir), f"M={copy / spec[kind]['dir']}",
                            jobs, "modules"]  # fmt: skip
-                    bare.append(timed(subprocess.run, cmd, check=True, capture_output=True)[0])
+                    # the builder's locale (its make runs with LC_ALL=C), so that only
+                    # what it does around make differs
+                    run = {"check": True, "capture_output": True, "env": env}
+                    bare.append(timed(subprocess.run, cmd, **run)[0])
         out[kind] = {
             "build_s": med(ours),
             "make_inside_s": med(make_inside),
