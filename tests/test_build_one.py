@@ -19,25 +19,22 @@ from pathlib import Path
 
 import pytest
 
+import real_sources
 from drivers.build.bundles import write_tgz
 from drivers.build.compile import first_error
 from drivers.build.one_kernel import cache_file_name, log_file_name
-from drivers.build.safetar import safe_extract
 from drivers.build.sources import package_sources, source_members
 from drivers.domain import layout
 from drivers.domain.names import DriverKey
 from drivers.domain.verify import elf_sections, read_modinfo, verify_driver
 from drivers.ops.cli import main
 from example_sources import EXAMPLE_SOURCES
-from scenarios import REAL_DATA
 from tarballs import tgz
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-56-amd64"
 CACHE = REPO / ".cache/builder-tests"
 # The real trees (tests/real_sources.py will name this folder once it lands on main).
-REAL_SOURCES = REAL_DATA.parent / "driver-sources"
-# The example sources (moving to tests/fixtures/example-driver-sources/).
 
 
 # --- inputs ------------------------------------------------------------------------------
@@ -52,41 +49,6 @@ def bundle() -> Path:
     if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
         bundles.make_debian_bundle(KERNEL, CACHE, REPO / ".cache/debs")
     return path
-
-
-def prepare_2x_by_hand(tarball: Path, version: str, out_dir: Path, work: Path) -> Path:
-    """STAND-IN for drivers.build.prepare (issue 14 item 1; not on main yet, switch to it
-    when it lands): a 2.x falcosecurity-libs tree prepared as the prepared-sources
-    contract says, by hand: driver/Makefile from Makefile.in, driver/driver_config.h from
-    driver_config.h.in, build.json at the root; written as ``<out_dir>/<version>.tgz``."""
-    safe_extract(tarball, work)
-    (top,) = work.iterdir()
-    tree = top.rename(work / version)
-    driver = tree / "driver"
-    makefile = (driver / "Makefile.in").read_text()
-    makefile = makefile.replace("@DRIVER_NAME@", "collector").replace("@KBUILD_FLAGS@", "")
-    (driver / "Makefile").write_text(makefile)
-    api = (driver / "API_VERSION").read_text().strip().split(".")
-    schema = (driver / "SCHEMA_VERSION").read_text().strip().split(".")
-    values = {"DRIVER_VERSION": version, "DRIVER_NAME": "collector", "GIT_COMMIT": ""}
-    values["DRIVER_DEVICE_NAME"] = "collector"
-    for part, a, s in zip(("MAJOR", "MINOR", "PATCH"), api, schema, strict=True):
-        values[f"PPM_API_CURRENT_VERSION_{part}"] = a
-        values[f"PPM_SCHEMA_CURRENT_VERSION_{part}"] = s
-    config = (driver / "driver_config.h.in").read_text()
-    for name, value in values.items():
-        config = config.replace("${" + name + "}", value)
-    (driver / "driver_config.h").write_text(config)
-    spec = {
-        "driver_version": version,
-        "driver_name": "collector",
-        "generation": "2.x",
-        "tree": top.name,
-        "mod": {"dir": "driver", "output": "collector.ko"},
-        "bpf": {"dir": "driver/bpf", "output": "probe.o"},
-    }
-    (tree / "build.json").write_text(json.dumps(spec))
-    return write_tgz(source_members(tree), out_dir / layout.source_object(version))
 
 
 def build(*args: str) -> list[str]:
@@ -112,8 +74,7 @@ def real_builds(bundle, tmp_path_factory) -> dict:
     """Two `drivers build` runs on 6.1.0-56-amd64: the real 2.3.0 sources, both kinds;
     the example sources with a module that does not compile, the module only."""
     tmp = tmp_path_factory.mktemp("real-builds")
-    tarball = REAL_SOURCES / "stackrox-falcosecurity-libs-2.3.0.tar.gz"
-    real = prepare_2x_by_hand(tarball, "2.3.0", tmp / "real", tmp / "prepare")
+    real = real_sources.prepared("2.3.0", tmp / "real")
     broken = tmp / "broken" / "2.3.0"
     shutil.copytree(EXAMPLE_SOURCES / "2.3.0", broken)
     source = broken / "module/collector.c"
