@@ -137,3 +137,13 @@ def test_every_suggestion_covers_its_failures_and_nothing_else(entries, lines):
     for s in suggestions:
         assert covered(s.rule, entries) == {(k, s.kind) for k in s.kernels}
     assert not any(covered(s.rule, {KERNEL: {"mod": {}}}, "8.1.0") for s in suggestions)
+
+
+def test_the_drivers_own_error_comes_before_one_placed_in_a_kernel_header():
+    log = (
+        b"$W/bundle/include/linux/init.h:180:22: error: passing argument 1 of 'class_create'\n"
+        b"$W/build/2.3.0/mod/driver/main.c:3237:23: error: too many arguments to 'class_create'\n"
+    )
+    assert first_error(log, "make exit status 2", "$W/build/2.3.0/mod/") == (
+        "driver/main.c:3237:23: error: too many arguments to 'class_create'"
+    )

@@ -205,6 +205,8 @@ def first_error(log: bytes, fallback: str, tree: str = WORKDIR_IN_LOGS + "/") ->
     - Compiler diagnostics come first because the driver's Makefiles run shell tests
       whose noise says "error" too (8.1.0's probe Makefile: "expr: syntax error" on
       every Debian kernel).
+    - The driver's own sources before the kernel's headers (an error gcc places in a
+      header, e.g. a changed ``class_create``, also shows where the driver calls it).
     - First in source order (file, then line and column), not in the log's: make -j
       interleaves the compilers, so which error the log shows first varies from build to
       build, and the reason names the failure in the ledger, where identical failures
@@ -230,11 +232,13 @@ def first_error(log: bytes, fallback: str, tree: str = WORKDIR_IN_LOGS + "/") ->
             continue
         shown = _shown(text, tree)
         if where := _LOCATED_ERROR.search(shown):
-            located.append((where["path"], int(where["line"]), int(where["col"] or 0), shown))
+            outside = tree not in text  # in a kernel header: the driver's own error first
+            at = (outside, where["path"], int(where["line"]), int(where["col"] or 0))
+            located.append((*at, shown))
         elif other is None and ("error:" in text or "Error:" in text or "ERROR:" in text):
             other = shown
     if located:
-        return min(located)[3]
+        return min(located)[-1]
     return other if other is not None else fallback
 
 
