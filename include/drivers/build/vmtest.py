@@ -47,7 +47,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from drivers.build.boot_images import debian_boot_image, fetch_boot_image
-from drivers.build.consumer import Consumer, ConsumerError, captured_events, consumer_for
+from drivers.build.consumer import (
+    Consumer,
+    ConsumerError,
+    capture_started,
+    captured_events,
+    consumer_for,
+)
 from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.errors import DriversError
 from drivers.domain.exit_codes import EX_TEMPFAIL
@@ -58,9 +64,10 @@ from drivers.store.storage import ObjectStore
 MARK = "VMTEST:"
 BUSYBOX = Path("/usr/bin/busybox")  # Debian's busybox-static
 QEMU = "qemu-system-x86_64"
-BOOT_TIMEOUT_S = 60.0  # boot and power-off; each driver adds DRIVER_TIMEOUT_S
-CAPTURE_TIMEOUT_S = 15  # the guest stops a consumer after this (SIGINT: it prints its stats)
-DRIVER_TIMEOUT_S = CAPTURE_TIMEOUT_S + 10.0
+BOOT_TIMEOUT_S = 60.0  # boot and power-off; each driver adds driver_timeout_s
+# The guest stops a consumer (SIGINT: it prints its stats) after its recipe's time to open
+# a driver and this time to capture.
+CAPTURE_TIMEOUT_S = 15
 DEFAULT_EVENTS = 1000  # the config's [vm_tests] events
 DEFAULT_MODULE_NAME = "collector"
 OUTPUT_LINES = 60  # of the consumer's output, kept in the serial log (a verifier log is long)
@@ -103,12 +110,16 @@ mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo {MARK}BOOTED $(uname -r)
 # Activity for the drivers to see: file and process work, all the time.
 (while :; do ls -R /sys/module >/dev/null 2>&1; cat /proc/self/status >/dev/null; done) &
-capture() {{  # the consumer's command: its exit status and output as markers
-  timeout -s INT {CAPTURE_TIMEOUT_S} "$@" >/tmp/out 2>&1
+capture() {{  # seconds, summary pattern, the consumer's command: its exit status and output
+  seconds=$1
+  summary=$2
+  shift 2
+  timeout -s INT $seconds "$@" >/tmp/out 2>&1
   echo {MARK}CONSUMER_EXIT $?
   grep -v '^ *$' /tmp/out | tail -n {OUTPUT_LINES} | sed 's/^/{MARK}OUT /'
+  grep -E "$summary" /tmp/out | sed 's/^/{MARK}SUMMARY /'
 }}
-test_module() {{  # index, module name, the modules it depends on, the consumer's command
+test_module() {{  # index, module name, the modules it depends on, then capture's arguments
   dmesg -c >/dev/null
   for m in $3; do
     modprobe $m 2>/tmp/err || {{ echo "{MARK}LOAD_FAILED modprobe $m: $(cat /tmp/err)"; return; }}
@@ -190,10 +201,25 @@ GUEST_CONSUMER = "/bin/scap-open-{}"  # one per driver version in the boot
 
 
 def consumer_command(consumer: Consumer, kind: str, index: int, events: int) -> list[str]:
-    """The guest's command that captures ``events`` through driver ``index``."""
+    """The guest's ``capture`` arguments that capture ``events`` through driver ``index``:
+    how long it may run, what of its output is always kept, its command."""
     recipe = consumer.recipe
+    if "'" in recipe.summary:
+        raise ValueError(f"{consumer.generation}'s summary pattern cannot be quoted for the guest")
     opens = list(recipe.kmod) if kind == "mod" else [recipe.bpf, f"/drivers/{index}.o"]
-    return [GUEST_CONSUMER.format(consumer.driver_version), *opens, recipe.num_events, str(events)]
+    return [
+        str(recipe.open_s + CAPTURE_TIMEOUT_S),
+        f"'{recipe.summary}'",
+        GUEST_CONSUMER.format(consumer.driver_version),
+        *opens,
+        recipe.num_events,
+        str(events),
+    ]
+
+
+def driver_timeout_s(consumer: Consumer) -> float:
+    """How long the guest may spend on one driver tested through ``consumer``."""
+    return consumer.recipe.open_s + CAPTURE_TIMEOUT_S + 10.0
 
 
 GuestDriver = tuple[str, bytes, list[str]]  # kind, uncompressed bytes, consumer's command
@@ -306,9 +332,20 @@ def read_markers(serial: str) -> tuple[Markers, dict[int, Markers], list[str]]:
 def _capture(result: VmResult, m: Markers, consumer: Consumer, events: int) -> bool:
     """Judge the consumer's capture through the driver; True when it captured enough."""
     output = m.get("OUT", [])
+    summary = "\n".join(m.get("SUMMARY", []) + output)  # SUMMARY: a guest that greps it
     exit_status = (m.get("CONSUMER_EXIT") or ["?"])[0]
-    result.events = captured_events(consumer, "\n".join(output))
+    result.events = captured_events(consumer, summary)
     tail = [f"consumer exit status {exit_status}", *output[-20:]]
+    if result.events is not None and "SUMMARY" in m and not capture_started(consumer, summary):
+        result.events = None  # stopped while opening the driver: its stats count nothing
+        result.status = "consumer_cannot_attach"
+        result.messages = [
+            "the consumer was still opening the driver when it was stopped after "
+            f"{consumer.recipe.open_s + CAPTURE_TIMEOUT_S} s: it never started capturing "
+            f"(the {consumer.generation} recipe's open_s in drivers/build/consumer.py)",
+            *tail,
+        ]
+        return False
     if result.events is None:  # it never got to capturing: it says why
         result.status = "consumer_cannot_attach"
         result.messages = ["the consumer could not capture through it", *tail]
@@ -325,7 +362,7 @@ def _capture(result: VmResult, m: Markers, consumer: Consumer, events: int) -> b
         result.status = "too_few_events"
         result.messages = [
             f"captured {result.events} of the {events} events asked for within "
-            f"{CAPTURE_TIMEOUT_S} s",
+            f"{consumer.recipe.open_s + CAPTURE_TIMEOUT_S} s (opening the driver included)",
             *tail,
         ]
         return False
@@ -479,7 +516,9 @@ def vm_test(
             [keys[i] for i in booted],
             archive,
             boot_image,
-            timeout or BOOT_TIMEOUT_S + DRIVER_TIMEOUT_S * len(booted),
+            timeout
+            or BOOT_TIMEOUT_S
+            + sum(driver_timeout_s(ready[keys[i].driver_version]) for i in booted),
             memory_mb,
             accel,
         )
