@@ -16,7 +16,9 @@ DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 \
 # The collector's real driver sources (falcosecurity-libs trees, one tarball per driver
 # version) and the versions the embedded default prepares from them, TARBALL=VERSION: one
 # from 2022 that fails to compile on 6.12, and 8.1.0, which builds there.
-DRIVER_SOURCES ?= $(CURDIR)/../shared/data/driver-sources
+# (beside the checkout, else the workplace's /work/shared)
+DRIVER_SOURCES ?= $(firstword $(wildcard $(CURDIR)/../shared/data/driver-sources \
+                      /work/shared/data/driver-sources) $(CURDIR)/../shared/data/driver-sources)
 DEMO_SOURCES ?= stackrox-falcosecurity-libs-2.3.0.tar.gz=2.3.0 \
                 falcosecurity-libs-8.1.0+driver.tar.gz=8.1.0
 # 2.3.0 fails to compile on the 6.12 kernels (2 kernels x 2 kinds): the run reports those

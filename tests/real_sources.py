@@ -10,9 +10,22 @@ from pathlib import Path
 from drivers.build.sources import prepare_sources
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES_DIR = Path(
-    os.environ.get("DRIVERS_REAL_SOURCES", REPO.parent / "shared" / "data" / "driver-sources")
-)
+
+
+def _sources_dir() -> Path:
+    """``$DRIVERS_REAL_SOURCES``, else ``shared/data/driver-sources`` beside the checkout,
+    else the workplace's ``/work/shared`` (a CI clone may live anywhere; as
+    scenarios.REAL_DATA)."""
+    candidates = [
+        os.environ.get("DRIVERS_REAL_SOURCES"),
+        REPO.parent / "shared" / "data" / "driver-sources",
+        "/work/shared/data/driver-sources",
+    ]
+    found = [Path(c) for c in candidates if c and (Path(c) / "README.md").is_file()]
+    return found[0] if found else Path(candidates[1])
+
+
+SOURCES_DIR = _sources_dir()
 # Driver version -> tarball: the collector's fork for the 2022 versions, upstream for 8.1.0.
 TARBALLS = {
     "1.0.0": "stackrox-falcosecurity-libs-1.0.0.tar.gz",
