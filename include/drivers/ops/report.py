@@ -45,9 +45,11 @@ def _load(reports: str, run_id: str | None, since: datetime | None):
     return buckets, work, run_id, json.loads(work.download(f"{reports}{run_id}/report.json"))
 
 
-def print_report(run_id: str | None = None, since: datetime | None = None, out=sys.stdout) -> int:
-    """Print a run's summary (default: the newest run, or the newest since ``since``);
-    returns 0 when that run succeeded."""
+def print_report(run_id: str | None = None, since: datetime | None = None, out=None) -> int:
+    """Print a run's summary (default: the newest run, or the newest since ``since``) to
+    ``out`` (default: the stdout of the moment, not of import time); returns 0 when that
+    run succeeded."""
+    out = out or sys.stdout
     try:
         buckets, work, run_id, doc = _load(REPORTS_PREFIX, run_id, since)
     except NoRunReport as e:
@@ -153,12 +155,12 @@ def _print_vm_tests(work: storage.ObjectStore, prefix: str, vm: dict | None, out
         )
 
 
-def print_cpaas_report(
-    run_id: str | None = None, since: datetime | None = None, out=sys.stdout
-) -> int:
+def print_cpaas_report(run_id: str | None = None, since: datetime | None = None, out=None) -> int:
     """Print a cpaas_drivers run's summary: what was pushed, pulled and packaged per
     architecture, and the compile failures found; returns 0 unless the run failed."""
     from drivers.flows import cpaas
+
+    out = out or sys.stdout
 
     try:
         buckets, _, run_id, doc = _load(cpaas.REPORTS, run_id, since)
