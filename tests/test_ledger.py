@@ -431,6 +431,9 @@ def test_a_real_compile_failure_is_counted_held_explained_and_suggested_for_the_
     report = read_json(stores.work, f"{report_prefix('run1')}report.json")
     assert report["status"] == "failed"
     assert "2 compile failure(s) > max_failures=0" in report["reasons"]
+    assert cli.main(["report", "run1"]) == 1  # each failure with where its log is kept
+    kept = f"gs://{stores.work.bucket_name}/{report_prefix('run1')}logs/{NEW}/2.3.0/mod.log"
+    assert f"      log: {kept}" in capsys.readouterr().out.splitlines()
     tolerant = fake_run(stores, config, "run2", failing, {"max_failures": 2}, logs, True)
     assert tolerant[0]["summary"]["to_build"] == 2  # failed once so far: retried
     report = read_json(stores.work, f"{report_prefix('run2')}report.json")

@@ -7,7 +7,7 @@ import json
 import sys
 from datetime import datetime
 
-from drivers.domain.layout import REPORTS_PREFIX, Buckets, report_prefix
+from drivers.domain.layout import REPORTS_PREFIX, Buckets, report_prefix, staging_prefix
 from drivers.domain.planview import format_plan_view
 from drivers.store import storage
 
@@ -85,12 +85,17 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=N
                 f"{counts.get('failed', 0):5} / {counts.get('infra_failed', 0):5}",
                 file=out,
             )
+        kept = set(build.get("failure_logs", []))  # the logs kept after staging is gone
+        staged = staging_prefix(run_id)
         for failure in build["failures"][:10]:
             print(
                 f"    FAILED {failure['kernel']} {failure['driver_version']} {failure['kind']}: "
                 f"{failure.get('failure')} {failure.get('message', '')}",
                 file=out,
             )
+            log = report_prefix(run_id) + (failure.get("log") or "").removeprefix(staged)
+            if log in kept:
+                print(f"      log: gs://{work.bucket_name}/{log}", file=out)
     _print_suggestions((doc.get("steps", {}).get("record_ledger") or {}), out)
     calibration = [c for c in (build or {}).get("calibration", []) if c.get("measured_s")]
     if calibration:
