@@ -122,16 +122,11 @@ def drivers_dag(dag_id: str):
                         **glue.builder_pod_kwargs(config, builder, pool)
                     ).expand(arguments=shard_uris.map(glue.builder_arguments))
 
-                if config.runtime == "docker":
-                    from airflow.providers.docker.operators.docker import DockerOperator
-
-                    return DockerOperator.partial(
-                        **glue.builder_container_kwargs(config, builder, pool)
-                    ).expand(command=shard_uris.map(glue.builder_arguments))
-
+                # docker: the worker stages the inputs, runs the shard in its sandboxed
+                # container (no network) and uploads what it built; local: a subprocess.
                 @task(pool=pool)
-                def build_shard(shard: str) -> None:
-                    glue.run_local_shard(shard)
+                def build_shard(shard: str, builder: str = builder) -> None:
+                    glue.run_shard(config, builder, shard)
 
                 return build_shard.expand(shard=shard_uris)
 

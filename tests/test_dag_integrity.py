@@ -244,10 +244,12 @@ def test_an_external_integration_suite_is_triggered_after_push_when_configured(t
 
 
 def test_docker_runtime_maps_builder_containers(tmp_path):
+    """A Python task per shard that stages, runs the sandboxed container and uploads
+    (drivers.build.sandbox): its log is the build's."""
     bag = dagbag({"DRIVERS_RUNTIME": "docker", "AIRFLOW_HOME": str(tmp_path)})
     assert bag["errors"] == {}
     tasks = bag["dags"]["upstream_drivers"]["tasks"]
     for builder in ("rhel7", "rhel8", "fc36"):
         shard = tasks[f"{builder}.build_shard"]
-        assert shard["type"] == "MappedOperator" and shard["pool"] == "builders"
+        assert shard["type"] == "DecoratedMappedOperator" and shard["pool"] == "builders"
         assert shard["downstream"] == ["unify"]

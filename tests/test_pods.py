@@ -1,5 +1,8 @@
 """Builder pods, rendered offline and checked as Kubernetes objects (no API server here)."""
 
+import contextlib
+import json
+
 import pytest
 
 DUMMY_KUBECONFIG = """
@@ -80,7 +83,65 @@ def test_builder_pod_carries_no_credentials(rendered):
         for e in env
         if any(w in e["name"].upper() for w in ("KEY", "SECRET", "TOKEN", "CREDENTIAL"))
     ]
-    assert "volumes" not in pod["spec"] or not pod["spec"]["volumes"]
+    # its only volume is the shard's scratch, an emptyDir; no API token either
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["work"]
+    assert pod["spec"]["volumes"][0]["emptyDir"] == {"sizeLimit": "8Gi"}
+    assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("builder", ["rhel7", "rhel8", "fc36"])
+def test_builder_pods_are_sandboxed(rendered, builder):
+    """Non-root (the images' uid 1000), read-only root with the scratch an emptyDir
+    (TMPDIR), no privilege escalation, no capabilities, RuntimeDefault seccomp."""
+    _, pod = rendered(builder)
+    spec, container = pod["spec"], pod["spec"]["containers"][0]
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }  # fmt: skip
+    assert container["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+        "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+        "privileged": False, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }  # fmt: skip
+    assert container["volumeMounts"] == [{"mountPath": "/work", "name": "work"}]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TMPDIR"] == "/work"  # build-shard's scratch folder: the emptyDir
+    assert env["DRIVERS_SANDBOX"] == "kubernetes"
+    from drivers.ops.deploy import builder_pod_selector
+
+    labels = pod["metadata"]["labels"]
+    selector = builder_pod_selector()  # the NetworkPolicy applies to this pod
+    assert labels.items() >= selector["matchLabels"].items()
+    assert all(e["key"] in labels for e in selector["matchExpressions"])
+
+
+def test_the_builders_network_policy_allows_only_dns_metadata_and_google_apis(tmp_path):
+    import kubernetes_validate
+
+    from drivers.domain.config import load_config
+    from drivers.ops.cli import main
+
+    out = tmp_path / "policy.json"
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        assert main(["deploy", "network-policy"]) == 0
+    policy = json.loads(out.read_text())
+    kubernetes_validate.validate(policy, "1.33", strict=True)
+    assert policy["metadata"]["namespace"] == load_config().kubernetes["namespace"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"] and spec["ingress"] == []
+    allowed = {
+        (peer.get("ipBlock", {}).get("cidr") or peer["podSelector"]["matchLabels"]["k8s-app"],
+         port["protocol"], port["port"])
+        for rule in spec["egress"] for peer in rule["to"] for port in rule["ports"]
+    }  # fmt: skip
+    assert allowed == {
+        ("kube-dns", "UDP", 53), ("kube-dns", "TCP", 53),
+        ("169.254.169.254/32", "TCP", 80), ("169.254.169.254/32", "TCP", 988),
+        ("169.254.169.252/32", "TCP", 80), ("169.254.169.252/32", "TCP", 988),
+        ("199.36.153.8/30", "TCP", 443),
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("builder", ["rhel7", "rhel8", "fc36"])
@@ -186,19 +247,28 @@ def test_vm_test_pod_runs_the_stage_on_the_runs_staged_drivers(offline, tmp_path
     kubernetes_validate.validate(pod, "1.33", strict=True)
 
 
-def test_builder_containers_run_the_entrypoint_with_the_builders_image_and_limits(monkeypatch):
+def test_builder_containers_run_in_the_builders_image_with_its_limits(monkeypatch, tmp_path):
     from drivers.airflow import glue as glue
-    from drivers.domain.config import load_config
+    from drivers.domain.config import default_config_path, load_config
 
     monkeypatch.setenv("DOCKER_HOST", "unix:///run/podman/podman.sock")
-    monkeypatch.setenv("DRIVERS_BUCKET_WORK", "prod-work")
-    kwargs = glue.builder_container_kwargs(load_config(), "fc36")
-    assert kwargs["image"] == "quay.io/stackrox-io/collector-drivers-builder-fc36:0.1.0"
-    assert kwargs["docker_url"] == "unix:///run/podman/podman.sock"  # DOCKER_HOST wins
-    assert (kwargs["cpus"], kwargs["mem_limit"]) == (2.0, "4g")  # the builder's resources
-    assert kwargs["environment"]["DRIVERS_BUCKET_WORK"] == "prod-work"
-    assert kwargs["labels"] == {"app": "collector-drivers", "builder": "fc36"}
-    assert kwargs["pool"] == "builders" and kwargs["auto_remove"] == "success"
+    config = tmp_path / "pipeline.toml"
+    config.write_text(default_config_path().read_text() + "\n[docker]\ntime_limit_s = 3600\n")
+    sandbox = glue.builder_sandbox(load_config(config), "fc36")
+    assert sandbox.image == "quay.io/stackrox-io/collector-drivers-builder-fc36:0.1.0"
+    assert sandbox.docker_url == "unix:///run/podman/podman.sock"  # DOCKER_HOST wins
+    assert (sandbox.cpus, sandbox.memory) == (2.0, "4g")  # the builder's resources
+    assert (sandbox.time_limit_s, sandbox.pids_limit) == (3600, 4096)  # [docker], defaults
+    assert sandbox.labels == {"app": "collector-drivers", "builder": "fc36"}
+
+
+def test_a_docker_table_cannot_give_builders_a_network(tmp_path):
+    from drivers.domain.config import ConfigError, default_config_path, load_config
+
+    config = tmp_path / "pipeline.toml"
+    config.write_text(default_config_path().read_text() + '\n[docker]\nnetwork_mode = "host"\n')
+    with pytest.raises(ConfigError, match="never has network: network_mode is not a setting"):
+        load_config(config)
 
 
 def test_a_cancelled_runs_pods_are_found_by_the_labels_they_really_carry(rendered, monkeypatch):

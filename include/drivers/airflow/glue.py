@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Param
@@ -27,6 +28,7 @@ from drivers.store.ledger import IMAGE_ENV
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from drivers.build.sandbox import Sandbox
     from drivers.store.storage import Stores
 
 GCP_CONN_ID = os.environ.get("DRIVERS_GCP_CONN_ID", "google_cloud_default")
@@ -239,21 +241,85 @@ def run_params(config: Config, *, backfill: bool = False) -> dict[str, Param]:
     }
 
 
-def run_local_shard(shard_uri: str) -> None:
-    """The local runtime: the builder entrypoint as a subprocess of the worker.
+def run_shard(config: Config, builder: str, shard_uri: str) -> None:
+    """A builder task on the local or docker runtime (the kubernetes runtime's task is the
+    pod): the shard's lines go to the task log, its exit status decides the task."""
+    if config.runtime == "docker":
+        from airflow.providers.google.cloud.hooks.gcs import GCSHook
+
+        from drivers.build.sandbox import build_shard_sandboxed
+
+        stores = _StoresByBucket(GCSHook(gcp_conn_id=GCP_CONN_ID).get_conn())
+        status, _ = build_shard_sandboxed(shard_uri, stores, builder_sandbox(config, builder))
+    else:
+        status = run_local_shard(shard_uri)
+    if status == EX_DATAERR:
+        raise AirflowFailException(
+            f"shard {shard_uri}: bad input (missing or corrupt bundle, malformed shard, a "
+            "build that tampered with its records); retrying cannot help, see the task log "
+            "and the run report"
+        )
+    if status != 0:
+        raise AirflowException(f"shard {shard_uri}: drivers build-shard exited {status}")
+
+
+class _StoresByBucket:
+    """``store(bucket)``: one ObjectStore per bucket over one client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.stores = client, {}
+
+    def __call__(self, bucket: str) -> Any:
+        from drivers.store.storage import ObjectStore
+
+        if bucket not in self.stores:
+            self.stores[bucket] = ObjectStore(self.client, bucket)
+        return self.stores[bucket]
+
+
+def run_local_shard(shard_uri: str) -> int:
+    """The local runtime: the builder entrypoint as a subprocess of the worker, for
+    development only: nothing confines the build (its summary line and the shard record
+    say so). Its exit status.
 
     No timeout here (nor an execution_timeout on the task): a shard's length grows with
     its kernels, and each make inside it is already bounded (compile.BUILD_TIMEOUT_S),
     so a hung compile fails its driver and the shard goes on."""
+    from drivers.build.shard_run import SANDBOX_ENV
+
     command = [sys.executable, "-m", "drivers", *builder_arguments(shard_uri)]
-    status = subprocess.run(command, check=False).returncode
-    if status == EX_DATAERR:
+    env = dict(os.environ, **{SANDBOX_ENV: "none"})
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+def docker_memory(memory: str) -> str:
+    """A Kubernetes quantity (``4Gi``, ``512Mi``) in Docker's notation (``4g``, ``512m``)."""
+    return memory.replace("Gi", "g").replace("Mi", "m")
+
+
+def builder_sandbox(config: Config, builder: str) -> Sandbox:
+    """The docker runtime: how one builder's shards run (:mod:`drivers.build.sandbox`):
+    its image, no network, read-only, uid 1000, its cpu and memory (the builder's
+    ``resources`` over the [kubernetes] ones), the [docker] time and process limits."""
+    from drivers.build.sandbox import Sandbox
+
+    resources = config.kubernetes["resources"] | config.builders[builder].resources
+    image = config.builders[builder].image
+    if not image:
         raise AirflowFailException(
-            f"shard {shard_uri}: bad input (missing or corrupt bundle, malformed shard); "
-            "retrying cannot help, see the task log and the run report"
+            f"builder {builder!r} has no image: the docker runtime needs one"
         )
-    if status != 0:
-        raise AirflowException(f"shard {shard_uri}: drivers build-shard exited {status}")
+    docker = config.docker
+    return Sandbox(
+        image=image,
+        docker_url=os.environ.get("DOCKER_HOST") or docker["url"],
+        cpus=float(resources["cpu"]),
+        memory=docker_memory(resources["memory"]),
+        time_limit_s=float(docker["time_limit_s"]),
+        pids_limit=int(docker["pids_limit"]),
+        labels={"app": "collector-drivers", "builder": builder},
+        workdir=Path(docker["workdir"]) if docker["workdir"] else None,
+    )
 
 
 def _pod_kwargs(config: Config, resources: dict[str, str], labels: dict[str, str]) -> dict:
@@ -289,39 +355,31 @@ def builder_pod_kwargs(config: Config, builder: str, pool: str = BUILDER_POOL) -
     """One builder's pods (KubernetesPodOperator.partial keywords)."""
     from kubernetes.client import models as k8s
 
+    from drivers.build.shard_run import SANDBOX_ENV
+    from drivers.ops import deploy
+
     image = config.builders[builder].image
     pod = _pod_kwargs(config, config.builders[builder].resources, {"builder": builder})
+    pod_context, container_context = deploy.builder_security_context()
+    work = k8s.V1EmptyDirVolumeSource(size_limit=deploy.WORK_SIZE_LIMIT)
+    env = {
+        IMAGE_ENV: image,  # the build records name the image: the quarantine's environment
+        SANDBOX_ENV: "kubernetes",  # the shard record says what confined it
+        "TMPDIR": deploy.WORK_MOUNT,  # the scratch folder: the root file system is read-only
+    }
     return pod | {
         "task_id": "build_shard",
         "image": image,
         "cmds": ["drivers"],
         "pool": pool,
-        # the build records name the image: the quarantine's "same environment"
-        "env_vars": pod["env_vars"] + [k8s.V1EnvVar(name=IMAGE_ENV, value=image)],
-    }
-
-
-def builder_container_kwargs(
-    config: Config, builder: str, pool: str = BUILDER_POOL
-) -> dict[str, Any]:
-    """The docker runtime: one builder container per shard (DockerOperator.partial
-    keywords), the builder's image running the same entrypoint as a pod."""
-    resources = config.kubernetes["resources"] | config.builders[builder].resources
-    env = Buckets.from_env().to_env() | {IMAGE_ENV: config.builders[builder].image}
-    if os.environ.get("STORAGE_EMULATOR_HOST"):  # the embedded GCS: same endpoint
-        env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
-    return {
-        "task_id": "build_shard",
-        "image": config.builders[builder].image,
-        "docker_url": os.environ.get("DOCKER_HOST") or config.docker["url"],
-        "network_mode": config.docker["network_mode"],
-        "environment": env,
-        "cpus": float(resources["cpu"]),
-        "mem_limit": resources["memory"].replace("Gi", "g").replace("Mi", "m"),
-        "labels": {"app": "collector-drivers", "builder": builder},
-        "auto_remove": "success",
-        "mount_tmp_dir": False,  # the builder's scratch is inside the container
-        "pool": pool,
+        "env_vars": pod["env_vars"] + [k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
+        # sandboxed: non-root, read-only root, no privilege escalation, no capabilities,
+        # no API token; its NetworkPolicy (drivers deploy network-policy) limits egress
+        "security_context": pod_context,
+        "container_security_context": container_context,
+        "automount_service_account_token": False,
+        "volumes": [k8s.V1Volume(name=deploy.WORK_VOLUME, empty_dir=work)],
+        "volume_mounts": [k8s.V1VolumeMount(name=deploy.WORK_VOLUME, mount_path=deploy.WORK_MOUNT)],
     }
 
 

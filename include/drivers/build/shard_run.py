@@ -1,6 +1,14 @@
 """``drivers build-shard``: build one shard's drivers. The only thing a builder image runs,
 with the same arguments under every runtime (local subprocess, Kubernetes pod, Docker).
 
+Two ways in. ``--shard gs://…`` reads its inputs from their buckets and writes its
+outputs there (a pod, the local runtime). ``--offline DIR`` is the inside of a sandboxed
+container without network (runtime "docker", :mod:`drivers.build.sandbox`): the worker
+staged the shard file and its inputs into DIR, the build writes its outputs and records
+there, and the worker uploads them after. The run itself is the same code either way:
+only where inputs come from (:class:`StoreFetcher`, :class:`StagedFetcher`) and where
+outputs go (an ObjectStore, :class:`FolderOutputs`) differ.
+
 The shard file (:mod:`drivers.build.shard`) lists tasks grouped by kernel. One bundle is on
 disk at a time: per kernel, download ``bundle-<kernel>.tgz``, extract it safely
 (:mod:`drivers.build.safetar`), build every task of that kernel
@@ -47,6 +55,22 @@ from drivers.store import ledger
 TIMINGS = ("fetch_s", "extract_s", "build_s", "upload_s", "cleanup_s")
 # Task failures that are a bad input, not the driver's: the shard exits 65.
 INPUT_FAILURES = ("bundle_missing", "bundle_corrupt", "sources_missing")
+# What confines a shard's builds, set by the runtime that starts it (a bundle is untrusted
+# input and kbuild runs its Makefiles): the shard record and its summary line say it.
+SANDBOX_ENV = "DRIVERS_SANDBOX"
+SANDBOXES = {
+    "docker": "sandboxed: container as uid 1000, no network, read-only root, "
+    "only its work folder writable, CPU/memory/time limits",
+    "kubernetes": "sandboxed: pod as uid 1000, read-only root, no privilege escalation, "
+    "no capabilities, egress to DNS and Google APIs only",
+    "none": "local runtime: not sandboxed (for development only)",
+}
+
+
+def sandbox() -> str:
+    """What confines this process's builds (:data:`SANDBOXES`), from ``DRIVERS_SANDBOX``."""
+    value = os.environ.get(SANDBOX_ENV, "none")
+    return value if value in SANDBOXES else "none"
 
 
 # --- what stops a task, a kernel or the shard -----------------------------------------------
@@ -137,15 +161,76 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 # --- the parts of a run ---------------------------------------------------------------------
 
 
+class StoreFetcher:
+    """Inputs straight from their buckets: ``store(bucket)`` gives the ObjectStore."""
+
+    def __init__(self, store: Callable[[str], Any]) -> None:
+        self.store = store
+
+    def fetch(self, bucket: str, name: str, path: Path) -> tuple[bool, str | None]:
+        """Download to ``path``; (False, None) when the object does not exist, else
+        (True, its md5)."""
+        from drivers.store.storage import ObjectNotFound
+
+        store = self.store(bucket)
+        try:
+            store.download_to(name, path)
+            return True, store.info(name).md5
+        except ObjectNotFound:
+            return False, None
+
+
+# The work folder of an offline (sandboxed) shard, written by the worker before the
+# container starts and read by it after (drivers.build.sandbox).
+STAGED_SHARD = "shard.json"  # the shard file, as downloaded
+STAGED_MANIFEST = "inputs.json"  # {"uri": shard URI, "objects": {"bucket/name": md5}}
+STAGED_INPUTS = "inputs"  # inputs/<bucket>/<name>: each object staged
+OUTPUTS = "out"  # out/objects/<name>: what to upload; out/records.jsonl: the records
+RECORDS = "records.jsonl"
+
+
+class StagedFetcher:
+    """Inputs the worker staged into the work folder (a container without network). An
+    object the manifest does not list did not exist in its bucket."""
+
+    def __init__(self, folder: Path, objects: dict[str, str | None]) -> None:
+        self.folder, self.objects = folder, objects
+
+    def fetch(self, bucket: str, name: str, path: Path) -> tuple[bool, str | None]:
+        key = f"{bucket}/{name}"
+        if key not in self.objects:
+            return False, None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.folder / STAGED_INPUTS / bucket / name, path)  # used once per shard
+        return True, self.objects[key]
+
+
+class FolderOutputs:
+    """Where an offline shard's objects go: ``out/objects/<name>`` in the work folder, for
+    the worker to upload (which then decides, against the bucket, what is new)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.root = folder / OUTPUTS / "objects"
+        self.bucket_name = "(work folder)"
+
+    def upload_new(self, name: str, data: bytes) -> Any:
+        from drivers.store.storage import UploadResult
+
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return UploadResult.CREATED
+
+
 class Inputs:
     """The bundles and driver sources one attempt builds from, fetched into ``scratch``,
     with the md5 of each object used (what a build was made from)."""
 
     def __init__(
-        self, shard: Shard, store: Callable[[str], Any], scratch: Path, timings: dict[str, float]
+        self, shard: Shard, fetcher: Any, scratch: Path, timings: dict[str, float]
     ) -> None:
         self.shard, self.scratch, self.timings = shard, scratch, timings
-        self.bundles, self.sources = store(shard.bundles), store(shard.sources)
+        self.fetcher = fetcher
         self.md5s: dict[str, str | None] = {}  # bundle or sources object -> its md5
         self._sources: dict[str, Path] = {}  # version -> its extracted sources
         self._sources_missing: dict[str, InputUnavailable] = {}
@@ -155,7 +240,7 @@ class Inputs:
         raises :class:`InputUnavailable`."""
         name = layout.bundle_object(kernel)
         archive = self.scratch / name
-        if not self._fetch(self.bundles, name, archive):
+        if not self._fetch(self.shard.bundles, name, archive):
             msg = f"gs://{self.shard.bundles}/{name} does not exist"
             raise InputUnavailable("bundle_missing", msg)
         root = self.scratch / "bundle"
@@ -182,7 +267,7 @@ class Inputs:
         name = layout.source_object(version)
         archive = self.scratch / "sources" / name
         dest = self.scratch / "sources" / version
-        if not self._fetch(self.sources, name, archive):
+        if not self._fetch(self.shard.sources, name, archive):
             msg = f"gs://{self.shard.sources}/{name} does not exist"
             raise InputUnavailable("sources_missing", msg)
         try:
@@ -191,17 +276,13 @@ class Inputs:
             raise InputUnavailable("sources_missing", f"gs://{self.shard.sources}/{e}") from None
         return sources_root(dest)
 
-    def _fetch(self, store: Any, name: str, path: Path) -> bool:
-        """Download; False when the object does not exist."""
-        from drivers.store.storage import ObjectNotFound
-
+    def _fetch(self, bucket: str, name: str, path: Path) -> bool:
+        """Fetch; False when the object does not exist."""
         with _timed(self.timings, "fetch_s"):
-            try:
-                store.download_to(name, path)
-                self.md5s[name] = store.info(name).md5
-                return True
-            except ObjectNotFound:
-                return False
+            found, md5 = self.fetcher.fetch(bucket, name, path)
+        if found:
+            self.md5s[name] = md5
+        return found
 
     def _extract(self, archive: Path, dest: Path) -> None:
         with _timed(self.timings, "extract_s"):
@@ -209,6 +290,12 @@ class Inputs:
                 safe_extract(archive, dest)
             finally:
                 archive.unlink(missing_ok=True)
+
+
+def needs_bundle(key: DriverKey) -> bool:
+    """False for the probe of a kernel that cannot run eBPF: its ``.unavail`` marker is
+    written without a bundle."""
+    return key.kind != "bpf" or ebpf_supported(parse_kernel(key.kernel))
 
 
 def sources_root(dest: Path) -> Path:
@@ -226,11 +313,16 @@ class TaskRecords:
     """The ``task`` records of one attempt, in the order the tasks ended."""
 
     def __init__(
-        self, builder: str, toolchain: dict[str, str | None], md5s: dict[str, str | None]
+        self,
+        builder: str,
+        toolchain: dict[str, str | None],
+        md5s: dict[str, str | None],
+        on_add: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.builder, self.toolchain, self.md5s = builder, toolchain, md5s
         self.env = ledger.environment(os.environ.get(ledger.IMAGE_ENV), toolchain)
         self.all: list[dict[str, Any]] = []
+        self.on_add = on_add  # each record as it is made (offline: kept if the run is cut)
 
     def add(
         self,
@@ -266,6 +358,8 @@ class TaskRecords:
                 "bundle": self.md5s.get(layout.bundle_object(key.kernel)),
             }
         )
+        if self.on_add is not None:
+            self.on_add(self.all[-1])
 
     def infra_failed(self, keys: list[DriverKey], failure: str, message: str) -> None:
         for key in keys:
@@ -299,22 +393,27 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 class ShardRun:
-    """One attempt at one shard. ``store(bucket_name)`` gives the ObjectStore to use."""
+    """One attempt at one shard. ``store(bucket_name)`` gives the ObjectStore to use, or
+    (offline) ``fetcher`` and ``outputs`` say where inputs come from and outputs go."""
 
     def __init__(
         self,
         shard: Shard,
-        store: Callable[[str], Any],
+        store: Callable[[str], Any] | None,
         scratch: Path,
         toolchain: dict[str, str | None] | None = None,
         err: Any = None,
+        *,
+        fetcher: Any = None,
+        outputs: Any = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.shard, self.scratch = shard, scratch
-        self.work = store(shard.work)
+        self.work = outputs if outputs is not None else store(shard.work)  # type: ignore[misc]
         self.timings = dict.fromkeys(TIMINGS, 0.0)
-        self.inputs = Inputs(shard, store, scratch, self.timings)
+        self.inputs = Inputs(shard, fetcher or StoreFetcher(store), scratch, self.timings)  # type: ignore[arg-type]
         toolchain = toolchain if toolchain is not None else toolchain_versions()
-        self.tasks = TaskRecords(shard.builder, toolchain, self.inputs.md5s)
+        self.tasks = TaskRecords(shard.builder, toolchain, self.inputs.md5s, on_record)
         self.err = err if err is not None else sys.stderr
         self.data_error = False  # a missing/corrupt input: exit 65 at the end
         self.completed = False  # every kernel was attempted
@@ -343,13 +442,12 @@ class ShardRun:
 
     def run_kernel(self, kernel: str, keys: list[DriverKey]) -> None:
         """Every task of one kernel: markers first, then one bundle for the builds."""
-        supported = ebpf_supported(parse_kernel(kernel))
         to_build = []
         for key in keys:
-            if key.kind == "bpf" and not supported:
-                self._stage(key, key.unavail_name(), b"", time.perf_counter(), "unavailable")
-            else:
+            if needs_bundle(key):
                 to_build.append(key)
+            else:
+                self._stage(key, key.unavail_name(), b"", time.perf_counter(), "unavailable")
         if not to_build:
             return
         try:
@@ -459,6 +557,7 @@ def shard_record(
         "kernels": len(shard.by_kernel()),
         "tasks": len(shard.tasks),
         "counts": _counts(run.records) if run else {},
+        "sandbox": sandbox(),
         "started": started,
         "finished": _now(),
     }
@@ -481,6 +580,7 @@ def _unusable_shard_record(run_id: str, builder: str, index: int, error: str) ->
         "kernels": 0,
         "tasks": 0,
         "counts": {},
+        "sandbox": sandbox(),
         "started": _now(),
         "finished": _now(),
     }
@@ -502,15 +602,19 @@ def write_results(
         return False
 
 
-def _print_summary(shard: Shard, final: dict[str, Any], err: Any) -> None:
+def print_summary(shard: Shard, final: dict[str, Any], err: Any) -> None:
+    """The shard's last line in its log: counts, times, exit status, and its sandbox."""
     counts = ", ".join(f"{n} {s}" for s, n in final["counts"].items()) or "none"
     error = final["error"]
     print(
         f"shard {shard.builder}-{shard.index:04d} of {shard.run_id}: {final['status']}, "
         f"{final['tasks']} tasks on {final['kernels']} kernels ({counts}) "
         f"in {final['measured_s']:.1f} s (fetch {final['fetch_s']:.1f}, "
-        f"extract {final['extract_s']:.1f}, build {final['build_s']:.1f}), "
-        f"exit {final['exit_status']}" + (f": {error}" if error else ""),
+        f"extract {final['extract_s']:.1f}, build {final['build_s']:.1f}, "
+        f"upload {final['upload_s']:.1f}), "
+        f"exit {final['exit_status']}"
+        + (f": {error}" if error else "")
+        + f"; {SANDBOXES[final.get('sandbox') or 'none']}",
         file=err,
     )
 
@@ -537,13 +641,53 @@ def build_shard(
         *(run.records if run else []),
         shard_record(shard, run, status, error, started, started_s),
     ]
-    _print_summary(shard, records[-1], err)
+    print_summary(shard, records[-1], err)
     written = write_results(
         store(shard.work), shard.run_id, shard.builder, shard.index, records, err
     )
     if not written and status == EX_OK:
         status = EX_TEMPFAIL  # the DAG learns nothing from a shard without results
     return status, records
+
+
+def build_shard_offline(folder: Path, err: Any = None) -> int:
+    """Run one shard from a work folder the worker staged (``--offline``: no storage, no
+    network): the shard file and its inputs in, the objects to upload and the records out
+    (``out/records.jsonl``, one line per task as it ends, the shard record last), for the
+    worker to upload (:mod:`drivers.build.sandbox`). Temporary files stay in the folder
+    too: it is the only place a sandboxed build may write. The exit status as
+    ``--shard``'s."""
+    err = err if err is not None else sys.stderr
+    started, started_s = _now(), time.perf_counter()
+    tmp = folder / "tmp"
+    tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(tmp)  # gcc, kbuild's mktemp, Python: never /tmp
+    tempfile.tempdir = None
+    manifest = json.loads((folder / STAGED_MANIFEST).read_text())
+    shard = Shard.from_json((folder / STAGED_SHARD).read_bytes(), manifest["uri"])
+    (folder / OUTPUTS).mkdir(exist_ok=True)
+    run: ShardRun | None = None
+    with open(folder / OUTPUTS / RECORDS, "a") as out:
+
+        def record(r: dict[str, Any]) -> None:
+            out.write(json.dumps(r) + "\n")
+            out.flush()
+
+        with _sigterm_raises(), scratch_dir(folder) as scratch:
+            try:
+                fetcher = StagedFetcher(folder, manifest["objects"])
+                run = ShardRun(
+                    shard, None, scratch, err=err, fetcher=fetcher,
+                    outputs=FolderOutputs(folder), on_record=record,
+                )  # fmt: skip
+                status, error = run.run()
+            except (Exception, Terminated) as e:  # before the first kernel
+                stopped = _stopping(e)
+                status, error = stopped.exit_status, str(stopped)
+        final = shard_record(shard, run, status, error, started, started_s)
+        record(final)
+    print_summary(shard, final, err)
+    return status
 
 
 @contextlib.contextmanager
@@ -578,7 +722,10 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def cmd_build_shard(args: argparse.Namespace) -> int:
-    """``drivers build-shard --shard gs://…``: prints where the results are on stdout."""
+    """``drivers build-shard --shard gs://…``: prints where the results are on stdout.
+    ``--offline DIR``: the shard a worker staged into DIR (a sandboxed container)."""
+    if args.offline:
+        return build_shard_offline(Path(args.offline))
     from drivers.store.storage import ObjectStore, client_from_environment, parse_gs_uri
 
     bucket, name = parse_gs_uri(args.shard)
@@ -593,7 +740,7 @@ def cmd_build_shard(args: argparse.Namespace) -> int:
                     stores[bucket_name] = ObjectStore(client, bucket_name)
                 return stores[bucket_name]
 
-            shard = _read_shard(store(bucket), name, args.shard)
+            shard = read_shard(store(bucket), name, args.shard)
             if shard is None:
                 return EX_DATAERR
             status, _records = build_shard(shard, store, workdir)
@@ -609,7 +756,7 @@ def cmd_build_shard(args: argparse.Namespace) -> int:
             return stopped.exit_status
 
 
-def _read_shard(store: Any, name: str, uri: str) -> Shard | None:
+def read_shard(store: Any, name: str, uri: str) -> Shard | None:
     """The shard file, or None when it is missing or malformed (reported by _bad_shard)."""
     from drivers.store.storage import ObjectNotFound
 

@@ -34,13 +34,29 @@ POD_DEFAULTS: dict[str, Any] = {
     "active_deadline_seconds": 6 * 3600,  # shards are planned to half of it (planner)
     "resources": {"cpu": "1", "memory": "2Gi"},
     "node_selector": {},
+    # Where builder pods may connect (their NetworkPolicy, `drivers deploy network-policy`;
+    # DNS always): Google APIs through Private Google Access (private.googleapis.com; the
+    # VPC's DNS maps *.googleapis.com there, restricted.googleapis.com is 199.36.153.4/30),
+    # and the GKE metadata server that hands out workload identity's tokens.
+    "egress": {
+        "google_apis": ["199.36.153.8/30"],
+        "metadata_server": ["169.254.169.254/32", "169.254.169.252/32"],
+        "metadata_ports": [80, 988],
+    },
 }
 
 
-# Builder containers (runtime "docker"); the config's [docker] table overrides these.
+# Builder containers (runtime "docker", drivers.build.sandbox); the config's [docker]
+# table overrides these. A container always runs without network, read-only, as uid
+# 1000, with the builder's cpu and memory (its `resources` over [kubernetes] resources):
+# none of that is a setting.
 DOCKER_DEFAULTS: dict[str, Any] = {
     "url": "unix:///var/run/docker.sock",  # DOCKER_HOST, when set, wins (as for docker)
-    "network_mode": "bridge",  # "host" reaches an emulator on the host's 127.0.0.1
+    # A shard's container is killed past this (its unfinished tasks recorded, the task
+    # retried), as a pod past active_deadline_seconds; the planner cuts shards to half.
+    "time_limit_s": POD_DEFAULTS["active_deadline_seconds"],
+    "pids_limit": 4096,  # processes in the container (kbuild -jN, the 8.x configure probes)
+    "workdir": "",  # where the shards' work folders are made on the worker ("": temp dir)
 }
 
 
@@ -242,6 +258,22 @@ def _positive_table(name: str, table: dict[str, Any], defaults: dict[str, int]) 
     return merged
 
 
+def _docker(table: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(table) - set(DOCKER_DEFAULTS)
+    if unknown:
+        raise ConfigError(
+            f"docker: unknown key(s) {sorted(unknown)}; known: {list(DOCKER_DEFAULTS)} "
+            "(a builder container never has network: network_mode is not a setting)"
+        )
+    merged = DOCKER_DEFAULTS | table
+    _integer(merged["time_limit_s"], "docker.time_limit_s", 1)
+    _integer(merged["pids_limit"], "docker.pids_limit", 64)
+    for key in ("url", "workdir"):
+        if not isinstance(merged[key], str):
+            raise ConfigError(f"docker.{key} must be a string, not {merged[key]!r}")
+    return merged
+
+
 def _parse(path: Path, data: dict[str, Any]) -> Config:
     versions = data.get("driver_versions", [])
     for v in versions:
@@ -336,7 +368,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Config:
         CPAAS_DEFAULTS | data.get("cpaas", {}),
         vm_tests,
         _schedules(data.get("schedules", {})),
-        DOCKER_DEFAULTS | data.get("docker", {}),
+        _docker(data.get("docker", {})),
         quarantine_after=_integer(data.get("quarantine_after", 3), "quarantine_after", 0),
         backfill=_positive_table("backfill", data.get("backfill", {}), BACKFILL_DEFAULTS),
         claims=_positive_table("claims", data.get("claims", {}), CLAIMS_DEFAULTS),

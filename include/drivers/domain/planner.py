@@ -232,7 +232,10 @@ def max_shard_s(config: Config) -> float:
     (``active_deadline_seconds``). A shard the deadline cuts is retried and cut again, so
     a large backfill on few slots must become more shards (queued in the pool), not
     longer ones; half, because the costs are estimates and a busy node is slower (the
-    8.1.0 module took 22 s on a quiet 2-core machine and 96 s on a busy one)."""
+    8.1.0 module took 22 s on a quiet 2-core machine and 96 s on a busy one). On the
+    docker runtime the container's time limit plays the deadline's part."""
+    if config.runtime == "docker":
+        return config.docker["time_limit_s"] / 2
     return config.kubernetes["active_deadline_seconds"] / 2
 
 

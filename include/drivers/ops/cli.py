@@ -379,7 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_lazy("drivers.build.sources", "cmd_sources"))
 
     p = sub.add_parser("build-shard", help="build one shard (what a builder image runs)")
-    p.add_argument("--shard", required=True, help="gs://WORK/staging/<run>/shards/<b>-<i>.json")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--shard", help="gs://WORK/staging/<run>/shards/<b>-<i>.json")
+    where.add_argument(
+        "--offline",
+        metavar="DIR",
+        help="the shard a worker staged into DIR, outputs left there (a sandboxed container)",
+    )
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
     p.set_defaults(func=_lazy("drivers.build.shard_run", "cmd_build_shard"))
 
@@ -452,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     from drivers.ops.costs import add_parser as add_costs_parser
 
     add_costs_parser(sub)  # drivers costs: [costs] calibrated from the build records
+
+    from drivers.ops.deploy import add_parser as add_deploy_parser
+
+    add_deploy_parser(sub)  # drivers deploy network-policy
 
     return parser
 
