@@ -27,7 +27,7 @@ DEMO_SOURCES ?= stackrox-falcosecurity-libs-2.3.0.tar.gz=2.3.0 \
 DEMO_MAX_FAILURES ?= 4
 
 .PHONY: setup run run-cpaas ui test lint bench bench-nightly bench-listing bench-cpaas bench-vmtest \
-        bench-scheduler gcs-up gcs-down
+        bench-scheduler gcs-up gcs-down docker-up
 .PHONY: bench-coverage bench-why
 
 setup: $(STAMP)
@@ -43,6 +43,17 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 gcs-up: setup
 	$(BIN)/drivers gcs up --port $(GCS_PORT)
 
+# The embedded default's own config (Debian releases as builders, runtime "docker": each
+# shard sandboxed in its release's builder image) for what runs the embedded pipeline;
+# the tests choose their own. The Docker API is podman's, on a socket in .cache/podman/.
+EMBEDDED_CONFIG := $(CURDIR)/include/drivers/config/embedded.toml
+PODMAN_SOCK := $(CURDIR)/.cache/podman/podman.sock
+run run-cpaas ui bench-sandbox: export DRIVERS_CONFIG ?= $(EMBEDDED_CONFIG)
+run run-cpaas ui: export DOCKER_HOST ?= unix://$(PODMAN_SOCK)
+
+docker-up: setup
+	@scripts/podman-service.sh >/dev/null
+
 gcs-down: setup
 	$(BIN)/drivers gcs down
 
@@ -51,7 +62,7 @@ gcs-down: setup
 # shards, then every new driver loaded in its own kernel under QEMU), then its summary.
 # A second run builds nothing and boots no VM.
 # (The JSON those commands print for machines is dropped; their stderr says what they did.)
-run: gcs-up
+run: gcs-up docker-up images
 	$(BIN)/drivers bundle debian $(DEMO_KERNELS) --upload gs://collector-bundles \
 	    --boot-images gs://collector-kernel-images >/dev/null
 	for s in $(DEMO_SOURCES); do $(BIN)/drivers sources prepare "$(DRIVER_SOURCES)/$${s%=*}" \
@@ -63,14 +74,14 @@ run: gcs-up
 # through one real cpaas_drivers run. The first run must fail on its compile failure
 # (after pushing and packaging); the second passes (a third would say "unchanged").
 CPAAS_IMAGES := $(CURDIR)/.cache/cpaas
-run-cpaas: gcs-up
+run-cpaas: gcs-up docker-up
 	$(BIN)/drivers image demo --out $(CPAAS_IMAGES) >/dev/null
 	! $(BIN)/drivers run-dag cpaas_drivers \
 	    --conf '{"source_image": "$(CPAAS_IMAGES)/with-failures.tar"}'
 	$(BIN)/drivers run-dag cpaas_drivers --conf '{"source_image": "$(CPAAS_IMAGES)/fixed.tar"}'
 
 # The embedded default's Airflow UI with the driver coverage page, until Ctrl-C.
-ui: gcs-up
+ui: gcs-up docker-up
 	$(BIN)/drivers ui
 
 # DRIVERS_REQUIRE_ALL: a test skipped for a missing host tool fails instead (tests/conftest.py).
@@ -130,6 +141,11 @@ bench-vmtest: setup
 # ~5 min: the no-op run through the real scheduler (PostgreSQL) and through `dags test`.
 bench-scheduler: setup
 	$(BIN)/python bench/bench_scheduler.py
+
+# ~5 min: a shard in its sandboxed container against the same shard on the host.
+.PHONY: bench-sandbox
+bench-sandbox: setup
+	$(BIN)/python bench/bench_sandbox.py
 
 # ~1 min: the coverage page with 10,000 kernels x 5 versions, first render in chromium.
 bench-coverage: setup

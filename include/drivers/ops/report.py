@@ -96,6 +96,11 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=N
             log = report_prefix(run_id) + (failure.get("log") or "").removeprefix(staged)
             if log in kept:
                 print(f"      log: gs://{work.bucket_name}/{log}", file=out)
+    sandboxes = sorted({s.get("sandbox") or "none" for s in (build or {}).get("shards", [])})
+    if sandboxes:  # what confined the builds; the local runtime: nothing (development only)
+        from drivers.build.shard_run import SANDBOXES
+
+        print("  builders: " + "; ".join(SANDBOXES.get(s, s) for s in sandboxes), file=out)
     _print_suggestions((doc.get("steps", {}).get("record_ledger") or {}), out)
     calibration = [c for c in (build or {}).get("calibration", []) if c.get("measured_s")]
     if calibration:
