@@ -60,6 +60,20 @@ def bundle(kernel: str) -> Path:
     return path
 
 
+def _parts(records: list[dict]) -> dict[str, float]:
+    """A shard's split of its time, and each task's build (kind/version)."""
+    final = records[-1]
+    parts = {k: final.get(k) or 0.0 for k in ("fetch_s", "extract_s", "build_s", "upload_s",
+                                               "container_s")}  # fmt: skip
+    for r in records[:-1]:
+        parts[f"{r['driver_version']} {r['kind']}"] = r["duration_s"]
+    return parts
+
+
+def _medians(parts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(statistics.median(p[k] for p in parts), 2) for k in parts[0]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -116,7 +130,7 @@ def main() -> int:
                           time_limit_s=3600, labels={"app": "collector-drivers",
                           "bench": "sandbox"}, workdir=tmp / "work")  # fmt: skip
         for label, tasks in shards.items():
-            host_s, sandbox_s, parts = [], [], []
+            host_s, sandbox_s, parts, host_parts = [], [], [], []
             for run in range(args.runs * 2):
                 which = ("host", "sandbox")[(run + run // 2) % 2]  # host first every other pair
                 uri = shard_file(label, tasks, f"{label}-{which}-{run}")
@@ -127,6 +141,12 @@ def main() -> int:
                     done = subprocess.run(command, env=env, capture_output=True, text=True)
                     assert done.returncode == 0, done.stderr[-2000:]
                     host_s.append(time.perf_counter() - started)
+                    results_name = layout.shard_results_object(
+                        f"{label}-{which}-{run}", "bookworm", 0
+                    )
+                    lines = work.download(results_name).decode().splitlines()
+                    records = [json.loads(line) for line in lines]
+                    host_parts.append(_parts(records))
                 else:
                     with open(os.devnull, "w") as quiet:
                         status, records = build_shard_sandboxed(
@@ -135,8 +155,7 @@ def main() -> int:
                     assert status == 0, records[-1]
                     assert records[-1]["counts"] == {"built": len(tasks)}, records[-1]
                     sandbox_s.append(time.perf_counter() - started)
-                    final = records[-1]
-                    parts.append({k: final[k] for k in ("fetch_s", "container_s", "upload_s")})
+                    parts.append(_parts(records))
                 print(f"{label} {which} run {run // 2 + 1}: {time.perf_counter() - started:.2f} s")
             host, boxed = statistics.median(host_s), statistics.median(sandbox_s)
             results[label] = {
@@ -146,9 +165,8 @@ def main() -> int:
                 "host_median_s": round(host, 2),
                 "sandbox_median_s": round(boxed, 2),
                 "ratio": round(boxed / host, 3),
-                "sandbox_parts_median_s": {
-                    k: round(statistics.median(p[k] for p in parts), 2) for k in parts[0]
-                },
+                "host_parts_median_s": _medians(host_parts),
+                "sandbox_parts_median_s": _medians(parts),
             }
             print(f"{label}: host {host:.2f} s, sandbox {boxed:.2f} s, ratio {boxed / host:.3f}")
     gcs.stop()

@@ -69,7 +69,8 @@ from drivers.store import ledger
 
 WORK = "/work"  # the work folder inside the container
 USER = "1000:1000"  # the builder images' user (images/*/Dockerfile)
-STATUSES = ("built", "unavailable", "failed", "infra_failed")
+# A task record's statuses (toolchain_mismatch: helper C's toolchain guard, issue 15).
+STATUSES = ("built", "unavailable", "failed", "infra_failed", "toolchain_mismatch")
 MAX_OUTPUT = 512 * 1024 * 1024  # a file the build left larger than this is not read
 TRANSFERS = 8  # parallel downloads and uploads
 TMPFS_SIZE = "64m"  # the container's /tmp (builds use the work folder: TMPDIR)
