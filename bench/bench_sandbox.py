@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--real", action="store_true", help="also the real 2.3.0 module")
     parser.add_argument("--image", help="builder image (default: tests/podman.py's)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cpus", type=float, default=2.0, help="the container's CPU limit")
+    parser.add_argument("--only", help="only this shard (example, real-2.3.0-mod)")
     args = parser.parse_args()
 
     image = args.image or ensure_builder_image(log=print)
@@ -126,10 +128,12 @@ def main() -> int:
 
     results: dict[str, dict] = {}
     with podman_service(tmp) as docker_url:
-        sandbox = Sandbox(image=image, docker_url=docker_url, cpus=2.0, memory="4g",
+        sandbox = Sandbox(image=image, docker_url=docker_url, cpus=args.cpus, memory="4g",
                           time_limit_s=3600, labels={"app": "collector-drivers",
                           "bench": "sandbox"}, workdir=tmp / "work")  # fmt: skip
         for label, tasks in shards.items():
+            if args.only and label != args.only:
+                continue
             host_s, sandbox_s, parts, host_parts = [], [], [], []
             for run in range(args.runs * 2):
                 which = ("host", "sandbox")[(run + run // 2) % 2]  # host first every other pair

@@ -197,7 +197,7 @@ def run_container(
             working_dir=WORK,
             environment=environment,
             labels=sandbox.labels,
-            nano_cpus=int(sandbox.cpus * 1e9),
+            nano_cpus=int(sandbox.cpus * 1e9),  # 0: no limit
             mem_limit=sandbox.memory,
             memswap_limit=sandbox.memory,  # no swap beyond the limit
             pids_limit=sandbox.pids_limit,
