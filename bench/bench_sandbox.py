@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,14 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-sandbox-"))
     gcs = EmbeddedGCS(tmp / "gcs", port=GCS_PORT)
     gcs.ensure_running()
+    try:
+        return _bench(args, image, tmp, gcs)
+    finally:  # also when interrupted: no server, no folder left behind
+        gcs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(args: argparse.Namespace, image: str, tmp: Path, gcs: EmbeddedGCS) -> int:
     os.environ.update(gcs.env())
     client = client_from_environment()
     names = {role: f"bench-sandbox-{role}-{uuid.uuid4().hex[:8]}" for role in
@@ -173,7 +182,6 @@ def main() -> int:
                 "sandbox_parts_median_s": _medians(parts),
             }
             print(f"{label}: host {host:.2f} s, sandbox {boxed:.2f} s, ratio {boxed / host:.3f}")
-    gcs.stop()
     out = {"machine": describe(), "image": image, "runs": args.runs, "shards": results}
     print(json.dumps(out, indent=2))
     if args.json:
