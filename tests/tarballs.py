@@ -31,3 +31,23 @@ def tgz(*members: tuple[str, str | bytes, bytes | str]) -> bytes:
                 info.linkname = payload if isinstance(payload, str) else ""
             tf.addfile(info, io.BytesIO(data) if data is not None else None)
     return buf.getvalue()
+
+
+def rewritten(archive, edit) -> bytes:
+    """A copy of the .tgz ``archive`` (a path) where ``edit(name, data)`` gives each
+    regular file's new bytes (``name`` without a leading ./); gzip level 1, quick."""
+    import gzip
+
+    out = io.BytesIO()
+    with (
+        tarfile.open(archive, "r:gz") as src,
+        gzip.GzipFile(fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz,
+        tarfile.open(fileobj=gz, mode="w") as dst,
+    ):
+        for member in src:
+            data = src.extractfile(member).read() if member.isreg() else None
+            if data is not None:
+                data = edit(member.name.removeprefix("./"), data)
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()

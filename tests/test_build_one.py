@@ -33,6 +33,7 @@ from tarballs import tgz
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-56-amd64"
+KERNEL_COMPILER = "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"  # its .config's CC_VERSION_TEXT
 CACHE = REPO / ".cache/builder-tests"
 # The real trees (tests/real_sources.py will name this folder once it lands on main).
 
@@ -113,6 +114,7 @@ def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(
             "kernel": KERNEL,
             "driver_version": "2.3.0",
             "kind": key.kind,
+            "builder": "fc36",  # the shipped config's route for 6.1 kernels
             "status": "built",
             "object": str(out / cache_file_name(key)),
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -120,6 +122,8 @@ def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(
             "failure": None,
             "message": "",
             "log": None,
+            # the toolchain guard read it from the bundle's .config and let gcc-12 build
+            "kernel_compiler": KERNEL_COMPILER,
         }
         assert line["seconds"] > 1  # a real compile, not a cached object
         assert verify_driver(key, data, unavailable=False) == []
