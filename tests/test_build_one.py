@@ -30,7 +30,7 @@ from drivers.domain.toolchain import TOOLCHAIN_MISMATCH, parse_compiler
 from drivers.domain.verify import elf_sections, read_modinfo, verify_driver
 from drivers.ops.cli import main
 from example_sources import EXAMPLE_SOURCES
-from tarballs import rewritten, tgz
+from tarballs import rewritten, tgz, without_common_tree
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-56-amd64"
@@ -173,7 +173,7 @@ def test_a_kernel_built_by_another_gcc_major_is_refused_and_exits_1(bundle, tmp_
         return data
 
     edited = tmp_path / layout.bundle_object(KERNEL)
-    edited.write_bytes(rewritten(bundle, edit))
+    edited.write_bytes(rewritten(bundle, edit, without_common_tree))
     sources = package_sources(EXAMPLE_SOURCES / "2.3.0", tmp_path / "sources")
     out = tmp_path / "out"
 

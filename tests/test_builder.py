@@ -39,7 +39,7 @@ from drivers.domain.verify import elf_sections, read_vermagic, verify_driver
 from drivers.ops.cli import main
 from drivers.store.storage import ObjectStore
 from example_sources import EXAMPLE_SOURCES
-from tarballs import rewritten, tgz
+from tarballs import rewritten, tgz, without_common_tree
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-47-cloud-amd64"
@@ -98,7 +98,7 @@ def gcc10_bundle(real_bundle: Path) -> bytes:
         assert n == 1
         return edited
 
-    return rewritten(real_bundle, edit)
+    return rewritten(real_bundle, edit, without_common_tree)
 
 
 def fake_bundle(uname: str | None, *extra: tuple[str, str, bytes | str]) -> bytes:
