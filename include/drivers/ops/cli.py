@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle-<kernel>.tgz or gs://BUCKET/OBJECT")
     p.add_argument("--out", required=True, help="folder for the drivers (cache names) and logs")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument(
+        "--builder", default=None, help="the builder to build as (default: the kernel's route)"
+    )
     p.set_defaults(func=_lazy("drivers.build.one_kernel", "cmd_build"))
 
     p = sub.add_parser(
