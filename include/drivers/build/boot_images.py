@@ -12,7 +12,14 @@ import lzma
 from collections.abc import Sequence
 from pathlib import Path
 
-from drivers.build.debian import DebianError, Dependency, deb_members, fetch_deb
+from drivers.build.debian import (
+    IMAGE_PREFIX,
+    DebianArchive,
+    DebianError,
+    Dependency,
+    deb_members,
+    fetch_deb,
+)
 from drivers.domain import layout
 from drivers.domain.errors import DriversError
 from drivers.domain.verify import read_modinfo
@@ -46,9 +53,14 @@ def module_closure(wanted: Sequence[str], depends: dict[str, list[str]]) -> list
 
 
 def debian_boot_image(
-    uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+    uname: str,
+    deb_cache: Path,
+    out_dir: Path,
+    modules: Sequence[str] = (),
+    archive: DebianArchive | None = None,
 ) -> Path | None:
-    """``vmlinuz`` of Debian's ``linux-image-<uname>`` (from the .deb cache, else apt),
+    """``vmlinuz`` of Debian's ``linux-image-<uname>`` (from the .deb cache, else from
+    the release that offers it, :func:`drivers.build.debian.fetch_deb`),
     extracted to ``out_dir/<uname>/vmlinuz``, and the ``modules`` drivers may depend on
     (with their own dependencies) as plain ``.ko`` files under
     ``out_dir/<uname>/modules/``; None when Debian has no such package."""
@@ -57,7 +69,7 @@ def debian_boot_image(
     if target.is_file() and not modules:
         return target
     try:
-        deb, _ = fetch_deb(Dependency(f"linux-image-{uname}"), deb_cache)
+        deb, _ = fetch_deb(Dependency(IMAGE_PREFIX + uname), deb_cache, archive)
     except DebianError:
         return None
     tree = f"./lib/modules/{uname}/kernel/"
@@ -90,12 +102,17 @@ def debian_boot_image(
 
 
 def publish_boot_image(
-    store: ObjectStore, uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+    store: ObjectStore,
+    uname: str,
+    deb_cache: Path,
+    out_dir: Path,
+    modules: Sequence[str] = (),
+    archive: DebianArchive | None = None,
 ) -> str:
     """Put Debian's kernel image for ``uname``, and the ``modules`` drivers may depend on,
     in the kernel-images bucket (never overwriting); returns what happened to the image:
     created, identical, different or absent."""
-    image = debian_boot_image(uname, deb_cache, out_dir, modules)
+    image = debian_boot_image(uname, deb_cache, out_dir, modules, archive)
     if image is None:
         return "absent"
     tree = image.parent / "modules"
