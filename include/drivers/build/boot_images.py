@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from drivers.build.debian import (
+    DISTRO,
     IMAGE_PREFIX,
     DebianArchive,
     DebianError,
@@ -22,6 +23,7 @@ from drivers.build.debian import (
 )
 from drivers.domain import layout
 from drivers.domain.errors import DriversError
+from drivers.domain.kernels import parse_kernel
 from drivers.domain.verify import read_modinfo
 from drivers.store.storage import ObjectNotFound, ObjectStore
 
@@ -68,6 +70,8 @@ def debian_boot_image(
     target = folder / "vmlinuz"
     if target.is_file() and not modules:
         return target
+    if parse_kernel(uname).family != DISTRO:
+        return None  # no release to ask
     try:
         deb, _ = fetch_deb(Dependency(IMAGE_PREFIX + uname), deb_cache, archive)
     except DebianError:
