@@ -298,9 +298,18 @@ def test_a_suites_private_apt_never_touches_the_hosts(tmp_path: Path) -> None:
         assert settings[key].startswith(str(apt.dir)), (key, settings[key])
     assert settings["Dir::Etc::sourceparts"] == "-"
     assert "Post-Invoke" not in dump  # the host's apt.conf.d hooks are not read
-    assert host_apt_snapshot() == before
-    # Fresh lists are not fetched again.
+    # Fresh lists are not fetched again, but --refresh fetches them once.
     assert not apt.update(max_age=3600)
+    stamp = apt.stamp.stat().st_mtime_ns
+    again = DebianArchive(tmp_path / "apt", refresh=True, suites=archive.suites)
+    assert again.ready() and apt.stamp.stat().st_mtime_ns > stamp
+    again.ready()
+    assert apt.stamp.stat().st_mtime_ns == (stamp := apt.stamp.stat().st_mtime_ns)
+    # A suite the mirror does not serve is reported, not fatal.
+    missing = DebianArchive(tmp_path / "apt", suites=[debian.Suite("no-such-suite", "trixie")])
+    assert missing.ready() == [] and "no-such-suite" in missing.unreachable
+    assert "no-such-suite (unreachable)" in missing.searched()
+    assert host_apt_snapshot() == before
 
 
 def test_list_prints_every_release_s_kernels_each_of_its_series(

@@ -47,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cmp_to_key
+from functools import cache, cmp_to_key
 from pathlib import Path
 from typing import IO
 
@@ -210,6 +210,7 @@ def host_mirrors(paths: Iterable[str] = SOURCES_FILES) -> dict[str, str]:
     return mirrors
 
 
+@cache
 def _host_proxy_settings() -> str:
     """The host's apt proxy lines (the only host setting a private configuration keeps)."""
     try:
@@ -393,7 +394,6 @@ class DebianArchive:
     max_age: float = REFRESH_AGE
     mirrors: dict[str, str] = field(default_factory=host_mirrors)
     suites: Sequence[Suite] = SUITES
-    log: IO[str] | None = field(default=sys.stderr, repr=False)
     unreachable: dict[str, str] = field(default_factory=dict, init=False)
     _apts: dict[str, AptSuite] = field(default_factory=dict, init=False, repr=False)
     _ready: set[str] = field(default_factory=set, init=False, repr=False)
@@ -405,8 +405,7 @@ class DebianArchive:
         return self._apts[suite.name]
 
     def _say(self, text: str) -> None:
-        if self.log is not None:
-            print(text, file=self.log)
+        print(text, file=sys.stderr)
 
     def ready(self, release: str | None = None) -> list[AptSuite]:
         """The suites (of ``release``, or all) whose lists are usable, updated as needed;
