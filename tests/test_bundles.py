@@ -383,12 +383,15 @@ def test_bullseye_and_trixie_bundles_are_made_from_their_own_release(
 
 
 def test_a_boot_image_comes_from_the_kernels_release(
-    release_bundles: dict[str, dict], deb_cache: Path
+    release_bundles: dict[str, dict], deb_cache: Path, tmp_path: Path
 ) -> None:
-    uname = release_bundles["bullseye"]["uname"]
-    image = debian_boot_image(uname, deb_cache, REPO / ".cache" / "kernel-images")
+    """trixie's: its package keeps modules in /usr/lib/modules (merged /usr)."""
+    uname = release_bundles["trixie"]["uname"]
+    image = debian_boot_image(uname, deb_cache, tmp_path, modules=["crc8"])
     assert image is not None and image.read_bytes()[0x202:0x206] == b"HdrS"  # a bzImage
-    assert debian.cached_debs(f"linux-image-{uname}", deb_cache, "bullseye")
+    assert debian.cached_debs(f"linux-image-{uname}", deb_cache, "trixie")
+    crc8 = image.parent / "modules" / "lib" / "crc8.ko"
+    assert crc8.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_upload_never_overwrites(
