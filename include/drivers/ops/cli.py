@@ -302,9 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bundle", help="make kernel bundles")
     p.add_argument("source", choices=["debian"], help="where the kernel headers come from")
-    p.add_argument("unames", nargs="+", metavar="UNAME", help="e.g. 6.1.0-47-cloud-amd64")
+    p.add_argument("unames", nargs="*", metavar="UNAME", help="e.g. 6.1.0-47-cloud-amd64")
+    p.add_argument(
+        "--list", action="store_true", help="print every kernel each Debian release offers"
+    )
     p.add_argument("--out", default=".cache/bundles", help="folder for bundle-<uname>.tgz")
     p.add_argument("--deb-cache", default=".cache/debs", help="downloaded .deb packages")
+    p.add_argument(
+        "--apt-state",
+        help="private apt state per suite (default: beside --deb-cache, e.g. .cache/apt)",
+    )
+    p.add_argument(
+        "--refresh", action="store_true", help="apt-get update every suite's lists first"
+    )
     p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
     p.add_argument(
         "--boot-images", metavar="gs://BUCKET", help="also store each kernel's boot image there"
