@@ -1,10 +1,10 @@
 """`drivers build KERNEL`: one kernel's drivers on this machine, through the shard's code.
 
-One module-scoped fixture runs the real builds on Debian's 6.1.0-56-amd64 (~28 s on a
-busy 2-core machine): the collector's real 2.3.0 kernel module and eBPF probe (exit 0),
-and the example module made not to compile (exit 1, one more bundle extraction and a
-short compile). Bad inputs (exit 2) are refused before anything builds: tiny archives,
-no compiler. Plus the first-error rule on excerpts of real 8.1.0 build logs.
+The session's one real build (tests/conftest.py, shared with the VM tests) is checked
+here as the command: the collector's real 2.3.0 kernel module and eBPF probe on Debian's
+6.1.0-56-amd64 (exit 0); and the example module made not to compile (exit 1, one more
+bundle extraction and a short compile). Bad inputs (exit 2) are refused before anything
+builds: tiny archives, no compiler. Plus the first-error rule on excerpts of real 8.1.0 build logs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-import real_sources
 from drivers.build.bundles import write_tgz
 from drivers.build.compile import first_error, tool_version
 from drivers.build.one_kernel import cache_file_name, log_file_name
@@ -35,22 +34,14 @@ from tarballs import rewritten, tgz, without_common_tree
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-56-amd64"
 KERNEL_COMPILER = "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"  # its .config's CC_VERSION_TEXT
-CACHE = REPO / ".cache/builder-tests"
-# The real trees (tests/real_sources.py will name this folder once it lands on main).
 
 
 # --- inputs ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def bundle() -> Path:
-    """bundle-6.1.0-56-amd64.tgz from Debian's header packages (cached)."""
-    from drivers.build import bundles
-
-    path = CACHE / layout.bundle_object(KERNEL)
-    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
-        bundles.make_debian_bundle(KERNEL, CACHE, REPO / ".cache/debs")
-    return path
+def bundle(debian_6_1_bundle) -> Path:
+    return debian_6_1_bundle
 
 
 def build(*args: str) -> list[str]:
@@ -72,38 +63,31 @@ def run_build(argv: list[str]) -> tuple[int, list[dict], str]:
 
 
 @pytest.fixture(scope="module")
-def real_builds(bundle, tmp_path_factory) -> dict:
-    """Two `drivers build` runs on 6.1.0-56-amd64: the real 2.3.0 sources, both kinds;
-    the example sources with a module that does not compile, the module only."""
-    tmp = tmp_path_factory.mktemp("real-builds")
-    real = real_sources.prepared("2.3.0", tmp / "real")
+def broken_build(bundle, tmp_path_factory) -> tuple:
+    """`drivers build` of the example sources with a module that does not compile, the
+    module only (one more bundle extraction and a short compile)."""
+    tmp = tmp_path_factory.mktemp("broken-build")
     broken = tmp / "broken" / "2.3.0"
     shutil.copytree(EXAMPLE_SOURCES / "2.3.0", broken)
     source = broken / "module/collector.c"
     source.write_text(source.read_text() + "\nstatic int oops = undeclared_thing;\n")
     broken_tgz = package_sources(broken, tmp / "broken-tgz")
-    common = ["--driver-version", "2.3.0", "--bundle", str(bundle)]
-    return {
-        "real": (
-            *run_build(
-                build(KERNEL, *common, "--sources", str(real), "--out", str(tmp / "out"))
-                + ["--workdir", str(tmp / "work")]
-            ),
-            tmp / "out",
-            tmp / "work",
-        ),
-        "broken": (
-            *run_build(
-                build(KERNEL, *common, "--kinds", "mod", "--sources", str(broken_tgz))
-                + ["--out", str(tmp / "broken-out")]
-            ),
-            tmp / "broken-out",
-        ),
-    }
+    argv = build(KERNEL, "--driver-version", "2.3.0", "--bundle", str(bundle), "--kinds", "mod")
+    return (
+        *run_build(argv + ["--sources", str(broken_tgz), "--out", str(tmp / "out")]),
+        tmp / "out",
+    )
 
 
-def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(real_builds):
-    status, lines, stderr, out, work = real_builds["real"]
+def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(real_build):
+    """The session's shared real build (tests/conftest.py), checked as the command."""
+    status, lines, stderr, out, work = (
+        real_build.status,
+        real_build.lines,
+        real_build.stderr,
+        real_build.out,
+        real_build.work,
+    )
     assert status == 0, stderr
     mod, bpf = DriverKey(KERNEL, "2.3.0", "mod"), DriverKey(KERNEL, "2.3.0", "bpf")
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -143,8 +127,8 @@ def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(
     assert not list(work.iterdir())  # the scratch is gone
 
 
-def test_a_compile_failure_exits_1_with_its_first_error_and_log(real_builds):
-    status, lines, stderr, out = real_builds["broken"]
+def test_a_compile_failure_exits_1_with_its_first_error_and_log(broken_build):
+    status, lines, stderr, out = broken_build
     assert status == 1
     (line,) = lines
     log = out / log_file_name(DriverKey(KERNEL, "2.3.0", "mod"))
