@@ -107,6 +107,59 @@ def test_every_builder_dockerfile_ends_with_the_same_tail():
     assert instructions[-1] == 'CMD ["--help"]'
 
 
+# --- stale or up to date -----------------------------------------------------------------
+
+
+def test_a_builder_images_inputs_hash_follows_its_inputs_and_nothing_else(tmp_path, monkeypatch):
+    import shutil
+
+    for name in (*images.IMAGE_INPUTS, *images.IMAGE_INPUT_TREES):
+        source, copy = REPO / name, tmp_path / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, copy)
+    monkeypatch.setattr(images, "REPO", tmp_path)
+    first = images.inputs_hash("bookworm", "sha256:base")
+    assert images.inputs_hash("bookworm", "sha256:base") == first
+    assert images.inputs_hash("trixie", "sha256:base") != first  # the release
+    assert images.inputs_hash("bookworm", "sha256:other") != first  # the base image
+    (tmp_path / "include/drivers/__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "include/drivers/__pycache__/x.cpython-311.pyc").write_bytes(b"\0")
+    assert images.inputs_hash("bookworm", "sha256:base") == first  # not an input
+    script = tmp_path / "images/builder-debian/packages.sh"
+    script.write_text(script.read_text() + "# a change\n")
+    changed = images.inputs_hash("bookworm", "sha256:base")
+    assert changed != first
+    script.chmod(0o644)
+    assert images.inputs_hash("bookworm", "sha256:base") != changed  # its mode too
+    code = tmp_path / "include/drivers/domain/kernels.py"
+    code.write_text(code.read_text() + "\n")
+    assert images.inputs_hash("bookworm", "sha256:base") not in (first, changed)
+
+
+def test_drivers_images_build_refuses_a_release_it_has_no_image_for(capsys):
+    from drivers.ops.cli import main
+
+    assert main(["images", "build", "buster"]) == 2
+    err = capsys.readouterr().err
+    assert "no Debian builder image for release 'buster'" in err
+    assert "bullseye, bookworm, trixie" in err
+
+
+@needs_podman
+def test_drivers_images_build_reuses_images_that_are_up_to_date(builder_images, capsys):
+    from drivers.ops.cli import main
+
+    started = time.monotonic()
+    assert main(["images", "build"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == list(builder_images.values())
+    assert all(": up to date in " in line for line in lines), lines
+    assert time.monotonic() - started < 20  # a stale check, no build
+
+
 # --- the pod's command in each Debian image --------------------------------------------------
 
 
@@ -162,8 +215,9 @@ def podman_run_as_kubernetes(pod: dict) -> list[str]:
     for var in container.get("env") or []:
         run += ["--env", f"{var['name']}={var.get('value', '')}"]
     security = (pod["spec"].get("securityContext") or {}) | (container.get("securityContext") or {})
-    if "runAsUser" in security:
-        run += ["--user", f"{security['runAsUser']}:{security.get('runAsGroup', 0)}"]
+    if "runAsUser" in security:  # without runAsGroup, the user's group in the image
+        group = f":{security['runAsGroup']}" if "runAsGroup" in security else ""
+        run += ["--user", f"{security['runAsUser']}{group}"]
     if security.get("readOnlyRootFilesystem"):
         run.append("--read-only")
     empty_dirs = {v["name"] for v in pod["spec"].get("volumes") or [] if "emptyDir" in v}
