@@ -148,6 +148,20 @@ def test_drivers_images_build_refuses_a_release_it_has_no_image_for(capsys):
     assert "bullseye, bookworm, trixie" in err
 
 
+def test_without_podman_building_an_image_says_to_run_podman_setup(tmp_path, monkeypatch, capsys):
+    from drivers.ops.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no podman, runc nor debootstrap on it
+    images.podman_env.cache_clear()
+    try:
+        assert main(["images", "build", "bookworm"]) == 2
+    finally:
+        images.podman_env.cache_clear()  # the next caller sets podman up with the real PATH
+    err = capsys.readouterr().err
+    assert "podman, runc and debootstrap are not installed" in err
+    assert "run scripts/podman-setup.sh" in err
+
+
 @needs_podman
 def test_drivers_images_build_reuses_images_that_are_up_to_date(builder_images, capsys):
     from drivers.ops.cli import main

@@ -123,8 +123,9 @@ def unavailable_reason() -> str | None:
         return f"the podman builder images need Linux, not {sys.platform}"
     missing = [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
     if missing:
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if missing[:-1] else missing)
         verb = "is" if len(missing) == 1 else "are"
-        return f"{' and '.join(missing)} {verb} not installed: run scripts/podman-setup.sh"
+        return f"{names} {verb} not installed: run scripts/podman-setup.sh"
     if os.geteuid() != 0:
         return "podman runs rootful here (debootstrap, root storage): run as root"
     if not DOCKERFILE.is_file():
@@ -231,6 +232,7 @@ def ensure_builder_image(
     ``log``: a callable for progress lines (e.g. print)."""
     log = log or (lambda _line: None)
     check_release(release)
+    podman_env()  # podman set up, or why not (e.g. not a checkout: no Dockerfile)
     ref = builder_image_ref(release)
     started = time.monotonic()
     with _lock(f"builder-{release}.lock"):
