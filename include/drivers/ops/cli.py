@@ -466,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_costs_parser(sub)  # drivers costs: [costs] calibrated from the build records
 
+    from drivers.ops.images import add_parser as add_images_parser
+
+    add_images_parser(sub)  # drivers images build [RELEASE...]: the builder images (podman)
+
     return parser
 
 
