@@ -1,7 +1,7 @@
 # The pipeline's Airflow image: Airflow's official image plus the providers the DAGs use,
 # the project package (`drivers`, the library under include/) and the host tools the
 # local runtime builds and load-tests drivers with. docker-compose.yaml builds it; the
-# tag's version is pyproject.toml's (make images).
+# tag's version is pyproject.toml's (make images-production).
 FROM apache/airflow:3.3.2-python3.11
 
 USER root

@@ -91,20 +91,22 @@ test: setup
 # The pipeline through the real scheduler: PostgreSQL, `airflow scheduler`,
 # `dag-processor`, `api-server`, `triggerer`, runs triggered through the REST API, the
 # scheduler killed mid-run and restarted, a run cancelled. Also part of `make test`.
-.PHONY: test-distributed images
+.PHONY: test-distributed images images-production
 test-distributed: setup
 	$(BIN)/pytest -q tests/test_distributed.py
 
-# Container images, tagged with pyproject.toml's version (one version source). Only the
-# Debian builder builds here (its base comes from debootstrap); the others pull their
-# bases from Docker Hub, quay.io and the Fedora registry.
+# Container images, tagged with pyproject.toml's version (one version source). The Debian
+# builders (bullseye, bookworm, trixie) build here with podman from debootstrap'd bases,
+# only when missing or stale (`drivers images build [RELEASE...]`; CI runs it before the
+# tests). The Airflow image and the production builders (rhel7, rhel8, fc36) pull their
+# bases from Docker Hub, quay.io and the Fedora registry: `make images-production`.
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 ENGINE ?= podman
 REGISTRY ?= quay.io/stackrox-io
-images:
-	scripts/debian-base-image.sh
-	$(ENGINE) build -f images/builder-debian/Dockerfile \
-	    -t localhost/collector-drivers/builder-debian:$(VERSION) .
+images: setup
+	$(BIN)/drivers images build
+
+images-production:
 	$(ENGINE) build -f Dockerfile -t $(REGISTRY)/collector-drivers-airflow:$(VERSION) .
 	for b in rhel7 rhel8 fc36; do $(ENGINE) build -f images/builder-$$b/Dockerfile \
 	    -t $(REGISTRY)/collector-drivers-builder-$$b:$(VERSION) . || exit 1; done

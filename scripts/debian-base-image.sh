@@ -1,12 +1,16 @@
 #!/bin/sh
 # The Debian base image the builder images start FROM, made here without any registry:
-# debootstrap (bookworm, minbase) from the Debian mirror this host's apt uses, then
-# `podman import`. Cached at both steps:
+# debootstrap (minbase) of one Debian release from the Debian mirror this host's apt
+# uses, then `podman import`:
 #
-#   localhost/collector-drivers/debian-base:bookworm
+#   scripts/debian-base-image.sh [SUITE]    bullseye, bookworm (the default), trixie, ...
+#
+# Cached at both steps, per suite:
+#
+#   localhost/collector-drivers/debian-base:SUITE
 #                                         when it exists there is nothing to do (not even
 #                                         a rootfs: a fresh checkout reuses the image)
-#   .cache/podman/rootfs-bookworm/        the rootfs; .cache/podman/rootfs-bookworm.done is
+#   .cache/podman/rootfs-SUITE/           the rootfs; .cache/podman/rootfs-SUITE.done is
 #                                         written last, so a half-made rootfs is made again
 #
 # `podman rmi` the image to import the cached rootfs again; also remove the .done stamp to
@@ -18,7 +22,10 @@
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SUITE=bookworm
+SUITE=${1:-bookworm}
+case "$SUITE" in
+    *[!a-z]* | "") echo "debian-base-image: not a Debian suite name: '$SUITE'" >&2; exit 2 ;;
+esac
 ROOTFS="$ROOT/.cache/podman/rootfs-$SUITE"
 STAMP="$ROOTFS.done"
 IMAGE="localhost/collector-drivers/debian-base:$SUITE"
@@ -62,12 +69,17 @@ if [ ! -f "$STAMP" ]; then
     echo "debian-base-image: debootstrap $SUITE (minbase) from $MIRROR" >&2
     mkdir -p "$(dirname "$ROOTFS")"
     debootstrap --variant=minbase "$SUITE" "$ROOTFS" "$MIRROR" >&2
-    # The same archives as the host: point releases and security updates too.
-    cat >"$ROOTFS/etc/apt/sources.list" <<EOF
+    # The same archives as the host: point releases and security updates too (a stable
+    # release has both; sid has neither).
+    if [ "$SUITE" = sid ] || [ "$SUITE" = unstable ]; then
+        echo "deb $MIRROR $SUITE main" >"$ROOTFS/etc/apt/sources.list"
+    else
+        cat >"$ROOTFS/etc/apt/sources.list" <<EOF
 deb $MIRROR $SUITE main
 deb $MIRROR $SUITE-updates main
 deb $SECURITY $SUITE-security main
 EOF
+    fi
     # No package lists or downloaded .debs in the image: every build runs apt-get update.
     rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/archives/*.deb
     printf 'suite=%s\nmirror=%s\ndate=%s\n' "$SUITE" "$MIRROR" "$(date -u +%FT%TZ)" >"$STAMP"

@@ -3,16 +3,38 @@ silent skips: under `make test` and CI, a test skipped for a missing host tool f
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+import real_sources
 from drivers.domain.kernels import Kernel, parse_kernel
+from drivers.ops.cli import main
 from drivers.store.emulator import EmbeddedGCS, free_port
 from drivers.store.storage import ObjectStore, client_from_environment
 from scenarios import KERNEL_LIST
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache"
+REAL_BUILD_KERNEL = "6.1.0-56-amd64"
+
+
+@dataclass(frozen=True)
+class RealBuild:
+    """What `drivers build` gave: its exit status, JSON lines, stderr, and its folders."""
+
+    status: int
+    lines: list[dict]
+    stderr: str
+    out: Path
+    work: Path
+    sources: Path  # the prepared 2.3.0.tgz it built from
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +60,36 @@ def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGCS]:
             yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def debian_6_1_bundle() -> Path:
+    """bundle-6.1.0-56-amd64.tgz from Debian's header packages, in .cache/bundles (where
+    `make run` keeps it; made again when older than bundles.py)."""
+    from drivers.build import bundles
+    from drivers.domain import layout
+
+    path = CACHE / "bundles" / layout.bundle_object(REAL_BUILD_KERNEL)
+    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
+        bundles.make_debian_bundle(REAL_BUILD_KERNEL, path.parent, CACHE / "debs")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_build(debian_6_1_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> RealBuild:
+    """The one real build the fast tests share (~30 s): `drivers build` of the collector's
+    real 2.3.0 kernel module and eBPF probe for 6.1.0-56-amd64 from its prepared sources.
+    tests/test_build_one.py checks the command; tests/test_vmtest.py loads its drivers."""
+    tmp = tmp_path_factory.mktemp("real-build")
+    sources = real_sources.prepared("2.3.0", tmp / "sources")
+    stdout, stderr = io.StringIO(), io.StringIO()  # capsys is per test: capture by hand
+    argv = ["build", REAL_BUILD_KERNEL, "--driver-version", "2.3.0"]
+    argv += ["--bundle", str(debian_6_1_bundle), "--sources", str(sources)]
+    argv += ["--out", str(tmp / "out"), "--workdir", str(tmp / "work")]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = main(argv)
+    lines = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    return RealBuild(status, lines, stderr.getvalue(), tmp / "out", tmp / "work", sources)
 
 
 @pytest.fixture

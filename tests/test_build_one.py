@@ -1,10 +1,10 @@
 """`drivers build KERNEL`: one kernel's drivers on this machine, through the shard's code.
 
-One module-scoped fixture runs the real builds on Debian's 6.1.0-56-amd64 (~28 s on a
-busy 2-core machine): the collector's real 2.3.0 kernel module and eBPF probe (exit 0),
-and the example module made not to compile (exit 1, one more bundle extraction and a
-short compile). Bad inputs (exit 2) are refused before anything builds: tiny archives,
-no compiler. Plus the first-error rule on excerpts of real 8.1.0 build logs.
+The session's one real build (tests/conftest.py, shared with the VM tests) is checked
+here as the command: the collector's real 2.3.0 kernel module and eBPF probe on Debian's
+6.1.0-56-amd64 (exit 0); and the example module made not to compile (exit 1, one more
+bundle extraction and a short compile). Bad inputs (exit 2) are refused before anything
+builds: tiny archives, no compiler. Plus the first-error rule on excerpts of real 8.1.0 build logs.
 """
 
 from __future__ import annotations
@@ -19,36 +19,29 @@ from pathlib import Path
 
 import pytest
 
-import real_sources
 from drivers.build.bundles import write_tgz
-from drivers.build.compile import first_error
+from drivers.build.compile import first_error, tool_version
 from drivers.build.one_kernel import cache_file_name, log_file_name
 from drivers.build.sources import package_sources, source_members
 from drivers.domain import layout
 from drivers.domain.names import DriverKey
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH, parse_compiler
 from drivers.domain.verify import elf_sections, read_modinfo, verify_driver
 from drivers.ops.cli import main
 from example_sources import EXAMPLE_SOURCES
-from tarballs import tgz
+from tarballs import rewritten, tgz, without_common_tree
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-56-amd64"
-CACHE = REPO / ".cache/builder-tests"
-# The real trees (tests/real_sources.py will name this folder once it lands on main).
+KERNEL_COMPILER = "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"  # its .config's CC_VERSION_TEXT
 
 
 # --- inputs ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def bundle() -> Path:
-    """bundle-6.1.0-56-amd64.tgz from Debian's header packages (cached)."""
-    from drivers.build import bundles
-
-    path = CACHE / layout.bundle_object(KERNEL)
-    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
-        bundles.make_debian_bundle(KERNEL, CACHE, REPO / ".cache/debs")
-    return path
+def bundle(debian_6_1_bundle) -> Path:
+    return debian_6_1_bundle
 
 
 def build(*args: str) -> list[str]:
@@ -70,38 +63,31 @@ def run_build(argv: list[str]) -> tuple[int, list[dict], str]:
 
 
 @pytest.fixture(scope="module")
-def real_builds(bundle, tmp_path_factory) -> dict:
-    """Two `drivers build` runs on 6.1.0-56-amd64: the real 2.3.0 sources, both kinds;
-    the example sources with a module that does not compile, the module only."""
-    tmp = tmp_path_factory.mktemp("real-builds")
-    real = real_sources.prepared("2.3.0", tmp / "real")
+def broken_build(bundle, tmp_path_factory) -> tuple:
+    """`drivers build` of the example sources with a module that does not compile, the
+    module only (one more bundle extraction and a short compile)."""
+    tmp = tmp_path_factory.mktemp("broken-build")
     broken = tmp / "broken" / "2.3.0"
     shutil.copytree(EXAMPLE_SOURCES / "2.3.0", broken)
     source = broken / "module/collector.c"
     source.write_text(source.read_text() + "\nstatic int oops = undeclared_thing;\n")
     broken_tgz = package_sources(broken, tmp / "broken-tgz")
-    common = ["--driver-version", "2.3.0", "--bundle", str(bundle)]
-    return {
-        "real": (
-            *run_build(
-                build(KERNEL, *common, "--sources", str(real), "--out", str(tmp / "out"))
-                + ["--workdir", str(tmp / "work")]
-            ),
-            tmp / "out",
-            tmp / "work",
-        ),
-        "broken": (
-            *run_build(
-                build(KERNEL, *common, "--kinds", "mod", "--sources", str(broken_tgz))
-                + ["--out", str(tmp / "broken-out")]
-            ),
-            tmp / "broken-out",
-        ),
-    }
+    argv = build(KERNEL, "--driver-version", "2.3.0", "--bundle", str(bundle), "--kinds", "mod")
+    return (
+        *run_build(argv + ["--sources", str(broken_tgz), "--out", str(tmp / "out")]),
+        tmp / "out",
+    )
 
 
-def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(real_builds):
-    status, lines, stderr, out, work = real_builds["real"]
+def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(real_build):
+    """The session's shared real build (tests/conftest.py), checked as the command."""
+    status, lines, stderr, out, work = (
+        real_build.status,
+        real_build.lines,
+        real_build.stderr,
+        real_build.out,
+        real_build.work,
+    )
     assert status == 0, stderr
     mod, bpf = DriverKey(KERNEL, "2.3.0", "mod"), DriverKey(KERNEL, "2.3.0", "bpf")
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -113,6 +99,7 @@ def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(
             "kernel": KERNEL,
             "driver_version": "2.3.0",
             "kind": key.kind,
+            "builder": "fc36",  # the shipped config's route for 6.1 kernels
             "status": "built",
             "object": str(out / cache_file_name(key)),
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -120,6 +107,8 @@ def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(
             "failure": None,
             "message": "",
             "log": None,
+            # the toolchain guard read it from the bundle's .config and let gcc-12 build
+            "kernel_compiler": KERNEL_COMPILER,
         }
         assert line["seconds"] > 1  # a real compile, not a cached object
         assert verify_driver(key, data, unavailable=False) == []
@@ -138,8 +127,8 @@ def test_the_real_2_3_0_module_and_probe_build_and_land_under_their_cache_names(
     assert not list(work.iterdir())  # the scratch is gone
 
 
-def test_a_compile_failure_exits_1_with_its_first_error_and_log(real_builds):
-    status, lines, stderr, out = real_builds["broken"]
+def test_a_compile_failure_exits_1_with_its_first_error_and_log(broken_build):
+    status, lines, stderr, out = broken_build
     assert status == 1
     (line,) = lines
     log = out / log_file_name(DriverKey(KERNEL, "2.3.0", "mod"))
@@ -150,6 +139,54 @@ def test_a_compile_failure_exits_1_with_its_first_error_and_log(real_builds):
     assert "undeclared_thing" in line["message"] and "error:" in line["message"]
     assert "undeclared_thing" in log.read_text()
     assert sorted(p.name for p in out.iterdir()) == [log.name]  # no driver object
+
+
+# --- the toolchain guard: exit 1 before anything compiles -------------------------------
+
+
+def test_a_kernel_built_by_another_gcc_major_is_refused_and_exits_1(bundle, tmp_path):
+    """The real 6.1.0-56 bundle with its .config saying bullseye's gcc-10 built it."""
+    gcc10 = "gcc-10 (Debian 10.2.1-6) 10.2.1 20210110"
+    config = f"usr/src/linux-headers-{KERNEL}/.config"
+    line = f'CONFIG_CC_VERSION_TEXT="{KERNEL_COMPILER}"'.encode()
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name == config:
+            assert line in data  # the real tree's, as the guard read it in real_builds
+            return data.replace(line, f'CONFIG_CC_VERSION_TEXT="{gcc10}"'.encode())
+        return data
+
+    edited = tmp_path / layout.bundle_object(KERNEL)
+    edited.write_bytes(rewritten(bundle, edit, without_common_tree))
+    sources = package_sources(EXAMPLE_SOURCES / "2.3.0", tmp_path / "sources")
+    out = tmp_path / "out"
+
+    status, lines, stderr = run_build(
+        build(KERNEL, "--driver-version", "2.3.0", "--builder", "rhel7")
+        + ["--sources", str(sources), "--bundle", str(edited), "--out", str(out)]
+    )
+
+    assert status == 1, stderr
+    host = parse_compiler(tool_version("gcc-12"))  # the CC of this tree's kbuild
+    message = (
+        f"kernel built with {gcc10}; builder rhel7 has gcc {host.version} (gcc-12): "
+        "route it to a builder with gcc 10"
+    )
+    for line_, kind in zip(lines, ("mod", "bpf"), strict=True):
+        assert (line_["kind"], line_["builder"], line_["status"], line_["failure"]) == (
+            kind,
+            "rhel7",
+            TOOLCHAIN_MISMATCH,
+            TOOLCHAIN_MISMATCH,
+        )
+        assert (line_["message"], line_["log"], line_["kernel_compiler"]) == (message, None, gcc10)
+        assert line_["seconds"] < 0.5  # no make ran
+        assert (
+            f"{KERNEL} 2.3.0 {kind}: refused before compiling, {TOOLCHAIN_MISMATCH}: {message}"
+            in stderr
+        )
+    assert f"{KERNEL}: building as builder rhel7" in stderr
+    assert list(out.iterdir()) == []  # no driver, no log
 
 
 # --- exit 2: bad input, before anything builds --------------------------------------------
@@ -199,6 +236,15 @@ def test_a_kernel_without_ebpf_gets_the_unavail_marker_and_exits_0(example_tgz, 
         ({"--sources": "named"}, "driver version '2.2.0', not '2.3.0'"),
         ({"--sources": "gs://"}, "not a gs:// URI"),
         ({"--sources": "mod only"}, "build.json has no bpf entry (it builds mod)"),
+        ({"--builder": "bookworm"}, "--builder bookworm: not a builder of"),
+        (
+            {"kernel": "2.6.32-754.el6.x86_64"},
+            "takes 2.6.32-754.el6.x86_64 (mod, bpf): pass --builder",
+        ),
+        (
+            {"kernel": "4.18.0-372.9.1.el8.x86_64"},
+            "kinds go to different builders (mod -> rhel8, bpf -> rhel7)",
+        ),
     ],
 )
 def test_bad_input_exits_2_naming_the_culprit(change, words, example_tgz, tmp_path, capsys):

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 import requests
 
 from drivers.build.bundle import BundleCorrupt, open_bundle
-from drivers.build.compile import LOG_LIMIT, WORKDIR_IN_LOGS, gzip_driver
+from drivers.build.compile import LOG_LIMIT, WORKDIR_IN_LOGS, gzip_driver, tool_version
 from drivers.build.safetar import UnsafeArchive, safe_extract
 from drivers.build.shard import Shard, ShardFormatError
 from drivers.build.shard_run import build_shard
@@ -33,11 +34,12 @@ from drivers.build.sources import package_sources
 from drivers.domain import layout
 from drivers.domain.exit_codes import EX_DATAERR, EX_OK, EX_TEMPFAIL
 from drivers.domain.names import DriverKey
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH, parse_compiler
 from drivers.domain.verify import elf_sections, read_vermagic, verify_driver
 from drivers.ops.cli import main
 from drivers.store.storage import ObjectStore
 from example_sources import EXAMPLE_SOURCES
-from tarballs import tgz
+from tarballs import rewritten, tgz, without_common_tree
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL = "6.1.0-47-cloud-amd64"
@@ -77,6 +79,26 @@ def relabelled_bundle(real_bundle: Path, tmp_path_factory: pytest.TempPathFactor
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
     return out.getvalue()
+
+
+GCC10 = "gcc-10 (Debian 10.2.1-6) 10.2.1 20210110"  # bullseye's 5.10 kernels were built so
+
+
+@pytest.fixture(scope="session")
+def gcc10_bundle(real_bundle: Path) -> bytes:
+    """KERNEL's real bundle whose .config says bullseye's gcc-10 built it (autoconf.h and
+    compile.h still say gcc-12, and .kernelvariables still calls gcc-12: .config wins)."""
+    config = f"usr/src/linux-headers-{KERNEL}/.config"
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name != config:
+            return data
+        line = f'CONFIG_CC_VERSION_TEXT="{GCC10}"'.encode()
+        edited, n = re.subn(rb"^CONFIG_CC_VERSION_TEXT=.*$", line, data, flags=re.MULTILINE)
+        assert n == 1
+        return edited
+
+    return rewritten(real_bundle, edit, without_common_tree)
 
 
 def fake_bundle(uname: str | None, *extra: tuple[str, str, bytes | str]) -> bytes:
@@ -197,6 +219,8 @@ def test_a_real_kernel_builds_both_kinds_of_both_versions_and_stages_them(first_
         assert data[4:8] == b"\0\0\0\0" and not data[3] & 0x08  # gzip: mtime 0, no name
         assert set(r["toolchain"]) == {"gcc", "clang", "make"}
         assert r["toolchain"]["gcc"] and r["toolchain"]["clang"] and r["toolchain"]["make"]
+        # the toolchain guard read the bundle's .config; this host's gcc-12 may build it
+        assert parse_compiler(r["kernel_compiler"]).label == "gcc 12", r["kernel_compiler"]
 
     shard = records[-1]
     assert shard["type"] == "shard"
@@ -236,6 +260,38 @@ def test_a_rebuild_elsewhere_gives_identical_bytes(first_build):
     for task, r in again_tasks.items():
         assert r["status"] == "built", r
         assert r["sha256"] == first_tasks[task]["sha256"]
+
+
+# --- the toolchain guard -------------------------------------------------------------------
+
+
+def test_a_kernel_built_by_another_gcc_major_is_refused_before_anything_compiles(env, gcc10_bundle):
+    env.add_bundle(KERNEL, gcc10_bundle)
+
+    status, records, workdir = env.build(ALL_KINDS)
+
+    assert status == EX_OK  # a routing error is data: the shard ran through
+    host = parse_compiler(tool_version("gcc-12"))  # what this tree's kbuild would call
+    for r in by_task(records).values():
+        assert (r["status"], r["failure"], r["object"], r["log"], r["sha256"]) == (
+            TOOLCHAIN_MISMATCH,
+            TOOLCHAIN_MISMATCH,
+            None,
+            None,
+            None,
+        ), r
+        assert r["message"] == (
+            f"kernel built with {GCC10}; builder fc36 has gcc {host.version} (gcc-12): "
+            "route it to a builder with gcc 10"
+        )
+        assert r["kernel_compiler"] == GCC10
+        assert r["duration_s"] < 0.5  # no make ran (a real build takes seconds)
+    shard = records[-1]
+    assert shard["counts"] == {TOOLCHAIN_MISMATCH: 4}  # apart from failed and infra_failed
+    assert shard["build_s"] < 1
+    staged = [i.name for i in env.work.list(layout.staging_prefix("run1"))]
+    assert not [n for n in staged if "/drivers/" in n or "/logs/" in n], staged
+    assert layout.shard_results_object("run1", "fc36", 0) in staged
 
 
 # --- kernels without eBPF -----------------------------------------------------------------
@@ -495,7 +551,8 @@ def test_a_builder_image_without_make_stops_with_65(env, real_bundle, tmp_path, 
     assert [(r["status"], r["failure"]) for r in records[:-1]] == [
         ("infra_failed", "toolchain")
     ] * 2
-    assert "make is not installed" in records[0]["message"]
+    # the toolchain guard asks first: the CC the bundle's kbuild calls (Debian: gcc-12)
+    assert "gcc-12 is not installed in this builder image" in records[0]["message"]
     assert records[0]["toolchain"] == {"gcc": None, "clang": None, "make": None}
     assert records[-1]["exit_status"] == EX_DATAERR and records[-1]["completed"] is False
 

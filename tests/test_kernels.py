@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from drivers.domain.kernels import (
     FAMILIES,
     FAMILY_RULES,
+    SERIES,
     KernelParseError,
     LineProblem,
     ebpf_supported,
@@ -78,6 +79,44 @@ def test_every_line_of_the_real_list_parses_into_its_own_xyz(real_lines):
 def test_family_and_flavour_of_representative_releases(release, family, flavour):
     kernel = parse_kernel(release)
     assert (kernel.family, kernel.flavour) == (family, flavour)
+
+
+@pytest.mark.parametrize(
+    ("release", "series"),
+    [
+        ("6.12.117+deb13-amd64", "trixie"),
+        ("6.12.115+deb13.1-rt-amd64", "trixie"),  # a rebuild of the same upstream version
+        ("6.12.95+deb12-cloud-amd64", "bookworm"),  # bookworm-backports
+        ("6.12.117+deb12-amd64", "bookworm"),  # bookworm-security's 6.12
+        ("6.1.0-0.deb11.52-amd64", "bullseye"),  # bullseye-security's 6.1
+        ("6.1.0-47-amd64", "bookworm"),
+        ("5.10.0-32-rt-amd64", "bullseye"),
+        ("4.19.0-10-cloud-amd64", "buster"),
+        ("5.10.0-0.bpo.15-amd64", ""),  # a backport: built for an older release, unnamed
+        ("4.9.0-0.bpo.6-amd64", ""),
+        ("3.16.0-4-amd64", ""),  # an ABI with no rule
+        ("6.12.117+deb13-amd64-gl-1", ""),  # garden, not debian
+        ("5.4.0-62-generic", ""),
+        ("4.18.0-305.el8.x86_64", ""),
+    ],
+)
+def test_series_of_representative_releases(release, series):
+    kernel = parse_kernel(release)
+    assert kernel.series == series
+    assert series == "" or series in SERIES[kernel.family]
+
+
+def test_series_of_the_real_lists_debian_kernels_match_their_abi_text(real_kernels):
+    debian = [k for k in real_kernels if k.family == "debian"]
+    by_series = {s: sum(k.series == s for k in debian) for s in {k.series for k in debian}}
+    expected = {
+        "buster": sum(bool(re.match(r"4\.19\.0-\d+-", k.release)) for k in debian),
+        "bullseye": sum(bool(re.match(r"5\.10\.0-\d+-", k.release)) for k in debian),
+        "bookworm": sum(bool(re.match(r"6\.1\.0-\d+-", k.release)) for k in debian),
+    }
+    assert {s: n for s, n in by_series.items() if s} == {s: n for s, n in expected.items() if n}
+    assert expected["buster"] > 0 and expected["bullseye"] > 0
+    assert all(k.series == "" for k in real_kernels if k.family != "debian")
 
 
 def test_every_family_rule_names_a_short_lowercase_selector_prefix():

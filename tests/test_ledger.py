@@ -19,8 +19,9 @@ from drivers.domain.decision import quarantined
 from drivers.domain.kernels import parse_kernel
 from drivers.domain.layout import report_prefix
 from drivers.domain.names import DriverKey
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH, mismatch, parse_compiler
 from drivers.flows import cpaas, upstream
-from drivers.ops import cli, why
+from drivers.ops import cli, report, why
 from drivers.ops.withdraw import WithdrawError, withdraw
 from drivers.store import ledger
 from drivers.store.runtime_config import RuntimeConfigError
@@ -49,12 +50,24 @@ def world(gcs, tmp_path):
         yield Stores(client_from_environment()), load_config()
 
 
-def fake_run(stores, config, run_id, failing=(), params=None, logs=None, reported=False):
+def fake_run(
+    stores,
+    config,
+    run_id,
+    failing=(),
+    params=None,
+    logs=None,
+    reported=False,
+    mismatched=(),
+    compilers=None,
+):
     """pre_build, then what the builders, the push and record_ledger do: every planned
     task is built and published unless its (kernel, kind) is in ``failing``; a failure
     with a compile log in ``logs`` (by (kernel, kind)) is reported with it and its first
-    error, as build-shard reports one. ``reported``: also unify (which keeps the logs)
-    and report (the run's verdict in report.json), as the DAG does."""
+    error, as build-shard reports one; one in ``mismatched`` is refused by the toolchain
+    guard, as build-shard refuses one. ``compilers``: kernel -> the compiler its bundle
+    records (the builders' ``kernel_compiler``). ``reported``: also unify (which keeps
+    the logs) and report (the run's verdict in report.json), as the DAG does."""
     run = upstream.RunParams.from_params(params or {}, config)
     pre = upstream.pre_build(stores, config, run_id, run)
     tasks = [
@@ -72,6 +85,7 @@ def fake_run(stores, config, run_id, failing=(), params=None, logs=None, reporte
         key = DriverKey(kernel, version, kind)
         builder = config.route(parse_kernel(kernel), kind)
         failed = (kernel, kind) in failing
+        refused = (kernel, kind) in mismatched
         message, log_object = "error: this does not compile" if failed else "", None
         log = (logs or {}).get((kernel, kind)) if failed else None
         if log is not None:
@@ -93,9 +107,15 @@ def fake_run(stores, config, run_id, failing=(), params=None, logs=None, reporte
             "env": ledger.builder_environment(config, builder, toolchain_versions),
             "sources": stores.sources.info(layout.source_object(version)).md5,
             "bundle": stores.bundles.info(layout.bundle_object(kernel)).md5,
+            "kernel_compiler": (compilers or {}).get(kernel),
         }
+        if refused:
+            kernel_cc = parse_compiler(compilers[kernel])
+            why = mismatch(kernel_cc, "gcc-12", "gcc-12 (Debian 12.2.0-14) 12.2.0", builder)
+            record |= {"status": TOOLCHAIN_MISMATCH, "failure": TOOLCHAIN_MISMATCH}
+            record |= {"message": why, "sha256": None}
         lines.append(json.dumps(record))
-        if not failed:
+        if not failed and not refused:
             stores.drivers.upload_new(key.object_name(), b"driver " + kernel.encode())
             created.append(key.object_name())
     stores.work.put(
@@ -465,3 +485,56 @@ def test_a_real_compile_failure_is_counted_held_explained_and_suggested_for_the_
     for kernel in (NEW, NEW_CLOUD):
         answer = why.explain(stores, config, kernel, kinds=("mod",)).answers[0]
         assert answer.status == "blocked" and "config/blocklist:1: 6.12.*" in answer.summary
+
+
+GCC10 = "gcc-10 (Debian 10.2.1-6) 10.2.1 20210110"  # what bullseye's .config records
+GCC12 = "gcc-12 (Debian 12.2.0-14+deb12u1) 12.2.0"
+
+
+def test_a_toolchain_mismatch_is_a_routing_error_run_after_run(world, capsys):
+    """Two 6.12 kernels (one series, one identical error) routed to a builder whose gcc
+    is not theirs: refused every run, never quarantined (quarantine_after = 2), never a
+    blocklist suggestion, counted apart from compile failures, failing the run with the
+    route to fix; the plan view knows their compiler from the first run on."""
+    stores, config = world
+    stores.bundles.upload_new(layout.bundle_object(NEW_CLOUD), b"bundle cloud")
+    compilers = {OLD: GCC12, NEW: GCC10, NEW_CLOUD: GCC10}
+    wrong = {(NEW, "mod"), (NEW_CLOUD, "mod")}
+    for n in range(1, 4):
+        pre, recorded = fake_run(
+            stores, config, f"run{n}", mismatched=wrong, compilers=compilers, reported=True
+        )
+        assert pre["summary"]["to_build"] >= 2 and pre["summary"]["quarantined"] == 0
+        assert recorded["statuses"][TOOLCHAIN_MISMATCH] == 2
+        assert recorded["blocklist_suggestions"] == []
+    assert pre["summary"]["to_build"] == 2  # run 3 plans only the two refused again
+    view = pre["plan_view"]["builders"]["deb612"]
+    assert view["compilers"] == {"gcc 10": 2}  # from the ledger: the builders read them
+    entry_ = entry(stores, NEW, "mod")
+    assert entry_["status"] == TOOLCHAIN_MISMATCH and "failures" not in entry_
+    assert entry_["kernel_compiler"] == GCC10
+    assert entry(stores, OLD, "mod")["kernel_compiler"] == GCC12
+    build = read_json(stores.work, f"{report_prefix('run3')}build.json")
+    assert (build["compile_failures"], build["toolchain_mismatches"]) == (0, 2)
+    doc = read_json(stores.work, f"{report_prefix('run3')}report.json")
+    assert doc["status"] == "failed"
+    assert doc["reasons"] == [
+        "2 driver(s) refused as toolchain_mismatch: their kernel's compiler is not their "
+        "builder's; fix the config's [[routes]]"
+    ]
+    capsys.readouterr()
+    assert report.print_report("run3") == 1
+    printed = capsys.readouterr().out
+    assert "routing errors (2 toolchain_mismatch: refused before compiling):" in printed
+    assert (
+        f"MISMATCH {NEW} 2.3.0 mod on deb612: kernel built with {GCC10}; builder deb612 has "
+        "gcc 12.2.0 (gcc-12): route it to a builder with gcc 10"
+    ) in printed
+    assert "fix the route" in printed and "    FAILED " not in printed  # no compile failure
+    assert "deb612/mod       0 /     0 /     0 /     0 /     2" in printed
+    assert "kernels built with: gcc 10 (2)" in printed  # the plan view in the report
+    answer = why.explain(stores, config, NEW, kinds=("mod",)).answers[0]
+    assert answer.status == TOOLCHAIN_MISMATCH and "route it to a builder with gcc 10" in (
+        answer.summary
+    )
+    assert "fix the route" in answer.action and "never quarantined" in answer.action

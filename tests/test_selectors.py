@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.domain.kernels import FAMILIES, Kernel, parse_kernel
+from drivers.domain.kernels import FAMILIES, SERIES, Kernel, parse_kernel
 from drivers.domain.selectors import SelectorError, compile_field, parse_selector
 
 
@@ -163,6 +163,8 @@ def test_bounds_match_as_prefixes_of_the_release_key(expr, release, selected_):
         ("*-aws", "*-aws"),
         ("~.*gke.*", "~.*gke.*"),
         ("ubuntu:5.4.0-62-generic", "ubuntu:5.4.0-62-generic"),
+        (" debian/trixie: *-amd64 ", "debian/trixie:*-amd64"),
+        ("debian/bookworm:6.1.0-47-amd64", "debian/bookworm:6.1.0-47-amd64"),
     ],
 )
 def test_str_gives_a_canonical_form_that_parses_back_to_the_same_selector(expr, canonical):
@@ -194,6 +196,10 @@ def test_str_gives_a_canonical_form_that_parses_back_to_the_same_selector(expr, 
         ("el8:", "nothing after 'el8:'"),
         ("el7:4.18.0-305.el8.x86_64", "belongs to family 'el8', not 'el7'"),
         ("~4.18.(", r"invalid regex in '~4\.18\.\('"),
+        ("debian/sid:*", "unknown series 'sid' of family 'debian'; known series: .*trixie"),
+        ("el8/rhel8:*", "unknown series 'rhel8' of family 'el8'; that family has none"),
+        ("debian/trixie:", "nothing after 'debian/trixie:'"),
+        ("debian/trixie:6.1.0-47-amd64", "belongs to series 'bookworm', not 'trixie'"),
     ],
 )
 def test_bad_selectors_are_rejected_with_a_reason_and_a_valid_example(expr, message):
@@ -202,6 +208,51 @@ def test_bad_selectors_are_rejected_with_a_reason_and_a_valid_example(expr, mess
     text = str(raised.value)
     assert repr(expr) in text
     assert "e.g." in text or "valid selectors look like" in text
+
+
+DEBIAN_KERNELS = [
+    "5.10.0-32-amd64",
+    "5.10.0-46-cloud-amd64",
+    "6.1.0-0.deb11.52-rt-amd64",
+    "6.1.0-47-amd64",
+    "6.12.95+deb12-amd64",
+    "6.12.117+deb12-cloud-amd64",
+    "6.12.117+deb13-amd64",
+    "6.12.115+deb13.1-rt-amd64",
+    "5.10.0-0.bpo.15-amd64",
+    "6.12.117+deb13-amd64-gl-1",  # garden
+]
+
+
+@pytest.mark.parametrize(
+    ("expr", "releases"),
+    [
+        (
+            "debian/bullseye:*",
+            ["5.10.0-32-amd64", "5.10.0-46-cloud-amd64", "6.1.0-0.deb11.52-rt-amd64"],
+        ),
+        (
+            "debian/bookworm:*",
+            ["6.1.0-47-amd64", "6.12.95+deb12-amd64", "6.12.117+deb12-cloud-amd64"],
+        ),
+        ("debian/trixie:*", ["6.12.117+deb13-amd64", "6.12.115+deb13.1-rt-amd64"]),
+        ("debian/bookworm:>=6.12", ["6.12.95+deb12-amd64", "6.12.117+deb12-cloud-amd64"]),
+        ("debian/trixie:*-rt-amd64", ["6.12.115+deb13.1-rt-amd64"]),
+        ("debian/buster:*", []),
+    ],
+)
+def test_series_prefix_keeps_only_that_release(expr, releases):
+    kernels = [parse_kernel(r) for r in DEBIAN_KERNELS]
+    selector = parse_selector(expr)
+    assert selected(expr, kernels) == releases
+    assert [k.release for k in kernels if selector.matches(k)] == releases
+
+
+def test_series_prefixes_split_the_family_by_series(real_kernels):
+    debian = parse_selector("debian:*").filter(real_kernels)
+    per_series = {s: parse_selector(f"debian/{s}:*").filter(real_kernels) for s in SERIES["debian"]}
+    assert sum(map(len, per_series.values())) == sum(k.series != "" for k in debian) > 0
+    assert all(k.series == s for s, ks in per_series.items() for k in ks)
 
 
 def test_unknown_family_error_lists_every_known_family():

@@ -45,7 +45,7 @@ blocklists = ["BLOCKLIST"]
 slots = 4
 retries = 1
 retry_delay_s = 5
-quarantine_after = 2
+quarantine_after = 1
 """
     + DEBIAN_BUILDERS
 )
@@ -271,16 +271,16 @@ def test_compile_failures_fail_the_run_then_are_quarantined(env, first_run, tmp_
     assert {f"9.9.9-rc1/collector-ebpf-{k}.o.gz" for k in KERNELS} <= published
     assert not any(n.startswith("9.9.9-rc1/collector-6") for n in published)
 
-    # The same failure again, same toolchain, sources and bundles: from now on the two
-    # modules are quarantined instead of failing every night.
-    assert run(airflow, stores, conf)["build"]["compile_failures"] == 2
+    # The same toolchain, sources and bundles would only repeat the same logs (builds are
+    # reproducible; the shipped quarantine_after): the two modules are quarantined instead
+    # of failing every night.
     quiet = run(airflow, stores, conf)
     assert quiet["status"] == "success", quiet["reasons"]
     assert (
         quiet["plan"]["summary"]["quarantined"] == 2 and quiet["plan"]["summary"]["to_build"] == 0
     )
     assert cli.main(["why", KERNELS[0], "--driver-version", "9.9.9-rc1", "--kind", "mod"]) == 1
-    assert "2 failures in a row (compile)" in capsys.readouterr().out
+    assert "1 failure in a row (compile)" in capsys.readouterr().out
 
 
 def test_a_corrupt_bundle_fails_the_run_but_other_shards_publish(env, first_run, tmp_path):

@@ -12,9 +12,18 @@ import lzma
 from collections.abc import Sequence
 from pathlib import Path
 
-from drivers.build.debian import DebianError, Dependency, deb_members, fetch_deb
+from drivers.build.debian import (
+    DISTRO,
+    IMAGE_PREFIX,
+    DebianArchive,
+    DebianError,
+    Dependency,
+    deb_members,
+    fetch_deb,
+)
 from drivers.domain import layout
 from drivers.domain.errors import DriversError
+from drivers.domain.kernels import parse_kernel
 from drivers.domain.verify import read_modinfo
 from drivers.store.storage import ObjectNotFound, ObjectStore
 
@@ -45,10 +54,60 @@ def module_closure(wanted: Sequence[str], depends: dict[str, list[str]]) -> list
     return sorted(norm[n] for n in out)
 
 
+def _module_name(member: str) -> str:
+    """A module's name from its file name, as kbuild derives it (``-`` → ``_``)."""
+    base = member.rsplit("/", 1)[-1]
+    return base.removesuffix(".xz").removesuffix(".ko").replace("-", "_")
+
+
+def _read_image_package(
+    deb: Path, uname: str, kernel_member: str | None, modules: Sequence[str]
+) -> tuple[bytes | None, dict[str, bytes]]:
+    """The kernel image (when ``kernel_member`` is given) and the plain ``.ko`` bytes of
+    ``modules`` and their dependencies by path under the module tree, in one pass over
+    the ~400 MB package per level of dependencies (usually one): only the modules wanted
+    so far are decompressed and read."""
+    # bookworm and older ship /lib/modules; trixie (merged /usr) /usr/lib/modules.
+    trees = (f"./lib/modules/{uname}/kernel/", f"./usr/lib/modules/{uname}/kernel/")
+    wanted = {m.replace("-", "_") for m in modules}
+    kernel: bytes | None = None
+    found: dict[str, tuple[str, bytes, list[str]]] = {}  # name: (path, bytes, depends)
+    present: set[str] = set()
+    while True:
+        for name, f in deb_members(deb):
+            if f is None:
+                continue
+            if name == kernel_member:
+                kernel = f.read()
+            elif name.startswith(trees) and name.endswith((".ko", ".ko.xz")):
+                module = _module_name(name)
+                present.add(module)
+                if module in wanted and module not in found:
+                    data = _plain_module(name, f.read())
+                    depends = [d for d in read_modinfo(data).get("depends", "").split(",") if d]
+                    tree = next(t for t in trees if name.startswith(t))
+                    found[module] = (name[len(tree) :].removesuffix(".xz"), data, depends)
+            elif not wanted - found.keys() and (kernel_member is None or kernel is not None):
+                break  # everything asked for is read: stop decompressing
+        missing = wanted - present
+        if missing:
+            raise BootImageError(f"the kernel has no loadable module {sorted(missing)[0]!r}")
+        deps = {d.replace("-", "_") for _, _, ds in found.values() for d in ds}
+        if deps <= found.keys():
+            return kernel, {path: data for path, data, _ in found.values()}
+        wanted |= deps
+        kernel_member = None  # read in the first pass
+
+
 def debian_boot_image(
-    uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+    uname: str,
+    deb_cache: Path,
+    out_dir: Path,
+    modules: Sequence[str] = (),
+    archive: DebianArchive | None = None,
 ) -> Path | None:
-    """``vmlinuz`` of Debian's ``linux-image-<uname>`` (from the .deb cache, else apt),
+    """``vmlinuz`` of Debian's ``linux-image-<uname>`` (from the .deb cache, else from
+    the release that offers it, :func:`drivers.build.debian.fetch_deb`),
     extracted to ``out_dir/<uname>/vmlinuz``, and the ``modules`` drivers may depend on
     (with their own dependencies) as plain ``.ko`` files under
     ``out_dir/<uname>/modules/``; None when Debian has no such package."""
@@ -56,46 +115,40 @@ def debian_boot_image(
     target = folder / "vmlinuz"
     if target.is_file() and not modules:
         return target
+    if parse_kernel(uname).family != DISTRO:
+        return None  # no release to ask
     try:
-        deb, _ = fetch_deb(Dependency(f"linux-image-{uname}"), deb_cache)
+        deb, _ = fetch_deb(Dependency(IMAGE_PREFIX + uname), deb_cache, archive)
     except DebianError:
         return None
-    tree = f"./lib/modules/{uname}/kernel/"
-    if not target.is_file():
-        kernel = next(
-            (f.read() for n, f in deb_members(deb) if n == f"./boot/vmlinuz-{uname}" and f),
-            None,
-        )
+    kernel_member = f"./boot/vmlinuz-{uname}" if not target.is_file() else None
+    kernel, files = _read_image_package(deb, uname, kernel_member, modules)
+    if kernel_member is not None:
         if not kernel:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".part")
         partial.write_bytes(kernel)
         partial.replace(target)
-    if modules:
-        # One pass for every module's dependencies, one for the closure's files.
-        paths, depends = {}, {}
-        for name, f in deb_members(deb):
-            if f and name.startswith(tree) and name.endswith((".ko", ".ko.xz")):
-                info = read_modinfo(_plain_module(name, f.read()))
-                paths[info["name"]] = name
-                depends[info["name"]] = [d for d in info.get("depends", "").split(",") if d]
-        wanted = {paths[m] for m in module_closure(modules, depends)}
-        for name, f in deb_members(deb):
-            if name in wanted and f:
-                path = folder / "modules" / name[len(tree) :].removesuffix(".xz")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(_plain_module(name, f.read()))
+    for relative, data in files.items():
+        path = folder / "modules" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     return target
 
 
 def publish_boot_image(
-    store: ObjectStore, uname: str, deb_cache: Path, out_dir: Path, modules: Sequence[str] = ()
+    store: ObjectStore,
+    uname: str,
+    deb_cache: Path,
+    out_dir: Path,
+    modules: Sequence[str] = (),
+    archive: DebianArchive | None = None,
 ) -> str:
     """Put Debian's kernel image for ``uname``, and the ``modules`` drivers may depend on,
     in the kernel-images bucket (never overwriting); returns what happened to the image:
     created, identical, different or absent."""
-    image = debian_boot_image(uname, deb_cache, out_dir, modules)
+    image = debian_boot_image(uname, deb_cache, out_dir, modules, archive)
     if image is None:
         return "absent"
     tree = image.parent / "modules"

@@ -8,7 +8,12 @@ Each value file holds the value and a newline.
 
 From Debian, one kernel takes three packages: ``linux-headers-<uname>`` (the flavour's
 build tree), the ``-common``/``-common-rt`` tree it includes and the ``linux-kbuild-*``
-tools; the last two are read from the first one's Depends, not hard-coded. As installed,
+tools; the last two are read from the first one's Depends, not hard-coded (bullseye's
+depend on ``linux-kbuild-5.10 (>= …)``, shared by every 5.10 ABI; bookworm's 6.12 and
+trixie's on ``linux-kbuild-6.12.N+debX``, one per upload). All three come from the one
+release whose suites offer the headers (:class:`drivers.build.debian.DebianArchive`:
+any release this machine's mirror serves, through a private apt per suite), the newest
+version satisfying Depends in that release, as apt would install them. As installed,
 the flavour Makefile includes the common tree by absolute path and both trees reach the
 kbuild tools through symlinks into /usr/lib. The bundle is made self-contained:
 
@@ -55,12 +60,15 @@ from drivers.build.bundle import METADATA_FILES
 from drivers.build.debian import (
     DISTRO,
     HEADERS_PREFIX,
+    RELEASES,
+    DebianArchive,
     DebianError,
     Dependency,
-    cached_debs,
+    cached_release,
     check_uname,
     check_unames,
     deb_field,
+    default_archive,
     fetch_deb,
     parse_depends,
     run_tool,
@@ -197,6 +205,7 @@ class BundleReport:
     """What one bundle run did, for logs and the closing report."""
 
     uname: str
+    release: str  # the Debian release whose packages made it
     path: Path
     size: int
     sha256: str
@@ -204,6 +213,7 @@ class BundleReport:
     build_dir: str
     packages: list[str]
     downloaded: list[str]
+    download_bytes: int
     tree_bytes: int
     members: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -214,26 +224,38 @@ class BundleReport:
         return out
 
 
-def make_debian_bundle(uname: str, out_dir: Path, deb_cache: Path) -> Path:
+def make_debian_bundle(
+    uname: str, out_dir: Path, deb_cache: Path, archive: DebianArchive | None = None
+) -> Path:
     """Make ``<out_dir>/bundle-<uname>.tgz`` from Debian's header packages (cached in
     ``deb_cache``); returns its path."""
-    return build_debian_bundle(uname, Path(out_dir), Path(deb_cache)).path
+    return build_debian_bundle(uname, Path(out_dir), Path(deb_cache), archive).path
 
 
-def build_debian_bundle(uname: str, out_dir: Path, deb_cache: Path) -> BundleReport:
+def build_debian_bundle(
+    uname: str, out_dir: Path, deb_cache: Path, archive: DebianArchive | None = None
+) -> BundleReport:
+    """The bundle of ``uname`` from the packages of the release that offers its headers
+    (the .deb cache first; ``archive``: default beside ``deb_cache``)."""
     kernel = check_uname(uname)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
     flavour_package = HEADERS_PREFIX + uname
-    if not cached_debs(flavour_package, deb_cache):
-        check_unames([uname], deb_cache)
-    flavour_deb, fetched = fetch_deb(Dependency(flavour_package), deb_cache)
-    debs, downloaded = [flavour_deb], [flavour_deb.name] if fetched else []
+    release = cached_release(flavour_package, deb_cache)
+    if release is None:
+        archive = archive or default_archive(deb_cache)
+        offered = archive.find(Dependency(flavour_package))
+        if offered is None:
+            check_unames([uname], deb_cache, archive)  # raises, naming the nearest ones
+            raise DebianError(f"no release offers {flavour_package}")
+        release = offered.suite.release
+    flavour_deb, fetched = fetch_deb(Dependency(flavour_package), deb_cache, archive, release)
+    debs, downloaded = [flavour_deb], [flavour_deb] if fetched else []
     for dep in _tree_dependencies(flavour_deb):
-        deb, fetched = fetch_deb(dep, deb_cache)
+        deb, fetched = fetch_deb(dep, deb_cache, archive, release)
         debs.append(deb)
-        downloaded += [deb.name] if fetched else []
+        downloaded += [deb] if fetched else []
     downloaded_at = time.monotonic()
 
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".bundle-{uname}-") as scratch:
@@ -261,13 +283,15 @@ def build_debian_bundle(uname: str, out_dir: Path, deb_cache: Path) -> BundleRep
 
     return BundleReport(
         uname=uname,
+        release=release,
         path=path,
         size=path.stat().st_size,
         sha256=sha256_file(path),
         checksum=checksum,
         build_dir=tree.flavour,
         packages=[d.name for d in debs],
-        downloaded=downloaded,
+        downloaded=[d.name for d in downloaded],
+        download_bytes=sum(d.stat().st_size for d in downloaded),
         tree_bytes=tree_bytes,
         members=len(members) + len(metadata),
         seconds={
@@ -391,11 +415,23 @@ def _parents(path: str) -> set[str]:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    """``drivers bundle debian UNAME...``: make bundles, optionally upload them."""
+    """``drivers bundle debian UNAME...``: make bundles, optionally upload them;
+    ``--list``: the kernels each release offers."""
     if args.source != DISTRO:
         raise ValueError(f"unknown bundle source {args.source!r}: only {DISTRO!r} is supported")
     unames = list(dict.fromkeys(args.unames))
     out_dir, deb_cache = Path(args.out), Path(args.deb_cache)
+    archive = (
+        DebianArchive(Path(args.apt_state), refresh=args.refresh)
+        if args.apt_state
+        else default_archive(deb_cache, refresh=args.refresh)
+    )
+    if args.list:
+        if unames:
+            raise ValueError("--list takes no UNAME: it lists every kernel the releases offer")
+        return _print_offered(archive)
+    if not unames:
+        raise ValueError("give at least one UNAME (e.g. 6.1.0-47-amd64), or --list")
     store = _bundle_store(args.upload) if args.upload else None
     if store is not None:  # a bundle already published is final: do not make it again
         for uname in [u for u in unames if store.exists(bundle_object(u))]:
@@ -404,23 +440,27 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             )
             unames.remove(uname)
             if args.boot_images:  # its boot image may still be missing
-                _publish_boot_image(args, uname, deb_cache, out_dir)
-    check_unames(unames, deb_cache)  # every bad name at once, before any slow work
+                _publish_boot_image(args, uname, deb_cache, out_dir, archive)
+    check_unames(unames, deb_cache, archive)  # every bad name at once, before any slow work
 
     status = 0
     for uname in unames:
         try:
-            report = build_debian_bundle(uname, out_dir, deb_cache)
+            report = build_debian_bundle(uname, out_dir, deb_cache, archive)
         except (BundleError, DebianError) as e:
             print(f"drivers bundle: {uname}: {e}", file=sys.stderr)
             status = 1
             continue
         s = report.seconds
+        fetched = (
+            f"{report.download_bytes / 1e6:.1f} MB downloaded in {s['download']:.1f}s"
+            if report.downloaded
+            else "packages cached"
+        )
         print(
-            f"{report.path}: {report.size / 1e6:.1f} MB ({report.tree_bytes / 1e6:.0f} MB, "
-            f"{report.members} members unpacked); download {s['download']:.1f}s"
-            f"{' (cached)' if not report.downloaded else ''}, extract {s['extract']:.1f}s, "
-            f"archive {s['archive']:.1f}s",
+            f"{report.path}: {report.release}, {report.size / 1e6:.1f} MB "
+            f"({report.tree_bytes / 1e6:.0f} MB, {report.members} members unpacked); "
+            f"{fetched}, extract {s['extract']:.1f}s, archive {s['archive']:.1f}s",
             file=sys.stderr,
         )
         out = report.to_json()
@@ -428,13 +468,31 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             out["upload"] = result = _upload(store, uname, report.path)
             status = max(status, 0 if result != "different" else 1)
         if args.boot_images:
-            out["boot_image"] = _publish_boot_image(args, uname, deb_cache, out_dir)
+            out["boot_image"] = _publish_boot_image(args, uname, deb_cache, out_dir, archive)
         print(json.dumps(out))
     return status
 
 
+def _print_offered(archive: DebianArchive) -> int:
+    """``--list``: per release, each kernel and the suites offering it; counts."""
+    offered = archive.kernels()
+    for release in RELEASES:
+        mine = [o for o in offered if o.release == release]
+        print(f"{release}: {len(mine)} kernel(s)")
+        for o in mine:
+            print(f"  {release}\t{','.join(o.suites)}\t{o.uname}")
+    print(f"total: {len(offered)} kernel(s) in {len(RELEASES)} release(s)")
+    for suite, why in archive.unreachable.items():
+        print(f"note: suite {suite} not searched: {why}", file=sys.stderr)
+    return 0
+
+
 def _publish_boot_image(
-    args: argparse.Namespace, uname: str, deb_cache: Path, out_dir: Path
+    args: argparse.Namespace,
+    uname: str,
+    deb_cache: Path,
+    out_dir: Path,
+    archive: DebianArchive | None = None,
 ) -> str:
     from drivers.build.boot_images import publish_boot_image
     from drivers.domain.config import load_config
@@ -448,7 +506,9 @@ def _publish_boot_image(
         if args.boot_modules is not None
         else load_config().vm_tests["modules"]
     )
-    result = publish_boot_image(store, uname, deb_cache, out_dir.parent / "kernel-images", modules)
+    result = publish_boot_image(
+        store, uname, deb_cache, out_dir.parent / "kernel-images", modules, archive
+    )
     where = f"gs://{store.bucket_name}/{boot_image_object(uname)}"
     extra = f" (with module(s) {', '.join(modules)} and their dependencies)" if modules else ""
     print(f"  boot image {where}: {result}{extra}", file=sys.stderr)

@@ -9,6 +9,10 @@ under ``<dir>/configure/``. ``build.json`` also names the output (see
 checked, the probe stripped of DWARF (its BTF stays). A compile failure is data
 (:class:`Built` with a failure class and the log's tail); a missing tool is not
 (:class:`ToolMissing`: the builder image is incomplete).
+
+Before anything is copied or compiled, the toolchain guard (:class:`BuilderToolchain`,
+:mod:`drivers.domain.toolchain`) refuses a kernel built with another compiler major
+version than the one kbuild would run here, as ``toolchain_mismatch``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from drivers.build.bundle import Bundle
 from drivers.build.sources import read_build_spec
 from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.names import DriverKey
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH, askable, mismatch
 from drivers.domain.verify import read_vermagic, verify_driver, vermagic_matches
 
 LOG_LIMIT = 64 * 1024  # a failed task's log keeps the tail of the compile output
@@ -147,10 +152,62 @@ def _log_tail(log_path: Path, scratch: Path, extra: str = "") -> bytes:
     return tail.replace(str(scratch).encode(), WORKDIR_IN_LOGS.encode()) + extra.encode()
 
 
-def build_driver(key: DriverKey, sources: Path, bundle: Bundle, scratch: Path) -> Built:
+class BuilderToolchain:
+    """A builder's compilers as kbuild calls them (``gcc-12``, ``x86_64-linux-gnu-gcc-14``:
+    the bundle's CC), each asked for its version once (once per shard)."""
+
+    def __init__(self, builder: str) -> None:
+        self.builder = builder
+        self._versions: dict[str, str | None] = {}
+
+    def version(self, command: str) -> str | None:
+        """First line of ``command --version``; None when it is not installed."""
+        if command not in self._versions:
+            self._versions[command] = tool_version(command)
+        return self._versions[command]
+
+    def refuses(self, bundle: Bundle) -> str | None:
+        """Why this builder must not build against ``bundle`` (its kernel was built with
+        another compiler, or the tree calls a compiler it lacks), or None. Raises
+        :class:`ToolMissing` when it has no compiler of the kernel's kind at all (not even
+        a plain ``gcc``): then the image is incomplete, not the route wrong."""
+        compiler = bundle.compiler
+        if compiler is None or not askable(bundle.cc):  # never run a path into the tree
+            return None
+        have = self.version(bundle.cc)
+        default = self.version(compiler.name) if have is None else None
+        if have is None and default is None:
+            raise _missing_tool(bundle.cc)
+        return mismatch(compiler, bundle.cc, have, self.builder, default)
+
+
+def task_status(built: Built) -> str:
+    """A build's status in its task record: built, failed (the driver's: counts toward
+    quarantine), infra_failed (its sources cannot say how), toolchain_mismatch (routed to
+    the wrong builder)."""
+    if built.failure is None:
+        return "built"
+    return {"sources_missing": "infra_failed", TOOLCHAIN_MISMATCH: TOOLCHAIN_MISMATCH}.get(
+        built.failure, "failed"
+    )
+
+
+def build_driver(
+    key: DriverKey,
+    sources: Path,
+    bundle: Bundle,
+    scratch: Path,
+    toolchain: BuilderToolchain | None = None,
+) -> Built:
     """Build one driver from a version's extracted sources (``build.json`` says which
     folder and which output file) against an extracted bundle. ``scratch`` holds both
-    and is mapped out of the object's paths."""
+    and is mapped out of the object's paths. ``toolchain`` is the builder's (default:
+    this machine's, asked afresh); a kernel built with another compiler is refused
+    before anything is copied or compiled."""
+    toolchain = toolchain if toolchain is not None else BuilderToolchain("local")
+    refused = toolchain.refuses(bundle)
+    if refused is not None:
+        return Built(failure=TOOLCHAIN_MISMATCH, message=refused)
     try:
         spec = read_build_spec(sources, key.driver_version).get(key.kind)
     except ValueError as e:
@@ -295,15 +352,22 @@ def _finish_probe(
     return Built(data=data, make_s=make_s)
 
 
+def tool_version(tool: str) -> str | None:
+    """First line of ``tool --version``, None when it is missing."""
+    try:
+        out = subprocess.run(
+            [tool, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=_build_env(),
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0].strip() if out else None
+
+
 def toolchain_versions() -> dict[str, str | None]:
     """First line of ``--version`` of each tool (None when missing), read once per shard."""
-    versions: dict[str, str | None] = {}
-    for tool in ("gcc", "clang", "make"):
-        try:
-            out = subprocess.run(
-                [tool, "--version"], capture_output=True, text=True, timeout=30, check=False
-            ).stdout
-            versions[tool] = out.splitlines()[0].strip() if out else None
-        except (OSError, subprocess.TimeoutExpired):
-            versions[tool] = None
-    return versions
+    return {tool: tool_version(tool) for tool in ("gcc", "clang", "make")}

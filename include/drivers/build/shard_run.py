@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from drivers.build.bundle import Bundle, BundleCorrupt, open_bundle
-from drivers.build.compile import Built, ToolMissing, build_driver, toolchain_versions
+from drivers.build.compile import (
+    BuilderToolchain,
+    Built,
+    ToolMissing,
+    build_driver,
+    task_status,
+    toolchain_versions,
+)
 from drivers.build.safetar import UnsafeArchive, safe_extract
 from drivers.build.shard import Shard, ShardFormatError
 from drivers.domain import layout
@@ -321,6 +328,7 @@ class TaskRecords:
     ) -> None:
         self.builder, self.toolchain, self.md5s = builder, toolchain, md5s
         self.env = ledger.environment(os.environ.get(ledger.IMAGE_ENV), toolchain)
+        self.kernel_compilers: dict[str, str] = {}  # kernel -> its bundle's compiler
         self.all: list[dict[str, Any]] = []
         self.on_add = on_add  # each record as it is made (offline: kept if the run is cut)
 
@@ -356,6 +364,7 @@ class TaskRecords:
                 "env": self.env,
                 "sources": self.md5s.get(layout.source_object(key.driver_version)),
                 "bundle": self.md5s.get(layout.bundle_object(key.kernel)),
+                "kernel_compiler": self.kernel_compilers.get(key.kernel),
             }
         )
         if self.on_add is not None:
@@ -414,6 +423,7 @@ class ShardRun:
         self.inputs = Inputs(shard, fetcher or StoreFetcher(store), scratch, self.timings)  # type: ignore[arg-type]
         toolchain = toolchain if toolchain is not None else toolchain_versions()
         self.tasks = TaskRecords(shard.builder, toolchain, self.inputs.md5s, on_record)
+        self.compilers = BuilderToolchain(shard.builder)  # the toolchain guard's side
         self.err = err if err is not None else sys.stderr
         self.data_error = False  # a missing/corrupt input: exit 65 at the end
         self.completed = False  # every kernel was attempted
@@ -456,6 +466,8 @@ class ShardRun:
             except InputUnavailable as e:
                 self.data_error = True
                 return self.tasks.infra_failed(to_build, e.failure, str(e))
+            if bundle.compiler is not None:
+                self.tasks.kernel_compilers[kernel] = bundle.compiler.text
             for key in to_build:
                 self._build(key, bundle)
         finally:
@@ -470,7 +482,7 @@ class ShardRun:
         except InputUnavailable as e:
             self.data_error = True
             return self.tasks.add(key, "infra_failed", failure=e.failure, message=str(e))
-        built = build_driver(key, sources, bundle, self.scratch)
+        built = build_driver(key, sources, bundle, self.scratch, self.compilers)
         self.timings["build_s"] += time.perf_counter() - started
         if built.failure == "sources_missing":  # build.json does not say how
             self.data_error = True
@@ -505,10 +517,9 @@ class ShardRun:
                 self.shard.run_id, key.kernel, key.driver_version, key.kind
             )
             self._upload(log, built.log)  # an earlier attempt's log (DIFFERENT) is kept
-        status = "infra_failed" if built.failure == "sources_missing" else "failed"
         self.tasks.add(
             key,
-            status,
+            task_status(built),
             failure=built.failure,
             message=built.message,
             log=log,

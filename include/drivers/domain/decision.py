@@ -125,7 +125,7 @@ def quarantined(entry: Mapping[str, Any] | None, current: str, threshold: int) -
     failures = entry.get("failures", 0)
     if status in (*REPEATABLE, "quarantined") and failures >= threshold > 0:
         return (
-            f"{failures} failures in a row ({entry.get('last_failure')}) with the same "
-            "builder environment, sources and bundle"
+            f"{failures} failure{'s' * (failures != 1)} in a row ({entry.get('last_failure')}) "
+            "with the same builder environment, sources and bundle"
         )
     return None

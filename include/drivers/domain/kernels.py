@@ -35,6 +35,25 @@ family            examples
 ``other``         everything else, e.g. a plain ``4.15.0``
 ================  ==========================================================================
 
+``series`` (:attr:`Kernel.series`) is the distribution release a kernel belongs to, where
+the string says it; ``""`` otherwise and for every family but ``debian``. It decides which
+builder (whose compiler is that release's) a kernel is routed to, and the selector prefix
+``FAMILY/SERIES:`` (``debian/trixie:*``). Debian: the ``+debN`` / ``.debN.`` marker
+(``N`` from :data:`DEBIAN_RELEASES`) wins, else the ABI's base version, else ``""``:
+
+==================================  ============  ==================================
+release                             series        why
+==================================  ============  ==================================
+``6.12.117+deb13-amd64``            ``trixie``    ``+deb13`` (also ``+deb13.1-``)
+``6.12.95+deb12-cloud-amd64``       ``bookworm``  ``+deb12`` (bookworm-backports too)
+``6.1.0-0.deb11.52-amd64``          ``bullseye``  ``.deb11.`` (bullseye's 6.1 updates)
+``6.1.0-47-amd64``                  ``bookworm``  ABI ``6.1.0-N``
+``5.10.0-32-rt-amd64``              ``bullseye``  ABI ``5.10.0-N``
+``4.19.0-10-amd64``                 ``buster``    ABI ``4.19.0-N``
+``5.10.0-0.bpo.15-amd64``           ``""``        a backport: the string does not say
+                                                  which older release it was built for
+==================================  ============  ==================================
+
 ``flavour`` is the variant inside a family where one is cheap to read off the string:
 ``rt`` for RHEL real-time kernels, the Ubuntu flavour (``generic``, ``aws``,
 ``azure-fips``, …), the Debian one (``amd64``, ``cloud-amd64``, ``rt-amd64``), the SUSE
@@ -60,8 +79,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 __all__ = [
+    "DEBIAN_RELEASES",
     "FALLBACK_FAMILY",
     "FAMILIES",
+    "SERIES",
     "FAMILY_RULES",
     "Kernel",
     "KernelParseError",
@@ -69,6 +90,7 @@ __all__ = [
     "Token",
     "VersionKey",
     "ebpf_supported",
+    "kernel_series",
     "parse_kernel",
     "read_kernel_list",
     "version_tokens",
@@ -128,6 +150,22 @@ FAMILY_RULES: tuple[tuple[str, str], ...] = (
 FALLBACK_FAMILY = "other"
 FAMILIES: tuple[str, ...] = (*(name for name, _ in FAMILY_RULES), FALLBACK_FAMILY)
 
+# Series (see the module docstring): Debian's release numbers and the base versions of
+# their kernel ABIs.
+DEBIAN_RELEASES: dict[int, str] = {
+    10: "buster",
+    11: "bullseye",
+    12: "bookworm",
+    13: "trixie",
+    14: "forky",
+}
+_DEBIAN_ABI_SERIES: dict[str, str] = {"4.19.0": "buster", "5.10.0": "bullseye", "6.1.0": "bookworm"}
+_DEBIAN_MARK_RE = re.compile(r"[+.]deb(\d+)[.-]", re.ASCII)
+_DEBIAN_ABI_RE = re.compile(r"(\d+\.\d+\.\d+)-\d+-", re.ASCII)
+SERIES: dict[str, tuple[str, ...]] = {"debian": tuple(DEBIAN_RELEASES.values())}
+"""Every series a family can have (families not named have none)."""
+_SERIES_CACHE: dict[str, str] = {}
+
 # ASCII: \d must not accept other scripts' digits.
 _FAMILY_SEARCHES = tuple(
     (name, re.compile(rx, re.ASCII).search, "(?P<flavour>" in rx) for name, rx in FAMILY_RULES
@@ -172,6 +210,12 @@ class Kernel:
     family: str
     key: tuple[VersionKey, str] = field(repr=False)
     flavour: str = ""
+
+    @property
+    def series(self) -> str:
+        """The distribution release (``trixie``, ``bookworm``, …), ``""`` when unknown;
+        see the module docstring."""
+        return kernel_series(self.release, self.family)
 
     @property
     def tokens(self) -> VersionKey:
@@ -252,6 +296,24 @@ def parse_kernel(release: str) -> Kernel:
     return Kernel(
         release, tokens[0][1], tokens[1][1], tokens[2][1], family, (tokens, release), flavour
     )
+
+
+def kernel_series(release: str, family: str) -> str:
+    """The series of a release of ``family`` (rules in the module docstring); computed on
+    first use, so parsing a kernel costs nothing more."""
+    if family != "debian":
+        return ""
+    series = _SERIES_CACHE.get(release)
+    if series is None:
+        mark = _DEBIAN_MARK_RE.search(release)
+        if mark is not None:
+            series = DEBIAN_RELEASES.get(int(mark[1]), "")
+        else:
+            abi = _DEBIAN_ABI_RE.match(release)
+            series = _DEBIAN_ABI_SERIES.get(abi[1], "") if abi else ""
+        if len(_SERIES_CACHE) < 100_000:
+            _SERIES_CACHE[release] = series
+    return series
 
 
 @dataclass(frozen=True, slots=True)

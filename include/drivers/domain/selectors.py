@@ -6,7 +6,9 @@ special (any run of characters, possibly empty) and everything else — ``?``, `
 ``.`` included — is literal. A field always matches a whole string.
 
 Selector syntax (:func:`parse_selector`), optionally prefixed by ``FAMILY:`` (a family
-of :data:`drivers.domain.kernels.FAMILIES`, e.g. ``el8:``) to keep only that family:
+of :data:`drivers.domain.kernels.FAMILIES`, e.g. ``el8:``) to keep only that family, or
+by ``FAMILY/SERIES:`` (a series of :data:`drivers.domain.kernels.SERIES`, e.g.
+``debian/trixie:``) to keep only that release of it (:attr:`Kernel.series`):
 
 ==============================  ========================================================
 ``5.4.0-62-generic``            exactly this release
@@ -14,6 +16,8 @@ of :data:`drivers.domain.kernels.FAMILIES`, e.g. ``el8:``) to keep only that fam
 ``~5\\.4\\.0-\\d+-gcp``            Python regex, matching the whole release
 ``4.18.0-305..4.18.0-372``      inclusive range; ``A..`` and ``..B`` are open-ended
 ``>=5.10,<6.0``                 comparisons ``>= > <= < ==``, comma means AND
+``debian/bookworm:*``           every kernel of Debian 12 (``6.1.0-N-*``, ``*+deb12-*``)
+``debian/trixie:*-cloud-amd64`` prefixes combine with any of the forms above
 ==============================  ========================================================
 
 Bounds are version prefixes, compared token by token exactly like
@@ -36,6 +40,7 @@ from functools import lru_cache
 from drivers.domain.kernels import (
     FAMILIES,
     MAX_RELEASE_LENGTH,
+    SERIES,
     Kernel,
     KernelParseError,
     VersionKey,
@@ -89,7 +94,9 @@ def compile_field(pattern: str) -> re.Pattern[str]:
 # ---------------------------------------------------------------------------------------
 # Selectors
 # ---------------------------------------------------------------------------------------
-_FAMILY_PREFIX_RE = re.compile(r"([A-Za-z][A-Za-z0-9_]*):(.*)", re.DOTALL)
+_FAMILY_PREFIX_RE = re.compile(
+    r"([A-Za-z][A-Za-z0-9_]*)(?:/([A-Za-z][A-Za-z0-9_]*))?:(.*)", re.DOTALL
+)
 _BOUND_RE = re.compile(r"[0-9][A-Za-z0-9.+~_-]*", re.ASCII)
 _COMPARISON_RE = re.compile(r"(>=|<=|==|>|<)\s*(.*)", re.DOTALL)
 _OPERATORS: dict[str, Callable[[VersionKey, VersionKey], bool]] = {
@@ -119,22 +126,30 @@ class Selector:
     form: str  # "exact" | "glob" | "regex" | "range" | "compare"
     body: str  # canonical text after the family prefix
     _predicate: Callable[[Kernel], bool] = field(compare=False, repr=False)
+    series: str | None = None  # only with a family
 
     def __str__(self) -> str:
+        if self.series:
+            return f"{self.family}/{self.series}:{self.body}"
         return f"{self.family}:{self.body}" if self.family else self.body
 
     def matches(self, kernel: Kernel) -> bool:
         """Whether this selector selects ``kernel``."""
         if self.family is not None and kernel.family != self.family:
             return False
+        if self.series is not None and kernel.series != self.series:
+            return False
         return self._predicate(kernel)
 
     def filter(self, kernels: Iterable[Kernel]) -> list[Kernel]:
         """The selected kernels, in their input order."""
-        predicate, family = self._predicate, self.family
+        predicate, family, series = self._predicate, self.family, self.series
         if family is None:
             return [k for k in kernels if predicate(k)]
-        return [k for k in kernels if k.family == family and predicate(k)]
+        if series is None:
+            return [k for k in kernels if k.family == family and predicate(k)]
+        # The series is computed on demand: test it only on the family's kernels.
+        return [k for k in kernels if k.family == family and k.series == series and predicate(k)]
 
 
 def _error(expr: str, problem: str) -> SelectorError:
@@ -238,7 +253,9 @@ def _parse_comparisons(expr: str, body: str) -> tuple[str, list[_Bound]]:
     return ",".join(map(str, bounds)), bounds
 
 
-def _parse_exact(expr: str, family: str | None, body: str) -> Callable[[Kernel], bool]:
+def _parse_exact(
+    expr: str, family: str | None, series: str | None, body: str
+) -> Callable[[Kernel], bool]:
     try:
         kernel = parse_kernel(body)
     except KernelParseError as e:
@@ -255,6 +272,12 @@ def _parse_exact(expr: str, family: str | None, body: str) -> Callable[[Kernel],
             f"release {body!r} belongs to family {kernel.family!r}, not {family!r}, so it "
             "selects nothing",
         )
+    if series is not None and kernel.series != series:
+        raise _error(
+            expr,
+            f"release {body!r} belongs to series {kernel.series or '(none)'!r}, not "
+            f"{series!r}, so it selects nothing",
+        )
     return lambda k: k.release == body
 
 
@@ -264,17 +287,25 @@ def parse_selector(expr: str) -> Selector:
     text = expr.strip()
     if not text:
         raise _error(expr, "empty selector")
-    family = None
+    family = series = None
     m = _FAMILY_PREFIX_RE.fullmatch(text)
     if m is not None:
-        family, text = m.group(1), m.group(2).strip()
+        family, series, text = m.group(1), m.group(2), m.group(3).strip()
         if family not in FAMILIES:
             raise _error(
                 expr,
                 f"unknown kernel family {family!r}; known families: {', '.join(sorted(FAMILIES))}",
             )
+        if series is not None and series not in SERIES.get(family, ()):
+            known = SERIES.get(family)
+            raise _error(
+                expr,
+                f"unknown series {series!r} of family {family!r}; "
+                + (f"known series: {', '.join(known)}" if known else "that family has none"),
+            )
+        prefix = f"{family}/{series}" if series else family
         if not text:
-            raise _error(expr, f"nothing after '{family}:'; e.g. '{family}:*' selects the family")
+            raise _error(expr, f"nothing after '{prefix}:'; e.g. '{prefix}:*' selects them all")
 
     predicate: Callable[[Kernel], bool]
     if text.startswith("~"):
@@ -295,8 +326,8 @@ def parse_selector(expr: str) -> Selector:
         predicate = _pattern_predicate(expr, text)
     else:
         form, body = "exact", text
-        predicate = _parse_exact(expr, family, text)
-    return Selector(family, form, body, predicate)
+        predicate = _parse_exact(expr, family, series, text)
+    return Selector(family, form, body, predicate, series)
 
 
 def _pattern_predicate(expr: str, text: str) -> Callable[[Kernel], bool]:

@@ -31,6 +31,7 @@ from drivers.domain.names import (
 from drivers.domain.planner import plan
 from drivers.domain.planview import plan_view
 from drivers.domain.selectors import parse_selector
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.domain.verdict import SUCCESS, Verdict
 from drivers.store import claims, ledger
 from drivers.store.storage import ObjectNotFound, ObjectStore, Stores, read_json, write_json
@@ -241,7 +242,8 @@ def pre_build(stores: Stores, config: Config, run_id: str, params: RunParams) ->
         "driver_versions": list(versions),
         "shards": shards,
         "dry_run": params.dry_run,
-        "plan_view": plan_view(plan_json),  # printed in the task log, kept in the report
+        # printed in the task log, kept in the report
+        "plan_view": plan_view(plan_json, standing.kernel_compilers()),
     }
 
 
@@ -273,12 +275,14 @@ def unify(stores: Stores, run_id: str, expected_shards: dict[str, list[str]]) ->
     counts: dict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
         counts[f"{r['builder']}/{r['kind']}"][r["status"]] += 1
-    failures = [r for r in records if r["status"] in ("failed", "infra_failed")]
+    failures = [r for r in records if r["status"] in ("failed", "infra_failed", TOOLCHAIN_MISMATCH)]
     logs = _keep_failure_logs(stores, run_id, failures)
     build = {
         "counts": {k: dict(v) for k, v in sorted(counts.items())},
         "compile_failures": sum(1 for r in records if r["status"] == "failed"),
         "infra_failures": sum(1 for r in records if r["status"] == "infra_failed"),
+        # routing errors: the kernel's compiler is not its builder's (never compiled)
+        "toolchain_mismatches": sum(1 for r in records if r["status"] == TOOLCHAIN_MISMATCH),
         "failures": failures,
         "failure_logs": logs,
         "shards": shard_records,
@@ -299,6 +303,7 @@ def unify(stores: Stores, run_id: str, expected_shards: dict[str, list[str]]) ->
         "unavailable": sum(1 for r in records if r["status"] == "unavailable"),
         "compile_failures": build["compile_failures"],
         "infra_failures": build["infra_failures"] + len(lost),
+        "toolchain_mismatches": build["toolchain_mismatches"],
         "shards_reported": len(shard_records),
         "shards_lost": len(lost),
     }
@@ -494,6 +499,11 @@ def report(
     problems = []
     if build.get("infra_failures"):
         problems.append(f"{build['infra_failures']} infrastructure failure(s) in builders")
+    if build.get("toolchain_mismatches"):  # a routing error: not under max_failures
+        problems.append(
+            f"{build['toolchain_mismatches']} driver(s) refused as {TOOLCHAIN_MISMATCH}: their "
+            "kernel's compiler is not their builder's; fix the config's [[routes]]"
+        )
     vm = steps.get("integration_tests") or {}
     enforced = vm.get("mode") == "enforce"
     refused = vm.get("refused", 0) if enforced else 0  # warn: reported, published anyway
@@ -624,6 +634,7 @@ def _attempt_record(r: dict[str, Any], run_id: str, reports: str) -> dict[str, A
         builder=r["builder"],
         env=r.get("env"),
         toolchain=r.get("toolchain"),  # gcc, clang, make as the builder reported them
+        kernel_compiler=r.get("kernel_compiler"),  # as the kernel's bundle records it
         fingerprint=ledger.fingerprint(r.get("env"), r.get("sources"), r.get("bundle")),
         failure=r.get("failure"),
         reason=reason,

@@ -302,9 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bundle", help="make kernel bundles")
     p.add_argument("source", choices=["debian"], help="where the kernel headers come from")
-    p.add_argument("unames", nargs="+", metavar="UNAME", help="e.g. 6.1.0-47-cloud-amd64")
+    p.add_argument("unames", nargs="*", metavar="UNAME", help="e.g. 6.1.0-47-cloud-amd64")
+    p.add_argument(
+        "--list", action="store_true", help="print every kernel each Debian release offers"
+    )
     p.add_argument("--out", default=".cache/bundles", help="folder for bundle-<uname>.tgz")
     p.add_argument("--deb-cache", default=".cache/debs", help="downloaded .deb packages")
+    p.add_argument(
+        "--apt-state",
+        help="private apt state per suite (default: beside --deb-cache, e.g. .cache/apt)",
+    )
+    p.add_argument(
+        "--refresh", action="store_true", help="apt-get update every suite's lists first"
+    )
     p.add_argument("--upload", metavar="gs://BUCKET", help="upload, never overwriting")
     p.add_argument(
         "--boot-images", metavar="gs://BUCKET", help="also store each kernel's boot image there"
@@ -401,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle-<kernel>.tgz or gs://BUCKET/OBJECT")
     p.add_argument("--out", required=True, help="folder for the drivers (cache names) and logs")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument(
+        "--builder", default=None, help="the builder to build as (default: the kernel's route)"
+    )
     p.set_defaults(func=_lazy("drivers.build.one_kernel", "cmd_build"))
 
     p = sub.add_parser(
@@ -462,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     from drivers.ops.deploy import add_parser as add_deploy_parser
 
     add_deploy_parser(sub)  # drivers deploy network-policy
+
+    from drivers.ops.images import add_parser as add_images_parser
+
+    add_images_parser(sub)  # drivers images build [RELEASE...]: the builder images (podman)
 
     return parser
 

@@ -9,6 +9,7 @@ from datetime import datetime
 
 from drivers.domain.layout import REPORTS_PREFIX, Buckets, report_prefix, staging_prefix
 from drivers.domain.planview import format_plan_view
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.store import storage
 
 
@@ -78,16 +79,23 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=N
     except storage.ObjectNotFound:
         build = None
     if build and build["counts"]:
-        print("  builds (builder/kind: built / unavailable / failed / infra_failed):", file=out)
+        print(
+            "  builds (builder/kind: built / unavailable / failed / infra_failed / "
+            f"{TOOLCHAIN_MISMATCH}):",
+            file=out,
+        )
         for key, counts in build["counts"].items():
             print(
                 f"    {key:12} {counts.get('built', 0):5} / {counts.get('unavailable', 0):5} / "
-                f"{counts.get('failed', 0):5} / {counts.get('infra_failed', 0):5}",
+                f"{counts.get('failed', 0):5} / {counts.get('infra_failed', 0):5} / "
+                f"{counts.get(TOOLCHAIN_MISMATCH, 0):5}",
                 file=out,
             )
+        routing = [f for f in build["failures"] if f["status"] == TOOLCHAIN_MISMATCH]
+        _print_routing_errors(routing, out)
         kept = set(build.get("failure_logs", []))  # the logs kept after staging is gone
         staged = staging_prefix(run_id)
-        for failure in build["failures"][:10]:
+        for failure in [f for f in build["failures"] if f not in routing][:10]:
             print(
                 f"    FAILED {failure['kernel']} {failure['driver_version']} {failure['kind']}: "
                 f"{failure.get('failure')} {failure.get('message', '')}",
@@ -125,6 +133,30 @@ def print_report(run_id: str | None = None, since: datetime | None = None, out=N
     print(f"  packages: gs://{buckets.support}/index.html", file=out)
     print(f"  report:   gs://{buckets.work}/{prefix}report.json", file=out)
     return 0 if doc["status"] == "success" else 1
+
+
+def _print_routing_errors(refused: list[dict], out) -> None:
+    """Drivers the toolchain guard refused: the route is wrong, not the driver."""
+    if not refused:
+        return
+    print(
+        f"  routing errors ({len(refused)} {TOOLCHAIN_MISMATCH}: refused before compiling):",
+        file=out,
+    )
+    for r in refused[:10]:
+        print(
+            f"    MISMATCH {r['kernel']} {r['driver_version']} {r['kind']} on {r['builder']}: "
+            f"{r.get('message', '')}",
+            file=out,
+        )
+    if len(refused) > 10:
+        print(f"    ... and {len(refused) - 10} more", file=out)
+    print(
+        "    fix the route: a [[routes]] entry that sends these kernels to a builder with "
+        "their compiler (drivers build KERNEL --builder NAME ... tries one); not a "
+        "blocklist case, never quarantined",
+        file=out,
+    )
 
 
 def _print_suggestions(recorded: dict, out) -> None:

@@ -31,6 +31,7 @@ from drivers.domain.decision import (
 )
 from drivers.domain.kernels import ebpf_supported, parse_kernel
 from drivers.domain.names import KINDS, DriverKey, check_driver_version, check_kinds
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.store import ledger
 
 if TYPE_CHECKING:
@@ -270,6 +271,16 @@ def _answer(
             f"infrastructure failure in run {entry['run_id']}: {entry.get('reason', '')}"
         )
         answer.action = "nothing: the next run tries again (see the run's report if it repeats)"
+    elif status == TOOLCHAIN_MISMATCH:
+        answer.status = status
+        answer.summary = (
+            f"refused before compiling by builder {entry.get('builder', '?')} in run "
+            f"{entry['run_id']}: {entry.get('reason', '')}"
+        )
+        answer.action = (
+            "fix the route (the config's [[routes]]): send this kernel to a builder with its "
+            "compiler; every run tries again, it is never quarantined"
+        )
     elif status in ("built", "published"):
         answer.status = "missing"
         answer.summary = (

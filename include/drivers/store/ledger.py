@@ -4,7 +4,8 @@
 ``drivers withdraw``) under ``ledger/runs/``. A record is one driver's decision or
 attempt: kernel, driver version, kind, status (:data:`STATUSES`), builder, the
 builder's environment (image, or toolchain versions on the local runtime), the
-sources and bundle it was built from, reason, failure class, log, duration, sha256,
+sources and bundle it was built from, the compiler the kernel was built with (as its
+bundle records it: ``kernel_compiler``), reason, failure class, log, duration, sha256,
 run id, time. A run records attempts and changes of state only, never the nightly
 "already done" of every driver.
 
@@ -30,6 +31,7 @@ from drivers.domain import layout
 from drivers.domain.decision import REPEATABLE  # the failures that count toward quarantine
 from drivers.domain.deterministic import gzip_bytes
 from drivers.domain.names import DriverKey
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 
 if TYPE_CHECKING:  # google-cloud-storage stays out of DAG parsing (IMAGE_ENV)
     from drivers.domain.config import Config
@@ -41,6 +43,9 @@ STATUSES = (
     "unavailable",  # the kernel cannot run it (an .unavail marker is published)
     "failed",  # compile failure (its log is kept)
     "infra_failed",  # the builder's infrastructure failed: retried, never quarantined
+    # routed to a builder whose compiler is not the kernel's (refused before compiling):
+    # a routing error, never quarantined (drivers.domain.toolchain)
+    TOOLCHAIN_MISMATCH,
     "blocked",  # a blocklist rule matches
     "unroutable",  # no builder takes this kernel
     "quarantined",  # failed the same way too often with the same inputs: skipped
@@ -168,6 +173,9 @@ class Coverage:
         for k in ("builder", "reason", "failure", "log", "object", "sha256", "duration_s"):
             if k in r:
                 entry[k] = r[k]
+        # The kernel's compiler, once a builder read it from the bundle (plan views).
+        if compiler := r.get("kernel_compiler", old.get("kernel_compiler")):
+            entry["kernel_compiler"] = compiler
         # What the quarantine needs survives the states in between (an infra failure,
         # a quarantine decision): the inputs of the last attempt and how many times in a
         # row it failed the same way with them.
@@ -180,7 +188,7 @@ class Coverage:
             entry["last_reason"] = r.get("reason")
         elif status in ("built", "published", "unavailable"):
             failures = 0
-        else:  # blocked, unroutable, quarantined, infra_failed, withdrawn: unchanged
+        else:  # blocked, unroutable, quarantined, infra_failed, mismatch, withdrawn: unchanged
             for k in ("last_failure", "last_reason", "log", "failure"):
                 if k in old and k not in entry:
                     entry[k] = old[k]
@@ -345,6 +353,17 @@ class Standing:
         if builder not in self._environments:  # the local toolchain runs three commands
             self._environments[builder] = builder_environment(self.config, builder, self.toolchain)
         return self._environments[builder]
+
+    def kernel_compilers(self) -> dict[str, str]:
+        """kernel -> the compiler its bundle records, for the kernels a builder has read
+        (any driver version, kind): what the plan view knows before building."""
+        return {
+            kernel: entry["kernel_compiler"]
+            for coverage in self.coverage.values()
+            for kernel, kinds in coverage.entries.items()
+            for entry in kinds.values()
+            if entry.get("kernel_compiler")
+        }
 
     def fingerprint(self, task: tuple[str, str, str], builder: str) -> str:
         kernel, version, _ = task

@@ -37,6 +37,7 @@ from drivers.domain import layout
 from drivers.domain.kernels import FAMILIES, Kernel, KernelParseError, parse_kernel, version_tokens
 from drivers.domain.names import KINDS
 from drivers.domain.selectors import SelectorError, parse_selector
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.store import ledger
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ CELLS: dict[str, tuple[str, str, str]] = {
     "failed": ("F", "F", "compile failure"),
     "refused": ("R", "R", "refused by its kernel in the VM test"),
     "infra_failed": ("I", "I", "infrastructure failure (retried)"),
+    TOOLCHAIN_MISMATCH: ("M", "M", "routed to a builder with another compiler: fix the route"),
     "quarantined": ("Q", "Q", "quarantined: failed the same way too often"),
     "blocked": ("B", "B", "blocklisted"),
     "unroutable": ("N", "N", "no builder route takes it"),
@@ -62,7 +64,7 @@ CELLS: dict[str, tuple[str, str, str]] = {
 }
 UNKNOWN = "u"  # a status this page does not know yet (a newer ledger)
 # Recent failures: what went wrong with a driver, newest first.
-FAILURES = ("failed", "quarantined", "refused", "infra_failed")
+FAILURES = ("failed", "quarantined", "refused", "infra_failed", TOOLCHAIN_MISMATCH)
 # A kernel still waits for a driver while that driver has no record or is on its way.
 WAITING = (None, "built", "infra_failed")
 CHUNK_ROWS = 400  # grid rows per lazily laid-out block
@@ -393,7 +395,7 @@ width:calc(34em + var(--columns) * 2.4em);box-sizing:border-box}
 .chunk{content-visibility:auto}
 .P{background:#2e7d32;color:#fff}.U{background:#a5d6a7}.S{background:#c8e6c9}
 .F{background:#c62828;color:#fff}.R{background:#ad1457;color:#fff}
-.I{background:#ef6c00;color:#fff}.Q{background:#4a148c;color:#fff}
+.I{background:#ef6c00;color:#fff}.Q{background:#4a148c;color:#fff}.M{background:#f9a825}
 .B{background:#9e9e9e;color:#fff}.N{background:#bdbdbd}.W{background:#795548;color:#fff}
 .d{background:#fff8e1;color:#8d6e00}.x{background:#fafafa}.u{background:#fff}
 .legend span{display:inline-block;padding:0 6px;margin:2px;border-radius:3px}
