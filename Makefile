@@ -10,9 +10,12 @@ GCS_PORT ?= 4443
 export DRIVERS_GCS_ROOT ?= $(CURDIR)/.gcs
 export STORAGE_EMULATOR_HOST ?= http://127.0.0.1:$(GCS_PORT)
 
-# Debian kernels the embedded default builds drivers for (two header versions x 2 flavours).
-DEMO_KERNELS ?= 6.1.0-56-amd64 6.1.0-56-cloud-amd64 \
-                6.12.115+deb12-amd64 6.12.115+deb12-cloud-amd64
+# Debian kernels the embedded default builds drivers for, three releases with three
+# compilers, each built in its release's builder image: bullseye's 5.10 (gcc-10),
+# bookworm's 6.1 and backported 6.12 (gcc-12), trixie's 6.12 (gcc-14: this host cannot
+# build it). `drivers bundle debian --list` shows every kernel the releases offer.
+DEMO_KERNELS ?= 5.10.0-46-amd64 6.1.0-56-amd64 6.12.115+deb12-cloud-amd64 \
+                6.12.118+deb13-amd64
 # The collector's real driver sources (falcosecurity-libs trees, one tarball per driver
 # version) and the versions the embedded default prepares from them, TARBALL=VERSION: one
 # from 2022 that fails to compile on 6.12, and 8.1.0, which builds there.

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,47 @@ def test_shipped_config_reproduces_the_routing_table():
     assert route("3.10.0-1160.el7.x86_64", "bpf") == "rhel7"
     assert route("2.6.32-754.el6.x86_64", "mod") is None
     assert config.slots == 90 and config.costs.shard_startup == 60
+
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "include/drivers/config/embedded.toml"
+
+
+def test_the_embedded_default_routes_each_debian_release_to_its_own_builder():
+    config, production = load_config(EMBEDDED), load_config()
+    assert list(config.builders) == ["bullseye", "bookworm", "trixie"]
+    route = lambda release: config.route(parse_kernel(release), "mod")  # noqa: E731
+    assert route("5.10.0-46-amd64") == route("6.1.0-0.deb11.52-amd64") == "bullseye"
+    assert route("6.1.0-56-cloud-amd64") == route("6.12.115+deb12-amd64") == "bookworm"
+    assert route("6.12.118+deb13-cloud-amd64") == "trixie"
+    assert route("4.19.0-27-amd64") is None and route("4.18.0-305.el8.x86_64") is None
+    # What it does not say is the production config's (its base), blocklists included.
+    assert (config.runtime, config.slots, config.costs.shard_startup) == ("docker", 4, 5)
+    assert config.costs.task == production.costs.task and config.docker["time_limit_s"] == 3600
+    assert config.docker["pids_limit"] == production.docker["pids_limit"]
+    assert config.kubernetes == production.kubernetes and config.vm_tests == production.vm_tests
+    assert config.blocklist_paths == production.blocklist_paths
+    assert config.driver_versions == production.driver_versions
+
+
+def test_a_base_replaces_values_and_arrays_merges_tables_and_never_loops(tmp_path):
+    (tmp_path / "BLOCKLIST").write_text("")
+    write(tmp_path, 'blocklists = ["BLOCKLIST"]\n' + GOOD)
+    child = tmp_path / "child" / "child.toml"
+    child.parent.mkdir()
+    child.write_text('base = "../pipeline.toml"\nslots = 2\n[costs]\nbpf = 7\n[[builders]]\n'
+                     'name = "b"\n[[routes]]\nbuilder = "b"\nkernels = "*"\nkinds = ["mod"]\n')  # fmt: skip
+    config = load_config(child)
+    assert config.slots == 2 and list(config.builders) == ["b"]
+    assert config.costs.task == {"mod": 10.0, "bpf": 7.0}  # [costs] merged
+    assert config.blocklist_paths == (tmp_path / "BLOCKLIST",)  # relative to the file naming it
+    loop = tmp_path / "loop.toml"
+    loop.write_text('base = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(loop)
+    missing = tmp_path / "orphan.toml"
+    missing.write_text('base = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match="cannot read config .*nowhere.toml"):
+        load_config(missing)
 
 
 def test_config_is_selected_by_the_environment(tmp_path, monkeypatch):

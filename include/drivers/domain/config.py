@@ -199,16 +199,40 @@ def default_config_path() -> Path:
 
 def load_config(path: str | Path | None = None) -> Config:
     path = Path(path) if path is not None else default_config_path()
+    data = _read_toml(path)
+    try:
+        return _parse(path, data)
+    except ValueError as e:  # ConfigError, or a bad driver version
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _read_toml(path: Path, inside: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's settings over those of the file its ``base`` names (relative to
+    it), if any: a top-level value or array (``[[builders]]``, ``[[routes]]``) replaces
+    the base's, a table (``[costs]``, ``[docker]``...) is merged key by key. Blocklists
+    a file names stay relative to that file."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror} (set {CONFIG_ENV})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    try:
-        return _parse(path, data)
-    except ValueError as e:  # ConfigError, or a bad driver version
-        raise ConfigError(f"{path}: {e}") from None
+    if "blocklists" in data and isinstance(data["blocklists"], list):
+        data["blocklists"] = [str(path.parent / b) for b in data["blocklists"]]
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must name a config file, not {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in (*inside, path.resolve()):
+        raise ConfigError(f"{path}: base {base!r} leads back to itself")
+    merged = _read_toml(base_path, (*inside, path.resolve()))
+    for key, value in data.items():
+        below = merged.get(key)
+        both_tables = isinstance(value, dict) and isinstance(below, dict)
+        merged[key] = below | value if both_tables else value
+    return merged
 
 
 def _kinds(value: Any, where: str) -> tuple[Kind, ...]:
