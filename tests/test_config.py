@@ -73,8 +73,10 @@ def test_a_base_replaces_values_and_arrays_merges_tables_and_never_loops(tmp_pat
     write(tmp_path, 'blocklists = ["BLOCKLIST"]\n' + GOOD)
     child = tmp_path / "child" / "child.toml"
     child.parent.mkdir()
-    child.write_text('base = "../pipeline.toml"\nslots = 2\n[costs]\nbpf = 7\n[[builders]]\n'
-                     'name = "b"\n[[routes]]\nbuilder = "b"\nkernels = "*"\nkinds = ["mod"]\n')  # fmt: skip
+    child.write_text(
+        'base = "../pipeline.toml"\nslots = 2\n[costs]\nbpf = 7\n'
+        '[[builders]]\nname = "b"\n[[routes]]\nbuilder = "b"\nkernels = "*"\nkinds = ["mod"]\n'
+    )
     config = load_config(child)
     assert config.slots == 2 and list(config.builders) == ["b"]
     assert config.costs.task == {"mod": 10.0, "bpf": 7.0}  # [costs] merged
