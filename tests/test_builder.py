@@ -133,10 +133,16 @@ class Env:
         else:
             self.bundles.upload_new(name, data)
 
-    def shard(self, tasks: list[tuple[str, str, str]], run_id: str = "run1", index: int = 0):
+    def shard(
+        self,
+        tasks: list[tuple[str, str, str]],
+        run_id: str = "run1",
+        index: int = 0,
+        builder: str = "fc36",
+    ):
         doc = {
             "run_id": run_id,
-            "builder": "fc36",
+            "builder": builder,
             "index": index,
             "cost": 12.5,
             "buckets": {
@@ -146,7 +152,7 @@ class Env:
             },
             "tasks": [list(t) for t in tasks],
         }
-        name = layout.shard_object(run_id, "fc36", index)
+        name = layout.shard_object(run_id, builder, index)
         self.work.put(name, json.dumps(doc).encode())
         return f"gs://{self.work.bucket_name}/{name}", doc
 
@@ -158,8 +164,8 @@ class Env:
         status = main(["build-shard", "--shard", uri, "--workdir", str(workdir)])
         return status, self.results(run_id, index), workdir
 
-    def results(self, run_id: str = "run1", index: int = 0) -> list[dict]:
-        data = self.work.download(layout.shard_results_object(run_id, "fc36", index))
+    def results(self, run_id: str = "run1", index: int = 0, builder: str = "fc36") -> list[dict]:
+        data = self.work.download(layout.shard_results_object(run_id, builder, index))
         return [json.loads(line) for line in data.decode().splitlines()]
 
 

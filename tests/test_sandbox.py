@@ -24,8 +24,11 @@ from drivers.build.sandbox import Sandbox, build_shard_sandboxed
 from drivers.build.shard import Shard
 from drivers.build.shard_run import SANDBOXES, build_shard
 from drivers.domain import layout
+from drivers.domain.config import load_config
 from drivers.domain.exit_codes import EX_DATAERR, EX_OK, EX_TEMPFAIL
+from drivers.domain.kernels import parse_kernel
 from drivers.domain.names import DriverKey
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.domain.verify import verify_driver
 from podman import ensure_builder_image, podman_env, podman_service, podman_unavailable_reason
 from tarballs import tgz
@@ -256,6 +259,70 @@ def test_the_example_drivers_build_in_the_sandbox(store, tmp_path, image, docker
     assert env.results("example") == records
     assert records[-1]["sandbox"] == "docker"
     assert SANDBOXES["docker"].startswith("sandboxed")
+
+
+# A test config that routes bullseye's kernels to bookworm's builder: a routing error.
+WRONG_ROUTE = """
+driver_versions = ["2.3.0"]
+slots = 1
+[[builders]]
+name = "bookworm"
+image = "localhost/collector-drivers/builder-bookworm:0.1.0"
+[[routes]]
+builder = "bookworm"
+kernels = "debian:*"
+kinds = ["mod", "bpf"]
+"""
+BULLSEYE_KERNEL = "5.10.0-46-amd64"  # built by bullseye's gcc-10
+
+
+@pytest.fixture(scope="module")
+def bullseye_bundle() -> Path:
+    from drivers.build import bundles
+
+    cache = Path(__file__).resolve().parents[1] / ".cache"
+    path = cache / "bundles" / layout.bundle_object(BULLSEYE_KERNEL)
+    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
+        bundles.make_debian_bundle(BULLSEYE_KERNEL, path.parent, cache / "debs")
+    return path
+
+
+def test_a_kernel_routed_to_another_releases_builder_is_refused_before_compiling(
+    store, tmp_path, docker_url, bullseye_bundle
+):
+    """bullseye's 5.10 in bookworm's image (gcc-12, no gcc-10): toolchain_mismatch, no
+    make run; in its own release's image (bullseye, gcc-10) the same shard builds."""
+    config_path = tmp_path / "wrong-route.toml"
+    config_path.write_text(WRONG_ROUTE)
+    wrong = load_config(config_path).route(parse_kernel(BULLSEYE_KERNEL), "mod")
+    assert wrong == "bookworm"
+    env = Env(store, tmp_path)
+    env.add_bundle(BULLSEYE_KERNEL, bullseye_bundle)
+    tasks = [(BULLSEYE_KERNEL, VERSION, kind) for kind in ("mod", "bpf")]
+    images = {r: ensure_builder_image(r) for r in ("bookworm", "bullseye")}
+
+    def run(builder: str) -> tuple[int, list[dict]]:
+        uri, _ = env.shard(tasks, run_id=f"route-{builder}", builder=builder)
+        return build_shard_sandboxed(
+            uri, lambda b: _store(env, b), sandbox(images[builder], docker_url, tmp_path / builder)
+        )
+
+    status, records = run(wrong)
+    assert status == EX_OK  # a routing error is data, counted apart
+    for r in by_task(records).values():
+        assert (r["status"], r["log"], r["object"]) == (TOOLCHAIN_MISMATCH, None, None), r
+        assert r["message"].startswith("kernel built with gcc-10 (Debian 10.2.1-6)"), r
+        assert "builder bookworm has no gcc-10" in r["message"], r
+        assert r["duration_s"] < 1  # refused before any make ran
+    assert records[-1]["counts"] == {TOOLCHAIN_MISMATCH: 2}
+
+    status, records = run("bullseye")
+    assert status == EX_OK, records[-1]
+    for (kernel, version, kind), r in by_task(records).items():
+        assert r["status"] == "built", r
+        assert r["kernel_compiler"].startswith("gcc-10 (Debian 10.2.1-6)")
+        data = env.work.download(r["object"])
+        assert verify_driver(DriverKey(kernel, version, kind), data, unavailable=False) == []
 
 
 def _containers(label: str) -> list[str]:
