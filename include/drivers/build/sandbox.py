@@ -65,12 +65,13 @@ from drivers.build.shard_run import (
 from drivers.domain import layout
 from drivers.domain.exit_codes import EX_DATAERR, EX_OK, EX_TEMPFAIL
 from drivers.domain.names import DriverKey
+from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.store import ledger
 
 WORK = "/work"  # the work folder inside the container
 USER = "1000:1000"  # the builder images' user (images/*/Dockerfile)
 # A task record's statuses (toolchain_mismatch: helper C's toolchain guard, issue 15).
-STATUSES = ("built", "unavailable", "failed", "infra_failed", "toolchain_mismatch")
+STATUSES = ("built", "unavailable", "failed", "infra_failed", TOOLCHAIN_MISMATCH)
 MAX_OUTPUT = 512 * 1024 * 1024  # a file the build left larger than this is not read
 TRANSFERS = 8  # parallel downloads and uploads
 TMPFS_SIZE = "64m"  # the container's /tmp (builds use the work folder: TMPDIR)

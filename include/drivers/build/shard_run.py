@@ -343,6 +343,7 @@ class TaskRecords:
         data: bytes | None = None,
         log: str | None = None,
         duration_s: float = 0.0,
+        make_s: float | None = None,
     ) -> None:
         self.all.append(
             {
@@ -357,6 +358,8 @@ class TaskRecords:
                 "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
                 "size": len(data) if data is not None else None,
                 "duration_s": round(duration_s, 3),
+                # the bare make of a build that ran it: the compile-bound limit's input
+                "make_s": round(make_s, 3) if make_s else None,
                 "log": log,
                 "failure": failure,
                 "message": message,
@@ -488,13 +491,21 @@ class ShardRun:
             self.data_error = True
         if built.data is None:
             return self._fail(key, built, started)
-        self._stage(key, key.object_name(), built.data, started, "built")
+        self._stage(key, key.object_name(), built.data, started, "built", built.make_s)
 
     def _upload(self, name: str, data: bytes) -> Any:
         with _timed(self.timings, "upload_s"):
             return self.work.upload_new(name, data)
 
-    def _stage(self, key: DriverKey, name: str, data: bytes, started: float, status: str) -> None:
+    def _stage(
+        self,
+        key: DriverKey,
+        name: str,
+        data: bytes,
+        started: float,
+        status: str,
+        make_s: float | None = None,
+    ) -> None:
         from drivers.store.storage import UploadResult
 
         obj = layout.staged_drivers_prefix(self.shard.run_id) + name
@@ -506,9 +517,11 @@ class ShardRun:
                 data=data,
                 message=f"{obj} already staged with other bytes: the build is not reproducible",
                 duration_s=time.perf_counter() - started,
+                make_s=make_s,
             )
             return
-        self.tasks.add(key, status, obj=obj, data=data, duration_s=time.perf_counter() - started)
+        duration_s = time.perf_counter() - started
+        self.tasks.add(key, status, obj=obj, data=data, duration_s=duration_s, make_s=make_s)
 
     def _fail(self, key: DriverKey, built: Built, started: float) -> None:
         log = None
@@ -524,6 +537,7 @@ class ShardRun:
             message=built.message,
             log=log,
             duration_s=time.perf_counter() - started,
+            make_s=built.make_s,
         )
 
     def _print_kernel(self, kernel: str, records: list[dict[str, Any]], seconds: float) -> None:

@@ -640,6 +640,7 @@ def _attempt_record(r: dict[str, Any], run_id: str, reports: str) -> dict[str, A
         reason=reason,
         log=log,
         duration_s=r.get("duration_s"),
+        make_s=r.get("make_s"),  # the bare make inside duration_s
         sha256=r.get("sha256"),
     )
 
