@@ -152,6 +152,13 @@ bench-scheduler: setup
 bench-sandbox: setup
 	$(BIN)/python bench/bench_sandbox.py
 
+# Hours the first time: every kernel bullseye, bookworm and trixie offer (~100), real 2.3.0
+# and 8.1.0 drivers in their builder images, VM-tested, published, on its own embedded GCS
+# and Airflow home (bench/out/catalogue/); ARGS=--kernels-per-release 1 for a short one.
+.PHONY: bench-catalogue
+bench-catalogue: setup images
+	$(BIN)/python bench/bench_catalogue.py $(ARGS)
+
 # ~1 min: the coverage page with 10,000 kernels x 5 versions, first render in chromium.
 bench-coverage: setup
 	$(BIN)/python bench/bench_coverage_page.py

@@ -6,8 +6,8 @@ attempt: kernel, driver version, kind, status (:data:`STATUSES`), builder, the
 builder's environment (image, or toolchain versions on the local runtime), the
 sources and bundle it was built from, the compiler the kernel was built with (as its
 bundle records it: ``kernel_compiler``), reason, failure class, log, duration (and its
-bare ``make_s``), sha256, run id, time. A run records attempts and changes of state only, never the nightly
-"already done" of every driver.
+bare ``make_s``), sha256, run id, time. A run records attempts and changes of state
+only, never the nightly "already done" of every driver.
 
 The **coverage index** (``ledger/coverage/<version>.json.gz``) is the current state of
 every (kernel, kind) a driver version has a record for, refreshed after each run from
