@@ -13,6 +13,7 @@ each build fails, the host keeps nothing, and the example drivers still build.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import uuid
@@ -23,6 +24,7 @@ import pytest
 from drivers.build.sandbox import Sandbox, build_shard_sandboxed
 from drivers.build.shard import Shard
 from drivers.build.shard_run import SANDBOXES, build_shard
+from drivers.build.sources import package_sources
 from drivers.domain import layout
 from drivers.domain.config import load_config
 from drivers.domain.exit_codes import EX_DATAERR, EX_OK, EX_TEMPFAIL
@@ -30,6 +32,8 @@ from drivers.domain.kernels import parse_kernel
 from drivers.domain.names import DriverKey
 from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.domain.verify import verify_driver
+from drivers.ops.cli import main
+from example_sources import EXAMPLE_SOURCES
 from podman import ensure_builder_image, podman_env, podman_service, podman_unavailable_reason
 from tarballs import tgz
 from test_builder import KERNEL, Env, by_task, real_bundle  # noqa: F401 (a fixture)
@@ -323,6 +327,46 @@ def test_a_kernel_routed_to_another_releases_builder_is_refused_before_compiling
         assert r["kernel_compiler"].startswith("gcc-10 (Debian 10.2.1-6)")
         data = env.work.download(r["object"])
         assert verify_driver(DriverKey(kernel, version, kind), data, unavailable=False) == []
+
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "include/drivers/config/embedded.toml"
+
+
+def test_drivers_build_runs_in_the_kernels_builder_image_on_the_docker_runtime(
+    tmp_path, docker_url, bullseye_bundle, monkeypatch, capsys
+):
+    """`drivers build` with the embedded default's config: bullseye's kernel goes to the
+    bullseye builder and builds in its image (gcc-10), sandboxed; `--builder bookworm`
+    runs in bookworm's image and is refused there (exit 1), leaving no driver."""
+    config = load_config(EMBEDDED)
+    for release in ("bullseye", "bookworm"):
+        assert ensure_builder_image(release) == config.builders[release].image
+    monkeypatch.setenv("DRIVERS_CONFIG", str(EMBEDDED))
+    monkeypatch.setenv("DOCKER_HOST", docker_url)
+    monkeypatch.delenv("DRIVERS_RUNTIME", raising=False)
+    sources = package_sources(EXAMPLE_SOURCES / VERSION, tmp_path / "sources")
+    argv = ["build", BULLSEYE_KERNEL, "--driver-version", VERSION, "--kinds", "mod"]
+    argv += ["--sources", str(sources), "--bundle", str(bullseye_bundle)]
+
+    assert main([*argv, "--out", str(tmp_path / "routed")]) == 0
+    out = capsys.readouterr()
+    [line] = [json.loads(text) for text in out.out.splitlines()]
+    assert (line["builder"], line["status"]) == ("bullseye", "built"), out.err
+    assert line["kernel_compiler"].startswith("gcc-10 (Debian 10.2.1-6)")
+    assert f"in {config.builders['bullseye'].image} (sandboxed)" in out.err
+    key = DriverKey(BULLSEYE_KERNEL, VERSION, "mod")
+    data = Path(line["object"]).read_bytes()
+    assert Path(line["object"]).parent == tmp_path / "routed"
+    assert hashlib.sha256(data).hexdigest() == line["sha256"]
+    assert verify_driver(key, data, unavailable=False) == []
+
+    assert main([*argv, "--out", str(tmp_path / "wrong"), "--builder", "bookworm"]) == 1
+    out = capsys.readouterr()
+    [line] = [json.loads(text) for text in out.out.splitlines()]
+    assert (line["builder"], line["status"]) == ("bookworm", TOOLCHAIN_MISMATCH)
+    assert "builder bookworm has no gcc-10" in out.err
+    assert list((tmp_path / "wrong").iterdir()) == []
+    assert _containers("builder=bookworm") == _containers("builder=bullseye") == []
 
 
 def _containers(label: str) -> list[str]:

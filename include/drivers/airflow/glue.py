@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Param
@@ -292,34 +291,14 @@ def run_local_shard(shard_uri: str) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
-def docker_memory(memory: str) -> str:
-    """A Kubernetes quantity (``4Gi``, ``512Mi``) in Docker's notation (``4g``, ``512m``)."""
-    return memory.replace("Gi", "g").replace("Mi", "m")
-
-
 def builder_sandbox(config: Config, builder: str) -> Sandbox:
-    """The docker runtime: how one builder's shards run (:mod:`drivers.build.sandbox`):
-    its image, no network, read-only, uid 1000, its cpu and memory (the builder's
-    ``resources`` over the [kubernetes] ones), the [docker] time and process limits."""
-    from drivers.build.sandbox import Sandbox
+    """The docker runtime: how one builder's shards run (drivers.build.sandbox)."""
+    from drivers.build.sandbox import for_builder
 
-    resources = config.kubernetes["resources"] | config.builders[builder].resources
-    image = config.builders[builder].image
-    if not image:
-        raise AirflowFailException(
-            f"builder {builder!r} has no image: the docker runtime needs one"
-        )
-    docker = config.docker
-    return Sandbox(
-        image=image,
-        docker_url=os.environ.get("DOCKER_HOST") or docker["url"],
-        cpus=float(resources["cpu"]),
-        memory=docker_memory(resources["memory"]),
-        time_limit_s=float(docker["time_limit_s"]),
-        pids_limit=int(docker["pids_limit"]),
-        labels={"app": "collector-drivers", "builder": builder},
-        workdir=Path(docker["workdir"]) if docker["workdir"] else None,
-    )
+    try:
+        return for_builder(config, builder)
+    except ValueError as e:  # no image: no retry makes one
+        raise AirflowFailException(str(e)) from None
 
 
 def _pod_kwargs(config: Config, resources: dict[str, str], labels: dict[str, str]) -> dict:

@@ -13,15 +13,23 @@ input (unknown kind or builder, missing file or object, a bundle of another kern
 sources of another driver version, ...).
 
 ``--builder NAME`` names the builder it builds as (default: the config's route for the
-kernel, :func:`routed_builder`); it is in every record, and the guard compares the
-kernel's compiler with the one kbuild calls on this machine.
+kernel, :func:`routed_builder`); it is in every record. On the docker runtime (the
+embedded default's config) the build runs in that builder's image, sandboxed as a shard
+is (:mod:`drivers.build.sandbox`: the inputs staged into its work folder, no network,
+uid 1000), so an engineer reproduces any shard's build on their machine; the container
+runs this same command with ``--here``. Otherwise (``--here``, or the local and
+kubernetes runtimes) it builds with this machine's toolchain. Either way the toolchain
+guard compares the kernel's compiler with the one kbuild calls where it builds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +38,7 @@ from typing import Any
 from drivers.build.bundle import Bundle, BundleCorrupt, open_bundle
 from drivers.build.compile import BuilderToolchain, ToolMissing, build_driver, task_status
 from drivers.build.safetar import UnsafeArchive, safe_extract
-from drivers.build.shard_run import scratch_dir, sources_root
+from drivers.build.shard_run import SANDBOX_ENV, scratch_dir, sources_root
 from drivers.build.sources import read_build_spec
 from drivers.domain import layout
 from drivers.domain.config import Config
@@ -251,31 +259,29 @@ def _record(
 
 def cmd_build(args: argparse.Namespace) -> int:
     """``drivers build KERNEL --driver-version V --sources … --bundle … --out DIR
-    [--builder NAME]``."""
+    [--builder NAME] [--here]``."""
     from drivers.domain.config import load_config
 
     driver_version = check_driver_version(args.driver_version)
     kinds = check_kinds(k.strip() for k in args.kinds.split(",") if k.strip())
     workdir = Path(args.workdir) if args.workdir else None
-    config = load_config()
-    builder = builder_for(config, args.kernel, kinds, args.builder)
-    print(
-        f"{args.kernel}: building as builder {builder} with this machine's toolchain",
-        file=sys.stderr,
+    inputs = (args.kernel, driver_version, kinds, args.sources, args.bundle, Path(args.out))
+    inside = os.environ.get(SANDBOX_ENV) and args.builder  # the worker checked the builder
+    config = None if inside else load_config()
+    builder = (
+        args.builder if config is None else builder_for(config, args.kernel, kinds, args.builder)
     )
-    try:
-        records = build_kernel(
-            args.kernel,
-            driver_version,
-            kinds,
-            args.sources,
-            args.bundle,
-            Path(args.out),
-            workdir,
-            builder,
-        )
-    except ToolMissing as e:  # this machine cannot build anything: not the driver's failure
-        raise BadInput(str(e)) from None
+    if config is not None and config.runtime == "docker" and not args.here:
+        records = build_kernel_in_image(config, builder, *inputs, workdir)
+    else:
+        where = "in its image" if inside else "with this machine's toolchain"
+        print(f"{args.kernel}: building as builder {builder} {where}", file=sys.stderr)
+        try:
+            records = build_kernel(*inputs, workdir, builder)
+        except ToolMissing as e:  # this machine cannot build anything: not the driver's
+            raise BadInput(str(e)) from None
+    if args.records:  # the in-image run's answer to the worker (a file in its folder)
+        Path(args.records).write_text("".join(json.dumps(r) + "\n" for r in records))
     for r in records:
         print(json.dumps(r))
         if r["status"] == TOOLCHAIN_MISMATCH:
@@ -292,6 +298,103 @@ def cmd_build(args: argparse.Namespace) -> int:
             )
     failed = any(r["status"] in ("failed", TOOLCHAIN_MISMATCH) for r in records)
     return EXIT_FAILED if failed else EXIT_BUILT
+
+
+IN_IMAGE_RECORDS = "out/records.jsonl"  # what the in-image run leaves in its work folder
+
+
+def build_kernel_in_image(
+    config: Config,
+    builder: str,
+    kernel: str,
+    driver_version: str,
+    kinds: tuple[str, ...],
+    sources: str,
+    bundle: str,
+    out: Path,
+    workdir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`build_kernel` in ``builder``'s image, sandboxed as its shards are: the
+    inputs staged into a work folder (its /work), the same command inside with
+    ``--here``, then the drivers and logs it left copied to ``out``, each checked
+    against its record (only the kernel's cache names, the bytes its sha256 says)."""
+    from drivers.build import sandbox as sb
+
+    try:
+        box = sb.for_builder(config, builder)
+    except ValueError as e:
+        raise BadInput(f"--builder {builder}: {e}") from None
+    if workdir is not None:
+        box = dataclasses.replace(box, workdir=workdir)
+    folder = sb.work_folder(box)
+    try:
+        staged = {}
+        for what, source in (("sources", sources), ("bundle", bundle)):
+            name = source.rsplit("/", 1)[-1]
+            (folder / "in").mkdir(exist_ok=True)
+            path = fetch_input(source, what, folder / "in" / name)
+            if path.parent != folder / "in":
+                shutil.copyfile(path, folder / "in" / name)
+            staged[what] = f"{sb.WORK}/in/{name}"
+        (folder / "out").mkdir()
+        sb.give_to_builder(folder)
+        command = ("build", kernel, "--driver-version", driver_version, "--kinds",
+                   ",".join(kinds), "--sources", staged["sources"], "--bundle",
+                   staged["bundle"], "--out", f"{sb.WORK}/out", "--workdir",
+                   f"{sb.WORK}/scratch", "--builder", builder, "--here", "--records",
+                   f"{sb.WORK}/{IN_IMAGE_RECORDS}")  # fmt: skip
+        print(
+            f"{kernel}: building as builder {builder} in {box.image} (sandboxed)", file=sys.stderr
+        )
+        done = sb.run_container(box, folder, sb.container_environment(box), sys.stderr, command)
+        if done.status is None:
+            raise BadInput(
+                f"{kernel}: the build ran past [docker] time_limit_s ({box.time_limit_s:.0f} s)"
+            )
+        if done.status == 2:
+            raise BadInput(f"{kernel}: the build in {box.image} refused its input (above)")
+        return _copy_out(folder, kernel, driver_version, kinds, out, builder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy_out(
+    folder: Path, kernel: str, driver_version: str, kinds: tuple[str, ...], out: Path, builder: str
+) -> list[dict[str, Any]]:
+    from drivers.build import sandbox as sb
+
+    data = sb.read_inside(folder, IN_IMAGE_RECORDS)
+    if data is None:
+        raise BadInput(f"{kernel}: the build in the image left no records (its output above)")
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+            ours = r["kind"] in kinds and (r["kernel"], r["builder"]) == (kernel, builder)
+        except (ValueError, TypeError, KeyError):
+            ours = False
+        if not ours:
+            raise BadInput(
+                f"{kernel}: the build in the image wrote a record not its own: {line[:200]}"
+            )
+        key = DriverKey(kernel, driver_version, r["kind"])
+        names = {
+            "object": cache_file_name(key, r.get("status") == "unavailable"),
+            "log": log_file_name(key),
+        }
+        for field, name in names.items():
+            if r.get(field) is None:
+                continue
+            body = sb.read_inside(folder / "out", name)
+            if body is None or (
+                field == "object" and hashlib.sha256(body).hexdigest() != r["sha256"]
+            ):
+                raise BadInput(f"{kernel}: the build in the image left no valid {name}")
+            (out / name).write_bytes(body)
+            r[field] = str(out / name)
+        records.append(r)
+    return records
 
 
 def builder_for(config: Config, kernel: str, kinds: tuple[str, ...], named: str | None) -> str:

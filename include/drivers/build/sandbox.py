@@ -63,6 +63,7 @@ from drivers.build.shard_run import (
     write_results,
 )
 from drivers.domain import layout
+from drivers.domain.config import Config
 from drivers.domain.exit_codes import EX_DATAERR, EX_OK, EX_TEMPFAIL
 from drivers.domain.names import DriverKey
 from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
@@ -81,7 +82,7 @@ POLL_S = 0.25  # how often the container's state is asked for
 
 @dataclasses.dataclass(frozen=True)
 class Sandbox:
-    """How one builder's shards run (glue.builder_sandbox makes it from the config)."""
+    """How one builder's shards run (:func:`for_builder` makes it from the config)."""
 
     image: str
     docker_url: str
@@ -91,6 +92,32 @@ class Sandbox:
     pids_limit: int = 4096
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     workdir: Path | None = None  # where the work folders are made (default: the temp dir)
+
+
+def for_builder(config: Config, builder: str) -> Sandbox:
+    """The builder's sandbox: its image, no network, read-only, uid 1000, its cpu and
+    memory (the builder's ``resources`` over the [kubernetes] ones), the [docker] time and
+    process limits. ValueError when the builder has no image."""
+    resources = config.kubernetes["resources"] | config.builders[builder].resources
+    image = config.builders[builder].image
+    if not image:
+        raise ValueError(f"builder {builder!r} has no image: the docker runtime needs one")
+    docker = config.docker
+    return Sandbox(
+        image=image,
+        docker_url=os.environ.get("DOCKER_HOST") or docker["url"],
+        cpus=float(resources["cpu"]),
+        memory=docker_memory(resources["memory"]),
+        time_limit_s=float(docker["time_limit_s"]),
+        pids_limit=int(docker["pids_limit"]),
+        labels={"app": "collector-drivers", "builder": builder},
+        workdir=Path(docker["workdir"]) if docker["workdir"] else None,
+    )
+
+
+def docker_memory(memory: str) -> str:
+    """A Kubernetes quantity (``4Gi``, ``512Mi``) in Docker's notation (``4g``, ``512m``)."""
+    return memory.replace("Gi", "g").replace("Mi", "m")
 
 
 @dataclasses.dataclass
@@ -175,10 +202,15 @@ def give_to_builder(folder: Path) -> None:
 
 
 def run_container(
-    sandbox: Sandbox, folder: Path, environment: dict[str, str], err: Any
+    sandbox: Sandbox,
+    folder: Path,
+    environment: dict[str, str],
+    err: Any,
+    command: tuple[str, ...] = ("build-shard", "--offline", WORK),
 ) -> ContainerExit:
-    """``drivers build-shard --offline /work`` in the sandbox; its output streams to
-    ``err``. The container is killed past the time limit and always removed."""
+    """``drivers build-shard --offline /work`` (or another ``drivers`` command) in the
+    sandbox, ``folder`` as its /work; its output streams to ``err``. The container is
+    killed past the time limit and always removed."""
     import docker
     from docker.types import Mount
 
@@ -188,7 +220,7 @@ def run_container(
     try:
         container = client.containers.run(
             sandbox.image,
-            ["build-shard", "--offline", WORK],
+            list(command),
             user=USER,
             network_mode="none",
             read_only=True,

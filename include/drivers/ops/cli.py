@@ -414,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--builder", default=None, help="the builder to build as (default: the kernel's route)"
     )
+    p.add_argument(
+        "--here",
+        action="store_true",
+        help="with this machine's toolchain, even on the docker runtime (default there: in "
+        "the builder's image, sandboxed)",
+    )
+    p.add_argument("--records", default=None, help=argparse.SUPPRESS)  # the in-image run's
     p.set_defaults(func=_lazy("drivers.build.one_kernel", "cmd_build"))
 
     p = sub.add_parser(
