@@ -19,6 +19,7 @@ from drivers.domain.kernels import Kernel, parse_kernel
 from drivers.ops.cli import main
 from drivers.store.emulator import EmbeddedGCS, free_port
 from drivers.store.storage import ObjectStore, client_from_environment
+from pipeline_env import debian_bundle
 from scenarios import KERNEL_LIST
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
@@ -64,15 +65,8 @@ def gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedGCS]:
 
 @pytest.fixture(scope="session")
 def debian_6_1_bundle() -> Path:
-    """bundle-6.1.0-56-amd64.tgz from Debian's header packages, in .cache/bundles (where
-    `make run` keeps it; made again when older than bundles.py)."""
-    from drivers.build import bundles
-    from drivers.domain import layout
-
-    path = CACHE / "bundles" / layout.bundle_object(REAL_BUILD_KERNEL)
-    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
-        bundles.make_debian_bundle(REAL_BUILD_KERNEL, path.parent, CACHE / "debs")
-    return path
+    """bundle-6.1.0-56-amd64.tgz from Debian's header packages (cached)."""
+    return debian_bundle(REAL_BUILD_KERNEL)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import real_sources
-from drivers.build.bundles import make_debian_bundle
+from drivers.build import bundles
 from drivers.build.sources import package_sources
 from drivers.domain import layout
 from drivers.store.emulator import EmbeddedGCS
@@ -60,10 +60,18 @@ def pipeline_env(
         yield {role: ObjectStore(client, bucket) for role, bucket in buckets.items()}
 
 
+def debian_bundle(kernel: str) -> Path:
+    """``bundle-<kernel>.tgz`` in .cache/bundles (where `make run` keeps it), made from
+    Debian's header packages when missing or older than bundles.py."""
+    path = CACHE / "bundles" / layout.bundle_object(kernel)
+    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
+        bundles.make_debian_bundle(kernel, path.parent, CACHE / "debs")
+    return path
+
+
 def publish_bundle(stores: dict[str, ObjectStore], kernel: str) -> None:
     """A real Debian bundle of ``kernel`` (made once into .cache/bundles)."""
-    path = make_debian_bundle(kernel, CACHE / "bundles", CACHE / "debs")
-    stores["bundles"].upload_new_file(layout.bundle_object(kernel), path)
+    stores["bundles"].upload_new_file(layout.bundle_object(kernel), debian_bundle(kernel))
 
 
 def publish_sources(stores: dict[str, ObjectStore], version: str, tmp: Path) -> None:

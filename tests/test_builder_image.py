@@ -38,6 +38,7 @@ from drivers.domain.exit_codes import EX_OK
 from drivers.domain.names import DriverKey
 from drivers.domain.verify import elf_sections, verify_driver
 from drivers.ops import images
+from pipeline_env import debian_bundle
 from podman import (
     DEBIAN_RELEASES,
     ensure_builder_image,
@@ -322,14 +323,8 @@ def test_each_release_image_carries_its_releases_toolchain(release, builder_imag
 
 @pytest.fixture(scope="module")
 def bundle() -> Path:
-    """bundle-6.1.0-56-cloud-amd64.tgz in .cache/bundles (where `make run` keeps it),
-    made from Debian's header packages when missing or older than bundles.py."""
-    from drivers.build import bundles
-
-    path = REPO / ".cache/bundles" / layout.bundle_object(KERNEL)
-    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
-        bundles.make_debian_bundle(KERNEL, path.parent, REPO / ".cache/debs")
-    return path
+    """bundle-6.1.0-56-cloud-amd64.tgz from Debian's header packages (cached)."""
+    return debian_bundle(KERNEL)
 
 
 @needs_podman

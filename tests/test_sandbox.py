@@ -34,6 +34,7 @@ from drivers.domain.toolchain import TOOLCHAIN_MISMATCH
 from drivers.domain.verify import verify_driver
 from drivers.ops.cli import main
 from example_sources import EXAMPLE_SOURCES
+from pipeline_env import debian_bundle
 from podman import ensure_builder_image, podman_env, podman_service, podman_unavailable_reason
 from tarballs import tgz
 from test_builder import KERNEL, Env, by_task, real_bundle  # noqa: F401 (a fixture)
@@ -282,13 +283,7 @@ BULLSEYE_KERNEL = "5.10.0-46-amd64"  # built by bullseye's gcc-10
 
 @pytest.fixture(scope="module")
 def bullseye_bundle() -> Path:
-    from drivers.build import bundles
-
-    cache = Path(__file__).resolve().parents[1] / ".cache"
-    path = cache / "bundles" / layout.bundle_object(BULLSEYE_KERNEL)
-    if not path.exists() or path.stat().st_mtime < Path(bundles.__file__).stat().st_mtime:
-        bundles.make_debian_bundle(BULLSEYE_KERNEL, path.parent, cache / "debs")
-    return path
+    return debian_bundle(BULLSEYE_KERNEL)
 
 
 def test_a_kernel_routed_to_another_releases_builder_is_refused_before_compiling(
